@@ -1,0 +1,1 @@
+"""livesale: a live-stream shopping server."""

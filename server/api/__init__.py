@@ -1,0 +1,1 @@
+"""HTTP API: one module per resource, plus the endpoint machinery."""

@@ -1,0 +1,53 @@
+"""A host's products: create, list, read, edit."""
+
+from __future__ import annotations
+
+import msgspec
+from sqlalchemy import select
+
+from server.api.endpoint import Call, Router
+from server.catalog import get_owned_product, get_product, product_out
+from server.ids import new_id
+from server.models import Product
+from server.schemas import ProductIn, ProductOut, ProductPatch
+
+router = Router("products")
+
+
+@router.endpoint("POST", "/api/products", auth="host", body=ProductIn, response=ProductOut, status=201)
+async def create_product(call: Call[ProductIn]) -> ProductOut:
+    """Create a product (hosts only)."""
+    b = call.body
+    product = Product(id=new_id("prd"), host_id=call.me.user_id, name=b.name, description=b.description,
+                      image_url=b.image_url, price_cents=b.price_cents, commission_rate_bp=b.commission_rate_bp)
+    async with call.services.db.begin() as db:
+        db.add(product)
+    return product_out(product)
+
+
+@router.endpoint("GET", "/api/products", auth="host", response=list[ProductOut])
+async def list_products(call: Call[None]) -> list[ProductOut]:
+    """The caller's products, newest first."""
+    async with call.services.db() as db:
+        rows = await db.scalars(select(Product).where(Product.host_id == call.me.user_id)
+                                .order_by(Product.created_at.desc(), Product.id))
+        return [product_out(p) for p in rows]
+
+
+@router.endpoint("GET", "/api/products/{product_id}", response=ProductOut, errors=(404,))
+async def read_product(call: Call[None]) -> ProductOut:
+    """One product."""
+    async with call.services.db() as db:
+        return product_out(await get_product(db, call.param("product_id")))
+
+
+@router.endpoint("PATCH", "/api/products/{product_id}", auth="host", body=ProductPatch, response=ProductOut,
+                 errors=(404,))
+async def edit_product(call: Call[ProductPatch]) -> ProductOut:
+    """Edit a product's fields (owner only). Running sales keep the price they launched with."""
+    async with call.services.db.begin() as db:
+        product = await get_owned_product(db, call.param("product_id"), call.me)
+        for name, value in msgspec.structs.asdict(call.body).items():
+            if value is not msgspec.UNSET:
+                setattr(product, name, value)
+    return product_out(product)

@@ -1,0 +1,72 @@
+"""JSON responses, and the one place that turns errors into HTTP answers."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import msgspec
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as SATimeoutError
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+
+from server.errors import ApiError
+
+log = logging.getLogger("livesale.api")
+
+_STATUS_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
+                 405: "method_not_allowed", 409: "conflict", 413: "too_large", 415: "unsupported_media_type",
+                 422: "invalid", 429: "rate_limited", 503: "unavailable"}
+
+
+def json_response(content: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(msgspec.json.encode(content), status_code=status, headers=headers,
+                    media_type="application/json")
+
+
+def error_response(status: int, code: str, message: str, *, field: str | None = None,
+                   headers: dict[str, str] | None = None) -> Response:
+    body: dict[str, str] = {"error": code, "message": message}
+    if field is not None:
+        body["field"] = field
+    return json_response(body, status, headers)
+
+
+async def on_api_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, ApiError)
+    return error_response(exc.status, exc.code, exc.message, field=exc.field, headers=exc.headers)
+
+
+async def on_http_exception(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    code = _STATUS_CODES.get(exc.status_code, "error")
+    message = exc.detail if isinstance(exc.detail, str) else code
+    return error_response(exc.status_code, code, message, headers=dict(exc.headers or {}))
+
+
+async def on_unavailable(request: Request, exc: Exception) -> Response:
+    # Redis or the database is down or too slow: say so at once, never hang.
+    log.warning("backend unavailable on %s %s: %r", request.method, request.url.path, exc)
+    return error_response(503, "unavailable", "a backend service is unavailable, try again shortly",
+                          headers={"Retry-After": "1"})
+
+
+async def on_unexpected(request: Request, exc: Exception) -> Response:
+    log.exception("unhandled error on %s %s", request.method, request.url.path)
+    return error_response(500, "internal", "internal server error")
+
+
+EXCEPTION_HANDLERS: dict[Any, Any] = {
+    ApiError: on_api_error,
+    HTTPException: on_http_exception,
+    RedisConnectionError: on_unavailable,
+    RedisTimeoutError: on_unavailable,
+    SATimeoutError: on_unavailable,
+    OperationalError: on_unavailable,
+    InterfaceError: on_unavailable,
+    Exception: on_unexpected,
+}

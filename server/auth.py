@@ -1,0 +1,137 @@
+"""Passwords, signed session tokens, and who is calling.
+
+A token is an itsdangerous-signed payload {user id, session id, role, name}
+with its signing time; it expires after LIVESALE_TOKEN_TTL_S. Carrying the
+role and name in the token keeps the hot paths (purchase, chat) free of a
+database read; logging out revokes the session id in Redis.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+from dataclasses import dataclass, replace
+from typing import Literal, Mapping
+
+from argon2 import PasswordHasher
+from argon2.exceptions import InvalidHashError, VerificationError
+from itsdangerous import BadSignature, SignatureExpired, URLSafeTimedSerializer
+from redis.asyncio import Redis
+
+from server.errors import Forbidden, Unauthorized
+from server.origins import origin_allowed
+
+COOKIE_NAME = "livesale_session"
+Role = Literal["host", "viewer"]
+
+_hasher = PasswordHasher()
+# Verified against when the username is unknown, so both paths cost one hash.
+_DUMMY_HASH = _hasher.hash(secrets.token_urlsafe(16))
+
+
+async def hash_password(password: str) -> str:
+    return await asyncio.to_thread(_hasher.hash, password)
+
+
+async def verify_password(password_hash: str | None, password: str) -> bool:
+    def check() -> bool:
+        try:
+            return _hasher.verify(password_hash or _DUMMY_HASH, password) and password_hash is not None
+        except (VerificationError, InvalidHashError):
+            return False
+
+    return await asyncio.to_thread(check)
+
+
+@dataclass(frozen=True)
+class Principal:
+    user_id: str
+    role: Role
+    name: str
+    session_id: str
+    expires_at: float  # epoch seconds
+    via_cookie: bool = False
+
+    @property
+    def is_host(self) -> bool:
+        return self.role == "host"
+
+
+def _revoked_key(session_id: str) -> str:
+    return f"session:revoked:{session_id}"
+
+
+class Sessions:
+    def __init__(self, secret_key: str, ttl_s: int, redis: Redis) -> None:
+        self._serializer = URLSafeTimedSerializer(secret_key, salt="livesale.session.v1")
+        self.ttl_s = ttl_s
+        self._redis = redis
+
+    def issue(self, user_id: str, role: Role, name: str) -> str:
+        payload = {"u": user_id, "s": secrets.token_urlsafe(12), "r": role, "n": name}
+        return str(self._serializer.dumps(payload))
+
+    def _decode(self, token: str) -> Principal:
+        try:
+            payload, signed_at = self._serializer.loads(token, max_age=self.ttl_s, return_timestamp=True)
+        except SignatureExpired:
+            raise Unauthorized("session expired, log in again", code="session_expired") from None
+        except BadSignature:
+            raise Unauthorized("invalid session token", code="invalid_token") from None
+        if not isinstance(payload, dict) or payload.get("r") not in ("host", "viewer"):
+            raise Unauthorized("invalid session token", code="invalid_token")
+        return Principal(user_id=str(payload["u"]), role=payload["r"], name=str(payload["n"]),
+                         session_id=str(payload["s"]), expires_at=signed_at.timestamp() + self.ttl_s)
+
+    async def verify(self, token: str) -> Principal:
+        principal = self._decode(token)
+        if await self._redis.exists(_revoked_key(principal.session_id)):
+            raise Unauthorized("session has been logged out", code="session_revoked")
+        return principal
+
+    async def revoke(self, principal: Principal) -> None:
+        ttl = max(1, int(principal.expires_at - time.time()) + 1)
+        await self._redis.set(_revoked_key(principal.session_id), 1, ex=ttl)
+
+
+def token_from(headers: Mapping[str, str], cookies: Mapping[str, str]) -> tuple[str | None, bool]:
+    """The bearer token if any, else the session cookie; and whether it came from the cookie."""
+    auth = headers.get("authorization")
+    if auth:
+        scheme, _, value = auth.partition(" ")
+        if scheme.lower() != "bearer" or not value.strip():
+            raise Unauthorized("Authorization header must be 'Bearer <token>'", code="invalid_token")
+        return value.strip(), False
+    cookie = cookies.get(COOKIE_NAME)
+    return (cookie, True) if cookie else (None, False)
+
+
+async def authenticate(sessions: Sessions, headers: Mapping[str, str], cookies: Mapping[str, str]
+                       ) -> Principal | None:
+    token, via_cookie = token_from(headers, cookies)
+    if token is None:
+        return None
+    principal = await sessions.verify(token)
+    if via_cookie:
+        principal = replace(principal, via_cookie=True)
+    return principal
+
+
+def check_csrf(principal: Principal | None, method: str, headers: Mapping[str, str], own_origin: str,
+               allowed: tuple[str, ...]) -> None:
+    """A cookie rides along on cross-site requests; a bearer token does not.
+
+    So a state-changing request authenticated by cookie must come from an
+    allowed origin (browsers always send Origin on such requests).
+    """
+    if principal is None or not principal.via_cookie or method in ("GET", "HEAD", "OPTIONS"):
+        return
+    origin = headers.get("origin")
+    if origin is None:
+        referer = headers.get("referer", "")
+        parts = referer.split("/")
+        origin = "/".join(parts[:3]) if len(parts) >= 3 and parts[0] in ("http:", "https:") else None
+    if origin is None or not origin_allowed(origin, own_origin, allowed):
+        raise Forbidden("cross-site request refused: send the token as a Bearer header or call from the app's origin",
+                        code="csrf")

@@ -1,0 +1,76 @@
+"""The `livesale` command: serve, demo."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+
+import click
+import uvicorn
+
+from server.config import load_settings
+from server.embedded_redis import EmbeddedRedis
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def main() -> None:
+    """livesale: a live-stream shopping server.
+
+    Settings come from the environment: LIVESALE_DATA_DIR (default ./var),
+    REDIS_URL (default: an embedded Valkey under the data dir), DATABASE_URL
+    (default: SQLite under the data dir), LIVESALE_SECRET_KEY (default: a
+    random key kept in the data dir). See the README for the full list.
+    """
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True, envvar="LIVESALE_HOST",
+              help="Address to bind (env LIVESALE_HOST).")
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535), envvar="LIVESALE_PORT",
+              help="Port to bind (env LIVESALE_PORT).")
+@click.option("--workers", default=1, show_default=True, type=click.IntRange(1, 64), envvar="LIVESALE_WORKERS",
+              help="Worker processes; they share Redis, so rooms and sales span them (env LIVESALE_WORKERS).")
+@click.option("--log-level", default="info", show_default=True,
+              type=click.Choice(["critical", "error", "warning", "info", "debug"]), help="Log level.")
+def serve(host: str, port: int, workers: int, log_level: str) -> None:
+    """Run the HTTP and WebSocket server."""
+    settings = load_settings()  # also creates the data dir and the secret key before workers race for them
+    embedded: EmbeddedRedis | None = None
+    if settings.redis_url is None:
+        # One engine for all workers, owned by this parent process.
+        embedded = EmbeddedRedis(settings.data_dir, binary=settings.redis_server_bin)
+        os.environ["REDIS_URL"] = embedded.start()
+        click.echo(f"livesale: embedded Valkey at {os.environ['REDIS_URL']} (data in {embedded.dir})")
+    try:
+        from server.app import ensure_schema
+
+        asyncio.run(ensure_schema(settings))
+        uvicorn.run("server.app:create_app", factory=True, host=host, port=port, workers=workers,
+                    log_level=log_level, proxy_headers=True, server_header=False, lifespan="on")
+    finally:
+        if embedded is not None:
+            embedded.stop()
+
+
+@main.command()
+@click.option("--username", default="demo-host", show_default=True, help="The demo host's username.")
+@click.option("--base-url", default="http://127.0.0.1:8000", show_default=True,
+              help="Where you will open the pages.")
+def demo(username: str, base_url: str) -> None:
+    """Create a demo host with a room and three products, and print where to log in."""
+    from server.demo import create_demo
+
+    settings = load_settings()
+    password = secrets.token_urlsafe(9)
+    room_id = asyncio.run(create_demo(settings, username, password))
+    base = base_url.rstrip("/")
+    click.echo(f"""Demo ready.
+  Host console : {base}/console
+  Viewer room  : {base}/rooms/{room_id}
+  Log in as    : {username} / {password}
+Start the server with `livesale serve` if it is not running.""")
+
+
+if __name__ == "__main__":
+    main()

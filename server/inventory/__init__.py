@@ -1,0 +1,1 @@
+"""Flash-sale stock, purchases, orders and the commission ledger."""

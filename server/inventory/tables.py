@@ -1,0 +1,3 @@
+"""SQL tables of the inventory layer (sales, orders, ledger)."""
+
+from __future__ import annotations

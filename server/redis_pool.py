@@ -1,0 +1,38 @@
+"""The shared Redis client.
+
+A *blocking* pool: under a purchase spike, redis-py's default pool raises as
+soon as its connections run out; this one makes callers wait (up to a
+deadline) for a free connection instead. Retries after a dropped connection
+or a timeout are kept short and few, so a dead Redis fails a request fast
+(503) rather than hanging it; every script we run is safe to run twice.
+"""
+
+from __future__ import annotations
+
+from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialWithJitterBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+POOL_WAIT_S = 5.0
+SOCKET_TIMEOUT_S = 5.0
+CONNECT_TIMEOUT_S = 2.0
+
+
+def make_retry() -> Retry:
+    return Retry(ExponentialWithJitterBackoff(base=0.05, cap=0.5), retries=2,
+                 supported_errors=(RedisConnectionError, RedisTimeoutError))
+
+
+def make_redis(url: str, max_connections: int) -> Redis:
+    pool = BlockingConnectionPool.from_url(
+        url,
+        max_connections=max_connections,
+        timeout=POOL_WAIT_S,
+        socket_timeout=SOCKET_TIMEOUT_S,
+        socket_connect_timeout=CONNECT_TIMEOUT_S,
+        retry=make_retry(),
+        health_check_interval=30,
+    )
+    return Redis(connection_pool=pool)

@@ -1,0 +1,159 @@
+"""HTTP wire types for accounts, products and rooms (msgspec structs).
+
+Inputs forbid unknown fields; validation errors name the field. The same
+types generate the OpenAPI schema.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+import msgspec
+from msgspec import UNSET, Meta, Struct, UnsetType
+
+from server.text import clean
+
+Username = Annotated[str, Meta(min_length=3, max_length=32, pattern=r"^[A-Za-z0-9_.-]+$",
+                               description="3-32 letters, digits, '_', '.' or '-'")]
+Password = Annotated[str, Meta(min_length=8, max_length=128)]
+DisplayName = Annotated[str, Meta(min_length=1, max_length=32)]
+Title = Annotated[str, Meta(min_length=1, max_length=120)]
+Description = Annotated[str, Meta(max_length=2000)]
+PriceCents = Annotated[int, Meta(ge=1, le=100_000_000, description="integer cents")]
+BasisPoints = Annotated[int, Meta(ge=0, le=10_000, description="basis points: 2000 = 20%")]
+# http(s) URLs only, so a `javascript:` URL can never reach an href or src.
+WebUrl = Annotated[str, Meta(max_length=2048, pattern=r"^https?://[^\s]+$")]
+# Images may also be served by this app (a path starting with one slash).
+ImageUrl = Annotated[str, Meta(max_length=2048, pattern=r"^(https?://[^\s]+|/[^/\s][^\s]*)$")]
+Timestamp = Annotated[str, Meta(description="ISO 8601, UTC")]
+
+
+def _required_text(value: str, name: str) -> str:
+    cleaned = clean(value)
+    if not cleaned:
+        raise ValueError(f"field `{name}` must not be blank")
+    return cleaned
+
+
+class Input(Struct, forbid_unknown_fields=True, kw_only=True):
+    pass
+
+
+# --- accounts ---------------------------------------------------------------
+
+class RegisterIn(Input):
+    username: Username
+    password: Password
+    role: Literal["host", "viewer"]
+
+
+class LoginIn(Input):
+    username: Annotated[str, Meta(min_length=1, max_length=64)]
+    password: Annotated[str, Meta(min_length=1, max_length=128)]
+
+
+class GuestIn(Input):
+    name: DisplayName
+
+    def __post_init__(self) -> None:
+        self.name = _required_text(self.name, "name")
+
+
+class UserOut(Struct, kw_only=True):
+    user_id: str
+    username: str
+    name: str
+    role: Literal["host", "viewer"]
+    guest: bool
+    created_at: Timestamp
+
+
+class AuthOut(UserOut, kw_only=True):
+    token: str
+    expires_at: Timestamp
+
+
+# --- products ---------------------------------------------------------------
+
+class ProductIn(Input):
+    name: Title
+    price_cents: PriceCents
+    commission_rate_bp: BasisPoints
+    description: Description = ""
+    image_url: ImageUrl | None = None
+
+    def __post_init__(self) -> None:
+        self.name = _required_text(self.name, "name")
+
+
+class ProductPatch(Input):
+    name: Title | UnsetType = UNSET
+    price_cents: PriceCents | UnsetType = UNSET
+    commission_rate_bp: BasisPoints | UnsetType = UNSET
+    description: Description | UnsetType = UNSET
+    image_url: ImageUrl | None | UnsetType = UNSET
+
+    def __post_init__(self) -> None:
+        if self.name is not UNSET:
+            self.name = _required_text(self.name, "name")
+
+
+class ProductOut(Struct, kw_only=True):
+    id: str
+    host_id: str
+    name: str
+    description: str
+    image_url: str | None
+    price_cents: int
+    commission_rate_bp: int
+    created_at: Timestamp
+    updated_at: Timestamp
+
+
+# --- rooms ------------------------------------------------------------------
+
+class RoomIn(Input):
+    title: Title
+    stream_url: WebUrl | None = None
+
+    def __post_init__(self) -> None:
+        self.title = _required_text(self.title, "title")
+
+
+class RoomPatch(Input):
+    title: Title | UnsetType = UNSET
+    stream_url: WebUrl | None | UnsetType = UNSET
+
+    def __post_init__(self) -> None:
+        if self.title is not UNSET:
+            self.title = _required_text(self.title, "title")
+
+
+class HostOut(Struct, kw_only=True):
+    id: str
+    name: str
+
+
+class RoomOut(Struct, kw_only=True):
+    id: str
+    title: str
+    stream_url: str | None
+    status: Literal["scheduled", "live", "ended"]
+    host: HostOut
+    pinned_product: ProductOut | None
+    url: str
+    created_at: Timestamp
+    started_at: Timestamp | None
+    ended_at: Timestamp | None
+
+
+class Health(Struct, kw_only=True):
+    status: Literal["ok", "unavailable"]
+    redis: str
+    database: str
+
+
+class ErrorOut(Struct, kw_only=True):
+    error: str
+    message: str
+    field: str | msgspec.UnsetType = UNSET

@@ -1,0 +1,20 @@
+"""The long-lived objects a request handler may use, built once at start-up."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from redis.asyncio import Redis
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+
+from server.auth import Sessions
+from server.config import Settings
+
+
+@dataclass
+class Services:
+    settings: Settings
+    redis: Redis
+    db_engine: AsyncEngine
+    db: async_sessionmaker[AsyncSession]
+    sessions: Sessions

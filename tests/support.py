@@ -1,0 +1,133 @@
+"""Test helpers: a real livesale server in a subprocess, and API shortcuts."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class ServerProcess:
+    """`livesale serve` on a free loopback port, stopped by the test that started it."""
+
+    def __init__(self, data_dir: Path, *, redis_url: str | None, env: dict[str, str] | None = None,
+                 workers: int = 1, port: int | None = None, secret_key: str | None = None) -> None:
+        self.data_dir = data_dir
+        self.port = port or free_port()
+        self.workers = workers
+        self.env = {
+            **os.environ,
+            "LIVESALE_DATA_DIR": str(data_dir),
+            "LIVESALE_SECRET_KEY": secret_key or "test-secret-" + "k" * 40,
+            "PYTHONUNBUFFERED": "1",
+            **(env or {}),
+        }
+        if redis_url is not None:
+            self.env["REDIS_URL"] = redis_url
+        else:
+            self.env.pop("REDIS_URL", None)
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log_path = data_dir / f"server-{self.port}.log"
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 60.0) -> "ServerProcess":
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "server", "serve", "--port", str(self.port), "--workers", str(self.workers),
+             "--log-level", "warning"],
+            cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        log.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log()}")
+            try:
+                if httpx.get(self.url + "/healthz", timeout=1).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        self.stop()
+        raise RuntimeError(f"server did not become healthy in {timeout}s:\n{self.log()}")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")[-5000:] if self.log_path.exists() else ""
+
+    def stop(self, timeout: float = 20.0) -> None:
+        proc, self.proc = self.proc, None
+        if proc is None or proc.poll() is not None:
+            return
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+    def kill(self) -> None:
+        """SIGKILL the whole process group, as a crash would."""
+        proc, self.proc = self.proc, None
+        if proc is not None and proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+    def __enter__(self) -> "ServerProcess":
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}{secrets.token_hex(4)}"
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+async def register(client: httpx.AsyncClient, role: str = "host", username: str | None = None,
+                   password: str = "correct horse battery") -> dict[str, Any]:
+    r = await client.post("/api/auth/register",
+                          json={"username": username or unique(role), "password": password, "role": role})
+    assert r.status_code == 201, r.text
+    return dict(r.json())
+
+
+async def guest(client: httpx.AsyncClient, name: str = "viewer") -> dict[str, Any]:
+    r = await client.post("/api/auth/guest", json={"name": name})
+    assert r.status_code == 201, r.text
+    return dict(r.json())
+
+
+async def create_product(client: httpx.AsyncClient, token: str, **fields: Any) -> dict[str, Any]:
+    body = {"name": "Tea", "price_cents": 1999, "commission_rate_bp": 2000, **fields}
+    r = await client.post("/api/products", json=body, headers=bearer(token))
+    assert r.status_code == 201, r.text
+    return dict(r.json())
+
+
+async def create_room(client: httpx.AsyncClient, token: str, **fields: Any) -> dict[str, Any]:
+    r = await client.post("/api/rooms", json={"title": "Live", **fields}, headers=bearer(token))
+    assert r.status_code == 201, r.text
+    return dict(r.json())

@@ -5,18 +5,32 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from typing import AsyncIterator
+from typing import Any, AsyncIterator
 
 from sqlalchemy.exc import OperationalError
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import BaseRoute, Route
+from starlette.routing import BaseRoute, Route, WebSocketRoute
 
-from server.api import accounts, health, openapi, products, rooms
+from server.api import accounts, health, live, openapi, products, rooms, sales
 from server.api.endpoint import Router
 from server.api.responses import EXCEPTION_HANDLERS, json_response
 from server.auth import Sessions
+from server.catalog import describe_room, get_room
+from server.errors import NotFound
+from server.inventory.notifier import SaleNotifier
+from server.inventory.payments import SimulatedPayments
+from server.inventory.persister import Persister
+from server.inventory.sales import SaleService
+from server.inventory.stock import Stock
+from server.inventory.sweeper import Sweeper
+from server.ratelimit import RateLimiter
+from server.rooms.broker import Broker
+from server.rooms.connection import room_socket
+from server.rooms.hub import Hub
+from server.rooms.service import RoomService, room_meta
+from server.rooms.store import RoomStore
 from server.config import Settings, load_settings
 from server.db import create_schema, make_engine, make_sessionmaker
 from server.embedded_redis import EmbeddedRedis
@@ -25,7 +39,8 @@ from server.services import Services
 
 log = logging.getLogger("livesale")
 
-ROUTERS: list[Router] = [health.router, accounts.router, products.router, rooms.router]
+ROUTERS: list[Router] = [health.router, accounts.router, products.router, rooms.router, live.router,
+                          sales.router]
 
 
 async def ensure_schema(settings: Settings) -> None:
@@ -60,13 +75,43 @@ def create_app(settings: Settings | None = None) -> Starlette:
         redis = make_redis(redis_url, settings.redis_max_connections)
         await ensure_schema(settings)
         engine = make_engine(settings.database_url)
+        db = make_sessionmaker(engine)
+
+        async def load_meta(room_id: str) -> dict[str, Any] | None:
+            async with db() as session:
+                try:
+                    return room_meta(await describe_room(session, await get_room(session, room_id)))
+                except NotFound:
+                    return None
+
+        hub: Hub
+        broker = Broker(redis, lambda room_id, data: hub.on_message(room_id, data), lambda: hub.resync())
+        store = RoomStore(redis, broker)
+        hub = Hub(store, broker, load_meta)
+        await broker.detect()
+        rooms = RoomService(store, broker)
+        stock = Stock(redis)
+        notifier = SaleNotifier(redis, rooms)
+        sales = SaleService(settings, stock, db, rooms, SimulatedPayments(), notifier)
+        hub.load_sale = sales.snapshot
         app.state.services = Services(
-            settings=settings, redis=redis, db_engine=engine, db=make_sessionmaker(engine),
+            settings=settings, redis=redis, db_engine=engine, db=db,
             sessions=Sessions(settings.secret_key, settings.token_ttl_s, redis),
+            limiter=RateLimiter(redis), hub=hub, rooms=rooms, sales=sales,
         )
+        jobs = {"broker": broker.run(), "hub": hub.run(), "notifier": notifier.run()}
+        if settings.background_jobs:
+            jobs["persister"] = Persister(redis, stock, db).run()
+            jobs["sweeper"] = Sweeper(stock, sales, notifier).run()
+        tasks = [asyncio.create_task(coro, name=name) for name, coro in jobs.items()]
         try:
             yield
         finally:
+            hub.shutdown()
+            await asyncio.sleep(0.1)  # let writers send their close frames
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
             await redis.aclose()
             await engine.dispose()
             if embedded is not None:
@@ -75,7 +120,8 @@ def create_app(settings: Settings | None = None) -> Starlette:
     async def openapi_json(request: Request) -> Response:
         return json_response(schema)
 
-    routes: list[BaseRoute] = [Route("/openapi.json", openapi_json, methods=["GET"])]
+    routes: list[BaseRoute] = [Route("/openapi.json", openapi_json, methods=["GET"]),
+                               WebSocketRoute("/ws/rooms/{room_id}", room_socket)]
     for router in ROUTERS:
         routes.extend(router.routes())
     return Starlette(routes=routes, lifespan=lifespan, exception_handlers=EXCEPTION_HANDLERS)

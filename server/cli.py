@@ -11,6 +11,7 @@ import uvicorn
 
 from server.config import load_settings
 from server.embedded_redis import EmbeddedRedis
+from server.rooms.protocol import MAX_FRAME_BYTES
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -47,7 +48,11 @@ def serve(host: str, port: int, workers: int, log_level: str) -> None:
 
         asyncio.run(ensure_schema(settings))
         uvicorn.run("server.app:create_app", factory=True, host=host, port=port, workers=workers,
-                    log_level=log_level, proxy_headers=True, server_header=False, lifespan="on")
+                    log_level=log_level, proxy_headers=True, server_header=False, lifespan="on",
+                    # Frames over 4 KiB are closed with 1009; no per-message deflate, whose
+                    # zlib state would cost more memory per viewer than everything else.
+                    ws_max_size=MAX_FRAME_BYTES, ws_per_message_deflate=False,
+                    ws_ping_interval=20, ws_ping_timeout=20, timeout_graceful_shutdown=5)
     finally:
         if embedded is not None:
             embedded.stop()
@@ -70,6 +75,18 @@ def demo(username: str, base_url: str) -> None:
   Viewer room  : {base}/rooms/{room_id}
   Log in as    : {username} / {password}
 Start the server with `livesale serve` if it is not running.""")
+
+
+@main.command()
+@click.argument("sale_id")
+def reconcile(sale_id: str) -> None:
+    """Compare a sale's stock and orders in Redis with SQL; exit 1 on any difference."""
+    from server.reconcile_cli import run_reconcile
+
+    report = asyncio.run(run_reconcile(load_settings(), sale_id))
+    for line in report.lines():
+        click.echo(line)
+    raise SystemExit(0 if report.ok else 1)
 
 
 if __name__ == "__main__":

@@ -92,6 +92,9 @@ class Settings:
     # Background jobs (persister, expiry sweeper) can be turned off for tests that
     # drive them by hand.
     background_jobs: bool = True
+    # Addresses exempt from per-IP limits (purchases, logins, sign-ups): a load
+    # generator on loopback, or a trusted gateway that limits on its own.
+    rate_limit_exempt_ips: tuple[str, ...] = ()
 
     @property
     def embedded_redis(self) -> bool:
@@ -120,4 +123,5 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         static_dir=Path(env.get("LIVESALE_STATIC_DIR") or REPO_ROOT / "static"),
         redis_server_bin=env.get("LIVESALE_REDIS_SERVER_BIN") or None,
         background_jobs=_bool(env, "LIVESALE_BACKGROUND_JOBS", True),
+        rate_limit_exempt_ips=_list(env, "LIVESALE_RATE_LIMIT_EXEMPT_IPS"),
     )

@@ -157,3 +157,50 @@ class ErrorOut(Struct, kw_only=True):
     error: str
     message: str
     field: str | msgspec.UnsetType = UNSET
+
+
+# --- live room: pins, moderation, stats -------------------------------------
+
+class PinIn(Input):
+    product_id: Annotated[str, Meta(max_length=64)]
+
+
+class MuteIn(Input):
+    user_id: Annotated[str, Meta(max_length=64)]
+    duration_s: Annotated[int, Meta(ge=1, le=7 * 24 * 3600)] = 600
+
+
+class MuteOut(Struct, kw_only=True):
+    user_id: str
+    until: Timestamp
+
+
+BannedWord = Annotated[str, Meta(min_length=1, max_length=50)]
+
+
+class BannedWordsIn(Input):
+    words: Annotated[list[BannedWord], Meta(max_length=200)]
+
+
+class BannedWordsOut(Struct, kw_only=True):
+    words: list[str]
+
+
+class DeletedOut(Struct, kw_only=True):
+    id: str
+    in_history: bool
+
+
+class RoomStatsOut(Struct, kw_only=True):
+    viewers: int
+    peak_viewers: int
+    likes: int
+    chat_messages: int
+    unique_viewers: int
+    orders: int
+    paid_orders: int
+    units_sold: int  # paid units
+    gmv_cents: int  # paid orders' value
+    commission_cents: int  # the host's share of it
+    buyers: int
+    conversion: float  # buyers / unique viewers

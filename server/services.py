@@ -9,6 +9,10 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from server.auth import Sessions
 from server.config import Settings
+from server.inventory.sales import SaleService
+from server.ratelimit import RateLimiter
+from server.rooms.hub import Hub
+from server.rooms.service import RoomService
 
 
 @dataclass
@@ -18,3 +22,7 @@ class Services:
     db_engine: AsyncEngine
     db: async_sessionmaker[AsyncSession]
     sessions: Sessions
+    limiter: RateLimiter
+    hub: Hub          # this process's connections
+    rooms: RoomService  # room operations that reach every process
+    sales: SaleService

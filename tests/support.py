@@ -36,6 +36,8 @@ class ServerProcess:
             "LIVESALE_DATA_DIR": str(data_dir),
             "LIVESALE_SECRET_KEY": secret_key or "test-secret-" + "k" * 40,
             "PYTHONUNBUFFERED": "1",
+            # The whole suite comes from 127.0.0.1; per-IP limits are tested on servers that clear this.
+            "LIVESALE_RATE_LIMIT_EXEMPT_IPS": "127.0.0.1",
             **(env or {}),
         }
         if redis_url is not None:

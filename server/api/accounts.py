@@ -19,9 +19,16 @@ from server.auth import COOKIE_NAME, hash_password, verify_password
 from server.errors import Conflict, NotFound, Unauthorized
 from server.ids import new_id
 from server.models import User
+from server.ratelimit import LOGIN_PER_IP, REGISTER_PER_IP, Limit
 from server.schemas import AuthOut, GuestIn, LoginIn, RegisterIn, UserOut
 
 router = Router("accounts")
+
+
+async def _limit_ip(call: Call[object], limit: Limit) -> None:
+    ip = call.request.client.host if call.request.client else "unknown"
+    if ip not in call.services.settings.rate_limit_exempt_ips:
+        await call.services.limiter.check(limit, ip)
 
 
 def user_out(user: User) -> UserOut:
@@ -45,9 +52,10 @@ def _set_cookie(request: Request, response: Response, token: str, ttl: int, secu
                         secure=secure or request.url.scheme == "https")
 
 
-@router.endpoint("POST", "/api/auth/register", body=RegisterIn, response=AuthOut, status=201, errors=(409,))
+@router.endpoint("POST", "/api/auth/register", body=RegisterIn, response=AuthOut, status=201, errors=(409, 429))
 async def register(call: Call[RegisterIn]) -> Response:
     """Create an account (host or viewer) and log it in."""
+    await _limit_ip(call, REGISTER_PER_IP)
     body = call.body
     user = User(id=new_id("usr"), username=body.username.lower(), name=body.username, role=body.role,
                 password_hash=await hash_password(body.password))
@@ -61,7 +69,8 @@ async def register(call: Call[RegisterIn]) -> Response:
 
 @router.endpoint("POST", "/api/auth/login", body=LoginIn, response=AuthOut, errors=(401, 429))
 async def login(call: Call[LoginIn]) -> Response:
-    """Log in with username and password."""
+    """Log in with username and password (slowed per address against brute force)."""
+    await _limit_ip(call, LOGIN_PER_IP)
     async with call.services.db() as db:
         user = await db.scalar(select(User).where(User.username == call.body.username.lower()))
     ok = await verify_password(user.password_hash if user else None, call.body.password)
@@ -70,9 +79,10 @@ async def login(call: Call[LoginIn]) -> Response:
     return _session_response(call, user, 200)
 
 
-@router.endpoint("POST", "/api/auth/guest", body=GuestIn, response=AuthOut, status=201)
+@router.endpoint("POST", "/api/auth/guest", body=GuestIn, response=AuthOut, status=201, errors=(429,))
 async def guest(call: Call[GuestIn]) -> Response:
     """Create a guest viewer account with a display name."""
+    await _limit_ip(call, REGISTER_PER_IP)
     user = User(id=new_id("usr"), username=f"guest-{secrets.token_hex(6)}", name=call.body.name,
                 role="viewer", password_hash=None)
     async with call.services.db.begin() as db:

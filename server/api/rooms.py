@@ -71,7 +71,9 @@ async def edit_room(call: Call[RoomPatch]) -> RoomOut:
         for name, value in msgspec.structs.asdict(call.body).items():
             if value is not msgspec.UNSET:
                 setattr(room, name, value)
-        return await describe_room(db, room)
+        out = await describe_room(db, room)
+    await call.services.rooms.room_changed(out)
+    return out
 
 
 async def _transition(call: Call[None], target: Literal["live", "ended"]) -> RoomOut:
@@ -86,7 +88,12 @@ async def _transition(call: Call[None], target: Literal["live", "ended"]) -> Roo
             room.started_at = clock.utcnow()
         else:
             room.ended_at = clock.utcnow()
-        return await describe_room(db, room)
+        out = await describe_room(db, room)
+    if target == "live":
+        await call.services.rooms.room_changed(out)
+    else:
+        await call.services.rooms.room_ended(out)
+    return out
 
 
 @router.endpoint("POST", "/api/rooms/{room_id}/start", auth="host", response=RoomOut, errors=(404, 409))

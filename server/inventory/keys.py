@@ -1,0 +1,44 @@
+"""Redis key names of a sale. All share the hash tag {sale:ID}: the sale's
+scripts touch one slot, so they also run on Redis Cluster."""
+
+from __future__ import annotations
+
+OPEN_SALES = "sales:open"  # set of sale ids the background jobs still watch
+
+
+def tag(sale_id: str) -> str:
+    return "{sale:" + sale_id + "}"
+
+
+def sale(sale_id: str) -> str:
+    """Hash: the sale's terms, counters (remaining, reserved, paid) and version."""
+    return tag(sale_id)
+
+
+def buyers(sale_id: str) -> str:
+    """Hash: user id -> units held (reserved + paid)."""
+    return tag(sale_id) + ":buyers"
+
+
+def idempotency(sale_id: str) -> str:
+    """Hash: '<user id>:<Idempotency-Key>' -> order id."""
+    return tag(sale_id) + ":idem"
+
+
+def orders(sale_id: str) -> str:
+    """Hash: order id -> order record (JSON)."""
+    return tag(sale_id) + ":orders"
+
+
+def expiry(sale_id: str) -> str:
+    """Sorted set: reserved order id -> pay-by time (ms)."""
+    return tag(sale_id) + ":expiry"
+
+
+def log(sale_id: str) -> str:
+    """Stream of every state change, read by the persister."""
+    return tag(sale_id) + ":log"
+
+
+def all_keys(sale_id: str) -> list[str]:
+    return [sale(sale_id), buyers(sale_id), idempotency(sale_id), orders(sale_id), expiry(sale_id), log(sale_id)]

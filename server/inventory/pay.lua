@@ -1,0 +1,49 @@
+-- Mark a reserved order paid. Paying and expiring are both state changes of the
+-- same order in this one slot, so exactly one of them happens.
+-- Times in milliseconds, from the Redis server's clock.
+-- KEYS[1]  sale hash
+-- KEYS[2]  orders hash
+-- KEYS[3]  expiry sorted set
+-- KEYS[4]  log stream
+-- ARGV[1]  order id
+-- ARGV[2]  payer's user id (must be the buyer)
+-- ARGV[3]  payment reference from the provider
+-- Returns {status, order JSON or ''}; status is 'paid' (now), 'already_paid', 'no_order',
+--   'expired' (pay-by passed, or already released as expired), 'cancelled'
+local sale, orders, expiry, log = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local order_id, user, payment = ARGV[1], ARGV[2], ARGV[3]
+
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+
+local record = redis.call('HGET', orders, order_id)
+if not record then
+  return {'no_order', ''}
+end
+local order = cjson.decode(record)
+if order.user_id ~= user then
+  return {'no_order', ''}
+end
+if order.status == 'paid' then
+  return {'already_paid', record}
+end
+if order.status ~= 'reserved' then
+  return {order.status, record}
+end
+if now >= order.pay_by then
+  -- The sweeper releases it; the stock is not sold twice either way.
+  return {'expired', record}
+end
+
+order.status = 'paid'
+order.paid_at = now
+order.payment = payment
+order.v = order.v + 1
+record = cjson.encode(order)
+redis.call('HSET', orders, order_id, record)
+redis.call('HINCRBY', sale, 'reserved', -order.quantity)
+redis.call('HINCRBY', sale, 'paid', order.quantity)
+redis.call('HINCRBY', sale, 'v', 1)
+redis.call('ZREM', expiry, order_id)
+redis.call('XADD', log, '*', 'order', record)
+return {'paid', record}

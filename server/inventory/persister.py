@@ -1,0 +1,210 @@
+"""Moves every order change from the sales' Redis streams into SQL.
+
+Each reserve/pay/release script appends the order's new record to its sale's
+stream in the same atomic step that makes the change, so whatever a buyer was
+told is in the stream. The persister reads the streams with a consumer group,
+writes a batch in one SQL transaction (an upsert keyed on the order id that
+only moves an order to a higher `version`, and ledger lines unique per order
+and kind), and only then acknowledges. If it dies between the write and the
+acknowledgement, the entries stay pending; after CLAIM_IDLE_MS any persister
+claims and rewrites them, which changes nothing the second time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import time
+from typing import Any
+
+import msgspec
+from redis.asyncio import Redis
+from redis.exceptions import ResponseError
+from sqlalchemy import select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from server import clock
+from server.inventory import keys, ledger
+from server.inventory.stock import PERSISTER_GROUP, Stock
+from server.inventory.tables import LedgerEntry, Order, Sale
+from server.models import User
+
+log = logging.getLogger("livesale.inventory.persister")
+
+BATCH = 500
+CLAIM_IDLE_MS = 30_000
+CLAIM_EVERY_S = 5.0
+IDLE_SLEEP_S = 0.05
+
+Entry = tuple[bytes, dict[bytes, bytes]]
+
+
+def _insert(dialect: str) -> Any:
+    return postgresql.insert if dialect == "postgresql" else sqlite.insert
+
+
+def _ms(value: Any) -> Any:
+    return clock.from_ms(int(value)) if value else None
+
+
+class Persister:
+    def __init__(self, redis: Redis, stock: Stock, db: async_sessionmaker[AsyncSession], *,
+                 consumer: str | None = None, claim_idle_ms: int = CLAIM_IDLE_MS) -> None:
+        self.redis = redis
+        self.stock = stock
+        self.db = db
+        self.consumer = consumer or f"{socket.gethostname()}-{os.getpid()}"
+        self.claim_idle_ms = claim_idle_ms
+        self._failed: set[str] = set()  # sales whose last write failed
+
+    # --- reading -----------------------------------------------------------------
+    async def read(self, sale_id: str, count: int = BATCH, *, mine: bool = False) -> list[Entry]:
+        """New entries; or, with mine=True, those this consumer read but has not acknowledged."""
+        try:
+            resp = await self.redis.xreadgroup(PERSISTER_GROUP, self.consumer,
+                                               {keys.log(sale_id): "0" if mine else ">"}, count=count)
+        except ResponseError as exc:
+            if "NOGROUP" not in str(exc):
+                raise
+            await self.stock.ensure_group(sale_id)
+            return []
+        return list(resp[0][1]) if resp else []
+
+    async def claim(self, sale_id: str, count: int = BATCH) -> list[Entry]:
+        """Entries another consumer read but never acknowledged (it crashed)."""
+        try:
+            resp = await self.redis.xautoclaim(keys.log(sale_id), PERSISTER_GROUP, self.consumer,
+                                               min_idle_time=self.claim_idle_ms, start_id="0-0", count=count)
+        except ResponseError as exc:
+            if "NOGROUP" not in str(exc):
+                raise
+            return []
+        return [(eid, fields) for eid, fields in resp[1] if fields]
+
+    async def ack(self, sale_id: str, entries: list[Entry]) -> None:
+        if entries:
+            await self.redis.xack(keys.log(sale_id), PERSISTER_GROUP, *[eid for eid, _ in entries])
+
+    # --- writing -----------------------------------------------------------------
+    async def apply(self, sale_id: str, entries: list[Entry]) -> None:
+        latest: dict[str, dict[str, Any]] = {}
+        ended: dict[str, Any] | None = None
+        for _, fields in entries:
+            if b"order" in fields:
+                rec = msgspec.json.decode(fields[b"order"])
+                if rec["id"] not in latest or latest[rec["id"]]["v"] < rec["v"]:
+                    latest[rec["id"]] = rec
+            elif b"sale_ended" in fields:
+                ended = msgspec.json.decode(fields[b"sale_ended"])
+        async with self.db.begin() as db:
+            sale = await db.get(Sale, sale_id)
+            if sale is None:
+                # The launch's SQL commit failed after Redis accepted the sale; nobody could
+                # reach it, so it has no orders. Nothing to keep.
+                log.error("stream entries for sale %s, which is not in SQL; skipped", sale_id)
+                return
+            if latest:
+                await self._upsert_orders(db, sale, list(latest.values()))
+                await self._ledger(db, sale, [r for r in latest.values() if r["status"] == "paid"])
+            if ended is not None:
+                await db.execute(update(Sale).where(Sale.id == sale_id, Sale.ended_at.is_(None))
+                                 .values(ended_at=_ms(ended["ended_at"]), end_reason=ended["reason"]))
+
+    async def _upsert_orders(self, db: AsyncSession, sale: Sale, records: list[dict[str, Any]]) -> None:
+        rows = [{
+            "id": r["id"], "sale_id": sale.id, "buyer_id": r["user_id"], "quantity": r["quantity"],
+            "unit_price_cents": r["price_cents"], "status": r["status"], "ref_user_id": r.get("ref"),
+            "idempotency_key": r["key"], "payment_ref": r.get("payment"), "created_at": _ms(r["created_at"]),
+            "pay_by": _ms(r["pay_by"]), "paid_at": _ms(r.get("paid_at")), "released_at": _ms(r.get("released_at")),
+            "version": r["v"],
+        } for r in records]
+        stmt = _insert(db.bind.dialect.name)(Order).values(rows)
+        changing = ("status", "payment_ref", "paid_at", "released_at", "version")
+        stmt = stmt.on_conflict_do_update(index_elements=[Order.id],
+                                          set_={c: stmt.excluded[c] for c in changing},
+                                          where=Order.version < stmt.excluded.version)
+        await db.execute(stmt)
+
+    async def _ledger(self, db: AsyncSession, sale: Sale, paid: list[dict[str, Any]]) -> None:
+        if not paid:
+            return
+        refs = {r["ref"] for r in paid if r.get("ref")}
+        known = set((await db.scalars(select(User.id).where(User.id.in_(refs)))).all()) if refs else set()
+        rows: list[dict[str, Any]] = []
+        for r in paid:
+            ref = r.get("ref")
+            referrer = ref if ref in known and ref not in (r["user_id"], sale.host_id) else None
+            s = ledger.split(r["price_cents"], r["quantity"], sale.commission_rate_bp, sale.platform_fee_bp,
+                             sale.referral_share_bp, referrer is not None)
+            base = {"order_id": r["id"], "sale_id": sale.id, "room_id": sale.room_id,
+                    "created_at": _ms(r["paid_at"])}
+            rows.append({**base, "account_id": sale.host_id, "kind": "host_commission",
+                         "amount_cents": s.host_commission})
+            rows.append({**base, "account_id": ledger.PLATFORM_ACCOUNT, "kind": "platform_fee",
+                         "amount_cents": s.platform_fee})
+            if referrer is not None:
+                rows.append({**base, "account_id": referrer, "kind": "referral_share",
+                             "amount_cents": s.referral_share})
+        stmt = _insert(db.bind.dialect.name)(LedgerEntry).values(rows)
+        await db.execute(stmt.on_conflict_do_nothing(index_elements=[LedgerEntry.order_id, LedgerEntry.kind]))
+
+    # --- the loop ----------------------------------------------------------------------
+    async def drain(self, sale_id: str) -> int:
+        # After a failed write (SQL away), retry our own unacknowledged entries first.
+        retry = sale_id in self._failed
+        entries = await self.read(sale_id, mine=retry)
+        if retry and not entries:
+            self._failed.discard(sale_id)
+            entries = await self.read(sale_id)
+        if entries:
+            self._failed.add(sale_id)
+            await self.apply(sale_id, entries)
+            await self.ack(sale_id, entries)
+            if not retry:
+                self._failed.discard(sale_id)
+        return len(entries)
+
+    async def recover(self, sale_id: str) -> int:
+        entries = await self.claim(sale_id)
+        if entries:
+            log.warning("sale %s: rewriting %d entries a crashed persister left unacknowledged",
+                        sale_id, len(entries))
+            await self.apply(sale_id, entries)
+            await self.ack(sale_id, entries)
+        return len(entries)
+
+    async def settled(self, sale_id: str) -> bool:
+        """Ended, nothing reserved, and every stream entry persisted: no change can follow."""
+        state = await self.stock.state(sale_id)
+        if state is None:
+            return True
+        if state["ended_at"] == 0 or state["reserved"] != 0:
+            return False
+        groups = await self.redis.xinfo_groups(keys.log(sale_id))
+        group = next((g for g in groups if g["name"] in (PERSISTER_GROUP, PERSISTER_GROUP.encode())), None)
+        return group is not None and group["pending"] == 0 and group.get("lag") == 0
+
+    async def run(self) -> None:
+        last_claim = 0.0
+        while True:
+            try:
+                moved = 0
+                sales = await self.stock.open_sales()
+                for sale_id in sales:
+                    moved += await self.drain(sale_id)
+                if time.monotonic() - last_claim >= CLAIM_EVERY_S:
+                    last_claim = time.monotonic()
+                    for sale_id in sales:
+                        moved += await self.recover(sale_id)
+                        if await self.settled(sale_id):
+                            await self.stock.close(sale_id)
+                if not moved:
+                    await asyncio.sleep(IDLE_SLEEP_S)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # Redis or SQL away: entries stay in the stream; retry
+                log.warning("persister pass failed (%r); retrying", exc)
+                await asyncio.sleep(1.0)

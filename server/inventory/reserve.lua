@@ -1,0 +1,75 @@
+-- Reserve flash-sale stock for a buyer: the one atomic step of a purchase.
+-- Every check comes before the first write, so a refusal changes nothing; the
+-- idempotency check comes first of all, so a retried call (redis-py retries after
+-- a timeout or a dropped connection) returns the order it already made.
+-- Times in milliseconds, from the Redis server's clock.
+-- KEYS[1]  sale hash: stock, remaining, reserved, paid, limit, starts_at, ends_at, ended_at, timeout_ms, price, v
+-- KEYS[2]  buyers hash: user id -> units held (reserved + paid)
+-- KEYS[3]  idempotency hash: '<user id>:<key>' -> order id
+-- KEYS[4]  orders hash: order id -> order record (JSON)
+-- KEYS[5]  expiry sorted set: order id -> pay-by time
+-- KEYS[6]  log stream, read by the persister
+-- ARGV[1]  buyer's user id
+-- ARGV[2]  Idempotency-Key
+-- ARGV[3]  id for the new order
+-- ARGV[4]  quantity
+-- ARGV[5]  referrer's user id, or ''
+-- Returns {status, order JSON or '', remaining, v (the sale's version)}; status is one of
+--   'reserved', 'duplicate' (the key was used: its order is returned), 'key_reused' (same key,
+--   other quantity), 'no_sale', 'not_started', 'ended', 'limit_exceeded', 'sold_out', 'not_enough'
+local sale, buyers, idem, orders, expiry, log = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
+local user, key, order_id, qty, ref = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4]), ARGV[5]
+
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+
+local idem_field = user .. ':' .. key
+local existing = redis.call('HGET', idem, idem_field)
+if existing then
+  local record = redis.call('HGET', orders, existing)
+  local remaining = tonumber(redis.call('HGET', sale, 'remaining')) or 0
+  if cjson.decode(record).quantity ~= qty then
+    return {'key_reused', record, remaining}
+  end
+  return {'duplicate', record, remaining}
+end
+
+local s = redis.call('HMGET', sale, 'remaining', 'limit', 'starts_at', 'ends_at', 'ended_at', 'timeout_ms', 'price')
+if not s[1] then
+  return {'no_sale', '', 0}
+end
+local remaining, limit = tonumber(s[1]), tonumber(s[2])
+local starts_at, ends_at, ended_at = tonumber(s[3]), tonumber(s[4]), tonumber(s[5])
+local timeout_ms, price = tonumber(s[6]), tonumber(s[7])
+
+if now < starts_at then
+  return {'not_started', '', remaining}
+end
+if ended_at > 0 or now >= ends_at then
+  return {'ended', '', remaining}
+end
+local held = tonumber(redis.call('HGET', buyers, user)) or 0
+if held + qty > limit then
+  return {'limit_exceeded', '', remaining}
+end
+if remaining == 0 then
+  return {'sold_out', '', 0}
+end
+if remaining < qty then
+  return {'not_enough', '', remaining}
+end
+
+-- All checks passed: from here on, only writes.
+remaining = redis.call('HINCRBY', sale, 'remaining', -qty)
+redis.call('HINCRBY', sale, 'reserved', qty)
+local v = redis.call('HINCRBY', sale, 'v', 1)
+redis.call('HINCRBY', buyers, user, qty)
+redis.call('HSET', idem, idem_field, order_id)
+local order = {id = order_id, user_id = user, quantity = qty, price_cents = price, status = 'reserved',
+               key = key, created_at = now, pay_by = now + timeout_ms, v = 1}
+if ref ~= '' then order.ref = ref end
+local record = cjson.encode(order)
+redis.call('HSET', orders, order_id, record)
+redis.call('ZADD', expiry, now + timeout_ms, order_id)
+redis.call('XADD', log, '*', 'order', record)
+return {'reserved', record, remaining, v}

@@ -1,0 +1,238 @@
+"""Flash sales: launch, buy, pay, cancel, end. Orchestrates the Redis stock,
+SQL, the payment provider and the room's events.
+
+The purchase path touches only Redis (one script call, plus the rate limit):
+orders reach SQL through the persister, never on the buyer's clock.
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import timedelta
+from typing import Any
+
+import msgspec
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from server import clock
+from server.auth import Principal
+from server.catalog import get_owned_product, get_owned_room
+from server.config import Settings
+from server.errors import ApiError, Conflict, Forbidden, NotFound, Unprocessable
+from server.ids import looks_like_id, new_id
+from server.inventory.notifier import SaleNotifier
+from server.inventory.payments import PaymentDeclined, PaymentProvider
+from server.inventory.schemas import OrderOut, PurchaseIn, SaleIn, SaleOut, SaleProduct
+from server.inventory.stock import Outcome, Stock, Terms, new_order_id, sale_of
+from server.inventory.tables import Order, Sale
+from server.rooms import protocol
+from server.rooms.service import RoomService
+
+_REFUSALS = {
+    "sold_out": "sold out",
+    "not_enough": "not enough stock left for that quantity",
+    "limit_exceeded": "that would pass this sale's per-buyer limit",
+    "not_started": "the sale has not started yet",
+    "ended": "the sale has ended",
+}
+
+
+def _iso_ms(ms: int | None) -> str | None:
+    return clock.iso(clock.from_ms(ms)) if ms else None
+
+
+def sale_out(sale_id: str, state: dict[str, Any], now_ms: int | None = None) -> SaleOut:
+    now_ms = int(time.time() * 1000) if now_ms is None else now_ms
+    ended = state["ended_at"] > 0 or now_ms >= state["ends_at"]
+    status = "ended" if ended else "scheduled" if now_ms < state["starts_at"] else "active"
+    info = state["info"]
+    return SaleOut(
+        id=sale_id, room_id=state["room_id"], product=SaleProduct(**info["product"]), status=status,
+        price_cents=state["price"], stock=state["stock"], remaining=state["remaining"],
+        reserved=state["reserved"], paid=state["paid"], sold=state["reserved"] + state["paid"],
+        per_user_limit=state["limit"], starts_at=_iso_ms(state["starts_at"]) or "",
+        ends_at=_iso_ms(state["ends_at"]) or "", starts_at_ms=state["starts_at"], ends_at_ms=state["ends_at"],
+        payment_timeout_s=state["timeout_ms"] // 1000, ended_at=_iso_ms(state["ended_at"]),
+        end_reason=state["end_reason"], v=state["v"])
+
+
+def order_out(sale_id: str, o: dict[str, Any], remaining: int | None = None) -> OrderOut:
+    out = OrderOut(order_id=o["id"], sale_id=sale_id, status=o["status"], quantity=o["quantity"],
+                   price_cents=o["price_cents"], total_cents=o["price_cents"] * o["quantity"],
+                   pay_by=_iso_ms(o["pay_by"]) or "", created_at=_iso_ms(o["created_at"]) or "",
+                   paid_at=_iso_ms(o.get("paid_at")), released_at=_iso_ms(o.get("released_at")))
+    if remaining is not None:
+        out.remaining = remaining
+    return out
+
+
+def order_row_out(row: Order) -> OrderOut:
+    return OrderOut(order_id=row.id, sale_id=row.sale_id, status=row.status,  # type: ignore[arg-type]
+                    quantity=row.quantity, price_cents=row.unit_price_cents,
+                    total_cents=row.unit_price_cents * row.quantity, pay_by=clock.iso(row.pay_by) or "",
+                    created_at=clock.iso(row.created_at) or "", paid_at=clock.iso(row.paid_at),
+                    released_at=clock.iso(row.released_at))
+
+
+class SaleService:
+    def __init__(self, settings: Settings, stock: Stock, db: async_sessionmaker[AsyncSession],
+                 rooms: RoomService, payments: PaymentProvider, notifier: SaleNotifier) -> None:
+        self.settings = settings
+        self.stock = stock
+        self.db = db
+        self.rooms = rooms
+        self.payments = payments
+        self.notifier = notifier
+        self._rooms: dict[str, str] = {}  # sale -> room; never changes
+
+    async def _state(self, sale_id: str) -> dict[str, Any]:
+        state = await self.stock.state(sale_id) if looks_like_id(sale_id, "sale") else None
+        if state is None:
+            raise NotFound("no such sale", code="sale_not_found")
+        return state
+
+    async def snapshot(self, sale_id: str) -> dict[str, Any] | None:
+        """The sale as the `sale` event and `welcome` show it."""
+        state = await self.stock.state(sale_id)
+        return msgspec.to_builtins(sale_out(sale_id, state)) if state else None
+
+    async def get(self, sale_id: str) -> SaleOut:
+        return sale_out(sale_id, await self._state(sale_id))
+
+    async def launch(self, me: Principal, room_id: str, body: SaleIn) -> SaleOut:
+        async with self.db.begin() as db:
+            room = await get_owned_room(db, room_id, me)
+            if room.status == "ended":
+                raise Conflict("this room has ended", code="room_ended")
+            product = await get_owned_product(db, body.product_id, me)
+            current = await self.rooms.store.active_sale(room.id)
+            if current is not None:
+                state = await self.stock.state(current)
+                if state is not None and sale_out(current, state).status != "ended":
+                    raise Conflict("a sale is already running in this room; end it first", code="sale_running")
+            now = clock.utcnow().replace(microsecond=0)
+            starts_at = now + timedelta(seconds=body.starts_in_s)
+            sale = Sale(id=new_id("sale"), room_id=room.id, product_id=product.id, host_id=me.user_id,
+                        price_cents=body.price_cents, stock=body.stock, per_user_limit=body.per_user_limit,
+                        commission_rate_bp=product.commission_rate_bp,
+                        platform_fee_bp=self.settings.platform_fee_bp,
+                        referral_share_bp=self.settings.referral_share_bp, starts_at=starts_at,
+                        ends_at=starts_at + timedelta(seconds=body.duration_s),
+                        payment_timeout_s=body.payment_timeout_s)
+            db.add(sale)
+            info = {"product": {"id": product.id, "name": product.name, "description": product.description,
+                                "image_url": product.image_url, "list_price_cents": product.price_cents}}
+            # Redis before the SQL commit: if Redis fails the sale never existed; if the
+            # commit fails, the Redis sale has no room pointer and nobody can reach it.
+            await self.stock.create(Terms(
+                sale_id=sale.id, room_id=room.id, stock=body.stock, per_user_limit=body.per_user_limit,
+                price_cents=body.price_cents, starts_at_ms=clock.to_ms(starts_at),
+                ends_at_ms=clock.to_ms(sale.ends_at), payment_timeout_ms=body.payment_timeout_s * 1000, info=info))
+        await self.rooms.store.set_active_sale(room.id, sale.id)
+        out = await self.get(sale.id)
+        await self.rooms.tell(room.id, protocol.Sale(sale=out))
+        return out
+
+    async def end(self, me: Principal, sale_id: str) -> SaleOut:
+        state = await self._state(sale_id)
+        async with self.db() as db:
+            sale = await db.get(Sale, sale_id)
+        if sale is None:
+            raise NotFound("no such sale", code="sale_not_found")
+        if sale.host_id != me.user_id:
+            raise Forbidden("this sale belongs to another host", code="not_owner")
+        if await self.stock.end(sale_id, "host"):
+            state = await self._state(sale_id)
+            await self.rooms.tell(state["room_id"], protocol.SaleEnded(id=sale_id, reason="host", v=state["v"]))
+        return sale_out(sale_id, state)
+
+    async def purchase(self, me: Principal, sale_id: str, idem_key: str, body: PurchaseIn) -> tuple[int, OrderOut]:
+        ref = body.ref
+        if ref is not None and (ref == me.user_id or not looks_like_id(ref, "usr")):
+            ref = None  # a self-referral or a malformed one earns nothing; the purchase still goes through
+        if not looks_like_id(sale_id, "sale"):
+            raise NotFound("no such sale", code="sale_not_found")
+        outcome = await self.stock.reserve(sale_id, me.user_id, idem_key, new_order_id(sale_id), body.quantity, ref)
+        if outcome.status == "no_sale":
+            raise NotFound("no such sale", code="sale_not_found")
+        if outcome.status == "key_reused":
+            raise Unprocessable("this Idempotency-Key was used for a different quantity", code="key_reused",
+                                field="Idempotency-Key")
+        if outcome.status in _REFUSALS:
+            raise Conflict(_REFUSALS[outcome.status], code=outcome.status)
+        assert outcome.order is not None
+        if outcome.status == "reserved":
+            await self._announce(sale_id, outcome)
+            return 201, order_out(sale_id, outcome.order, outcome.remaining)
+        return 200, order_out(sale_id, outcome.order, outcome.remaining)  # the same key again
+
+    async def _room_of(self, sale_id: str) -> str:
+        room_id = self._rooms.get(sale_id)
+        if room_id is None:
+            room_id = self._rooms[sale_id] = (await self._state(sale_id))["room_id"]
+        return room_id
+
+    async def _announce(self, sale_id: str, outcome: Outcome) -> None:
+        room_id = await self._room_of(sale_id)
+        if outcome.remaining == 0:
+            # This reservation took the last unit: exactly one caller sees 0 here.
+            await self.rooms.tell(room_id, protocol.SoldOut(id=sale_id, v=outcome.v))
+        self.notifier.touch(sale_id, room_id)
+
+    def _order_sale(self, order_id: str) -> str:
+        sale_id = sale_of(order_id)
+        if sale_id is None:
+            raise NotFound("no such order", code="order_not_found")
+        return sale_id
+
+    async def order(self, me: Principal, order_id: str) -> OrderOut:
+        sale_id = self._order_sale(order_id)
+        o = await self.stock.order(sale_id, order_id)
+        if o is None or o["user_id"] != me.user_id:
+            raise NotFound("no such order", code="order_not_found")
+        return order_out(sale_id, o)
+
+    async def pay(self, me: Principal, order_id: str) -> OrderOut:
+        sale_id = self._order_sale(order_id)
+        o = await self.stock.order(sale_id, order_id)
+        if o is None or o["user_id"] != me.user_id:
+            raise NotFound("no such order", code="order_not_found")
+        if o["status"] == "paid":
+            return order_out(sale_id, o)
+        if o["status"] != "reserved" or o["pay_by"] <= int(time.time() * 1000):
+            code = "cancelled" if o["status"] == "cancelled" else "expired"
+            raise Conflict(f"this order is {code}", code=code)
+        try:
+            auth = await self.payments.authorize(order_id, o["price_cents"] * o["quantity"], me.user_id)
+        except PaymentDeclined as exc:
+            raise ApiError(str(exc), code="payment_declined") from None
+        outcome = await self.stock.pay(sale_id, order_id, me.user_id, auth.reference)
+        if outcome.status not in ("paid", "already_paid"):
+            await self.payments.void(auth)
+            code = "cancelled" if outcome.status == "cancelled" else "expired"
+            raise Conflict(f"this order is {code}", code=code)
+        if outcome.status == "paid":
+            await self.payments.capture(auth)
+            self.notifier.touch(sale_id, await self._room_of(sale_id))
+        else:
+            await self.payments.void(auth)  # paid meanwhile by another request: hold nothing twice
+        assert outcome.order is not None
+        return order_out(sale_id, outcome.order)
+
+    async def cancel(self, me: Principal, order_id: str) -> OrderOut:
+        sale_id = self._order_sale(order_id)
+        outcome = await self.stock.release(sale_id, order_id, "cancelled", me.user_id)
+        if outcome.status == "no_order" or outcome.order is None:
+            raise NotFound("no such order", code="order_not_found")
+        if outcome.status == "released":
+            self.notifier.touch(sale_id, await self._room_of(sale_id))
+        elif outcome.status != "cancelled":
+            raise Conflict(f"this order is {outcome.status}", code=outcome.status)
+        return order_out(sale_id, outcome.order)
+
+    async def orders_of(self, me: Principal, limit: int = 100) -> list[OrderOut]:
+        async with self.db() as db:
+            rows = await db.scalars(select(Order).where(Order.buyer_id == me.user_id)
+                                    .order_by(Order.created_at.desc()).limit(limit))
+            return [order_row_out(r) for r in rows]

@@ -1,0 +1,147 @@
+"""A sale's stock and orders in Redis: the atomic scripts and the reads around them.
+
+Invariant, at every moment: remaining + reserved + paid == stock, remaining >= 0.
+Each state change is one Lua script (reserve, pay, release, end) that checks
+everything before its first write and appends the change to the sale's stream.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+import base64
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+from redis.asyncio import Redis
+from redis.exceptions import ResponseError
+
+from server.inventory import keys
+from server.lua import load_script
+
+PERSISTER_GROUP = "persister"
+_ORDER_ID = re.compile(r"^ord_([a-z2-7]{26})[a-z2-7]{16}$")
+
+
+def new_order_id(sale_id: str) -> str:
+    """Order ids carry their sale's id (so paying needs no lookup); clients treat them as opaque."""
+    suffix = base64.b32encode(secrets.token_bytes(10)).decode().lower()
+    return f"ord_{sale_id.removeprefix('sale_')}{suffix}"
+
+
+def sale_of(order_id: str) -> str | None:
+    m = _ORDER_ID.match(order_id)
+    return f"sale_{m.group(1)}" if m else None
+
+
+@dataclass(frozen=True)
+class Terms:
+    sale_id: str
+    room_id: str
+    stock: int
+    per_user_limit: int
+    price_cents: int
+    starts_at_ms: int
+    ends_at_ms: int
+    payment_timeout_ms: int
+    info: dict[str, Any]  # product and rates, as shown to viewers
+
+
+@dataclass(frozen=True)
+class Outcome:
+    status: str
+    order: dict[str, Any] | None
+    remaining: int = 0
+    v: int = 0  # the sale's version after the change
+
+
+def _outcome(raw: list[Any]) -> Outcome:
+    record = msgspec.json.decode(raw[1]) if raw[1] else None
+    return Outcome(raw[0].decode(), record, *(int(x) for x in raw[2:]))
+
+
+class Stock:
+    def __init__(self, redis: Redis) -> None:
+        self.redis = redis
+        self._reserve = load_script(redis, "server.inventory", "reserve.lua")
+        self._pay = load_script(redis, "server.inventory", "pay.lua")
+        self._release = load_script(redis, "server.inventory", "release.lua")
+        self._end = load_script(redis, "server.inventory", "end_sale.lua")
+
+    async def create(self, t: Terms) -> None:
+        sale_key = keys.sale(t.sale_id)
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hset(sale_key, mapping={
+                "room_id": t.room_id, "stock": t.stock, "remaining": t.stock, "reserved": 0, "paid": 0,
+                "limit": t.per_user_limit, "price": t.price_cents, "starts_at": t.starts_at_ms,
+                "ends_at": t.ends_at_ms, "ended_at": 0, "timeout_ms": t.payment_timeout_ms, "v": 1,
+                "info": msgspec.json.encode(t.info),
+            })
+            pipe.sadd(keys.OPEN_SALES, t.sale_id)
+            await pipe.execute()
+        await self.ensure_group(t.sale_id)
+
+    async def ensure_group(self, sale_id: str) -> None:
+        try:
+            await self.redis.xgroup_create(keys.log(sale_id), PERSISTER_GROUP, id="0", mkstream=True)
+        except ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+    async def reserve(self, sale_id: str, user_id: str, idem_key: str, order_id: str, quantity: int,
+                      ref: str | None) -> Outcome:
+        return _outcome(await self._reserve(
+            keys=[keys.sale(sale_id), keys.buyers(sale_id), keys.idempotency(sale_id), keys.orders(sale_id),
+                  keys.expiry(sale_id), keys.log(sale_id)],
+            args=[user_id, idem_key, order_id, quantity, ref or ""]))
+
+    async def pay(self, sale_id: str, order_id: str, user_id: str, payment_ref: str) -> Outcome:
+        return _outcome(await self._pay(
+            keys=[keys.sale(sale_id), keys.orders(sale_id), keys.expiry(sale_id), keys.log(sale_id)],
+            args=[order_id, user_id, payment_ref]))
+
+    async def release(self, sale_id: str, order_id: str, reason: str, user_id: str = "") -> Outcome:
+        return _outcome(await self._release(
+            keys=[keys.sale(sale_id), keys.buyers(sale_id), keys.orders(sale_id), keys.expiry(sale_id),
+                  keys.log(sale_id)],
+            args=[order_id, reason, user_id]))
+
+    async def end(self, sale_id: str, reason: str) -> bool:
+        return bool(await self._end(keys=[keys.sale(sale_id), keys.log(sale_id)], args=[reason]))
+
+    async def state(self, sale_id: str) -> dict[str, Any] | None:
+        raw = await self.redis.hgetall(keys.sale(sale_id))
+        if not raw:
+            return None
+        state: dict[str, Any] = {k.decode(): v for k, v in raw.items()}
+        for name in ("stock", "remaining", "reserved", "paid", "limit", "price", "starts_at", "ends_at",
+                     "ended_at", "timeout_ms", "v"):
+            state[name] = int(state[name])
+        state["room_id"] = state["room_id"].decode()
+        state["info"] = msgspec.json.decode(state["info"])
+        state["end_reason"] = state["end_reason"].decode() if "end_reason" in state else None
+        return state
+
+    async def order(self, sale_id: str, order_id: str) -> dict[str, Any] | None:
+        raw = await self.redis.hget(keys.orders(sale_id), order_id)
+        return msgspec.json.decode(raw) if raw else None
+
+    async def orders(self, sale_id: str) -> dict[str, dict[str, Any]]:
+        raw = await self.redis.hgetall(keys.orders(sale_id))
+        return {k.decode(): msgspec.json.decode(v) for k, v in raw.items()}
+
+    async def due(self, sale_id: str, now_ms: int, limit: int = 500) -> list[str]:
+        ids = await self.redis.zrangebyscore(keys.expiry(sale_id), "-inf", now_ms, start=0, num=limit)
+        return [i.decode() for i in ids]
+
+    async def open_sales(self) -> list[str]:
+        return sorted(s.decode() for s in await self.redis.smembers(keys.OPEN_SALES))
+
+    async def close(self, sale_id: str) -> None:
+        """Stop watching a sale whose every change is settled and persisted."""
+        await self.redis.srem(keys.OPEN_SALES, sale_id)
+
+    async def mark_started(self, sale_id: str) -> bool:
+        """True for the one caller (of all processes) that gets to announce the start."""
+        return bool(await self.redis.hsetnx(keys.sale(sale_id), "started_announced", 1))

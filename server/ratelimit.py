@@ -1,0 +1,46 @@
+"""Rate limits kept in Redis, so they hold across every app process."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from redis.asyncio import Redis
+
+from server.errors import TooManyRequests
+from server.lua import load_script
+
+
+@dataclass(frozen=True)
+class Limit:
+    name: str
+    per_second: float
+    burst: int
+
+    @property
+    def interval_ms(self) -> float:
+        return 1000.0 / self.per_second
+
+
+# The limits of the product, in one place (see docs/reliability.md).
+CHAT = Limit("chat", per_second=2, burst=5)
+LOGIN_PER_IP = Limit("login-ip", per_second=0.2, burst=10)  # slow brute force: 12 a minute after a burst
+REGISTER_PER_IP = Limit("register-ip", per_second=0.5, burst=20)
+PURCHASE_PER_USER = Limit("buy-user", per_second=5, burst=10)
+PURCHASE_PER_IP = Limit("buy-ip", per_second=200, burst=400)  # many buyers may share one NAT
+
+
+class RateLimiter:
+    def __init__(self, redis: Redis) -> None:
+        self._script = load_script(redis, "server", "ratelimit.lua")
+
+    async def hit(self, limit: Limit, subject: str, cost: int = 1) -> float:
+        """Spend `cost` units; return 0 if allowed, else the seconds to wait."""
+        allowed, retry_ms = await self._script(keys=[f"rl:{limit.name}:{subject}"],
+                                               args=[limit.interval_ms, limit.burst, cost])
+        return 0.0 if int(allowed) else float(retry_ms) / 1000.0
+
+    async def check(self, limit: Limit, subject: str, cost: int = 1) -> None:
+        """Spend units or raise 429 with Retry-After."""
+        wait = await self.hit(limit, subject, cost)
+        if wait:
+            raise TooManyRequests(f"too many requests ({limit.name}); retry in {wait:.1f}s", retry_after_s=wait)

@@ -1,0 +1,146 @@
+"""Room events across processes, through Redis pub/sub.
+
+One listener task per process holds one pub/sub connection, subscribed to the
+channels of the rooms that have viewers in this process (sharded pub/sub,
+SSUBSCRIBE, when the server has it). It hands each message to the hub. All
+subscription changes are made by the listener itself, so the pub/sub
+connection is only ever used by one task. If Redis goes away, the listener
+reconnects with backoff, resubscribes, and tells the hub so it can resync
+its viewers (events published meanwhile are lost: pub/sub does not queue).
+
+A message is one byte of audience then the event's JSON:
+  A  everyone in the room      H  the room's host only
+  C  a control message for the hubs (JSON object with an "op"), not forwarded
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from typing import Awaitable, Callable
+
+from redis.asyncio import Redis
+from redis.asyncio.client import PubSub
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from server.rooms import keys
+
+log = logging.getLogger("livesale.rooms.broker")
+
+EVERYONE = b"A"
+HOST = b"H"
+CONTROL = b"C"
+
+OnMessage = Callable[[str, bytes], None]
+OnReconnect = Callable[[], Awaitable[None]]
+
+
+class Broker:
+    def __init__(self, redis: Redis, on_message: OnMessage, on_reconnect: OnReconnect) -> None:
+        self._redis = redis
+        self._on_message = on_message
+        self._on_reconnect = on_reconnect
+        self.sharded = True
+        self._wanted: set[str] = set()        # rooms that should be subscribed
+        self._active: set[str] = set()        # rooms subscribed on the current connection
+        self._waiters: dict[str, list[asyncio.Future[None]]] = {}
+        self._changed = asyncio.Event()
+        self.connected = asyncio.Event()
+
+    async def detect(self) -> None:
+        """Use sharded pub/sub when the server supports it (Redis/Valkey 7+)."""
+        try:
+            await self._redis.execute_command("SPUBLISH", "livesale:probe", b"")
+        except ResponseError:
+            self.sharded = False
+        log.info("room fan-out uses %s", "sharded pub/sub" if self.sharded else "pub/sub")
+
+    @property
+    def publish_command(self) -> str:
+        return "SPUBLISH" if self.sharded else "PUBLISH"
+
+    async def publish(self, room_id: str, audience: bytes, event: bytes) -> None:
+        await self._redis.execute_command(self.publish_command, keys.channel(room_id), audience + event)
+
+    async def subscribe(self, room_id: str) -> None:
+        """Return once this process receives the room's events."""
+        if room_id in self._active and room_id in self._wanted:
+            return
+        self._wanted.add(room_id)
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.setdefault(room_id, []).append(fut)
+        self._changed.set()
+        await fut
+
+    def unsubscribe(self, room_id: str) -> None:
+        self._wanted.discard(room_id)
+        self._changed.set()
+
+    async def run(self) -> None:
+        backoff = 0.1
+        first = True
+        while True:
+            pubsub = self._redis.pubsub()
+            try:
+                self._active.clear()
+                await self._sync(pubsub)
+                self.connected.set()
+                if not first:
+                    log.warning("pub/sub reconnected; resubscribed to %d rooms", len(self._active))
+                    await self._on_reconnect()
+                first = False
+                backoff = 0.1
+                await self._listen(pubsub)
+            except asyncio.CancelledError:
+                raise
+            except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+                self.connected.clear()
+                log.warning("pub/sub connection lost (%r); retrying in %.1fs", exc, backoff)
+                await asyncio.sleep(backoff * (0.5 + random.random()))
+                backoff = min(backoff * 2, 5.0)
+            finally:
+                try:
+                    await pubsub.aclose()
+                except Exception:  # the connection is already broken; nothing to clean
+                    pass
+
+    async def _sync(self, pubsub: PubSub) -> None:
+        self._changed.clear()
+        add = [keys.channel(r) for r in self._wanted - self._active]
+        drop = [keys.channel(r) for r in self._active - self._wanted]
+        if add:
+            await (pubsub.ssubscribe(*add) if self.sharded else pubsub.subscribe(*add))
+        if drop:
+            await (pubsub.sunsubscribe(*drop) if self.sharded else pubsub.unsubscribe(*drop))
+        self._active = set(self._wanted)
+        if not add:
+            self._release_waiters()
+
+    def _release_waiters(self, room_id: str | None = None) -> None:
+        for rid in [room_id] if room_id is not None else list(self._waiters):
+            if rid in self._active:
+                for fut in self._waiters.pop(rid, []):
+                    if not fut.done():
+                        fut.set_result(None)
+
+    async def _listen(self, pubsub: PubSub) -> None:
+        while True:
+            if self._changed.is_set():
+                await self._sync(pubsub)
+            if not self._active:
+                # get_message needs a subscription; wait for one.
+                await self._changed.wait()
+                continue
+            msg = await pubsub.get_message(timeout=0.05)
+            if msg is None:
+                continue
+            kind = msg["type"]
+            channel = msg["channel"].decode() if isinstance(msg["channel"], bytes) else str(msg["channel"])
+            room_id = channel[len("{room:"):channel.index("}")]
+            if kind in ("message", "smessage"):
+                self._on_message(room_id, msg["data"])
+            elif kind in ("subscribe", "ssubscribe"):
+                self._release_waiters(room_id)

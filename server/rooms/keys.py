@@ -1,0 +1,61 @@
+"""Redis key and channel names of a room, in one place.
+
+Every key of a room shares the hash tag {room:ID}, so the room's scripts
+touch one slot and also run on Redis Cluster.
+"""
+
+from __future__ import annotations
+
+
+def tag(room_id: str) -> str:
+    return "{room:" + room_id + "}"
+
+
+def channel(room_id: str) -> str:
+    return tag(room_id) + ":events"
+
+
+def state(room_id: str) -> str:
+    """Hash: `pin` (product JSON), `sale` (active sale id)."""
+    return tag(room_id) + ":state"
+
+
+def likes(room_id: str) -> str:
+    return tag(room_id) + ":likes"
+
+
+def history(room_id: str) -> str:
+    """List of the last 50 chat events (JSON), newest first."""
+    return tag(room_id) + ":history"
+
+
+def chat_count(room_id: str) -> str:
+    return tag(room_id) + ":chat_count"
+
+
+def presence(room_id: str) -> str:
+    """Sorted set: connection id -> expiry (ms)."""
+    return tag(room_id) + ":presence"
+
+
+def peak(room_id: str) -> str:
+    return tag(room_id) + ":peak"
+
+
+def unique_viewers(room_id: str) -> str:
+    """HyperLogLog of the viewers (user ids) who ever joined."""
+    return tag(room_id) + ":uv"
+
+
+def mutes(room_id: str) -> str:
+    """Hash: user id -> muted until (ms)."""
+    return tag(room_id) + ":mutes"
+
+
+def banned_words(room_id: str) -> str:
+    """Set of banned words, lower-cased."""
+    return tag(room_id) + ":banned"
+
+
+def like_frames(room_id: str, user_id: str, second: int) -> str:
+    return f"{tag(room_id)}:lf:{user_id}:{second}"

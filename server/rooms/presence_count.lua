@@ -1,0 +1,16 @@
+-- Leave (optionally) and count a room's presence. Times in milliseconds (Redis clock).
+-- KEYS[1]  presence sorted set: connection id -> expiry
+-- KEYS[2]  peak viewers
+-- ARGV[1]  connection id that leaves, or '' to only count
+-- Returns {online, peak}
+local presence, peak_key = KEYS[1], KEYS[2]
+local leaving = ARGV[1]
+
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+
+if leaving ~= '' then
+  redis.call('ZREM', presence, leaving)
+end
+redis.call('ZREMRANGEBYSCORE', presence, '-inf', now)
+return {redis.call('ZCARD', presence), tonumber(redis.call('GET', peak_key)) or 0}

@@ -1,0 +1,158 @@
+"""A room's shared state in Redis: presence, chat history, likes, pins, mutes,
+banned words and counters. Every process reads and writes the same numbers."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+from redis.asyncio import Redis
+
+from server.lua import load_script
+from server.rooms import keys
+from server.rooms.broker import Broker
+
+HISTORY_LEN = 50
+PRESENCE_TTL_MS = 30_000  # a connection not refreshed for this long no longer counts
+MAX_LIKE_FRAMES_PER_S = 20
+MAX_BANNED_WORDS = 200
+
+
+@dataclass(frozen=True)
+class Counts:
+    online: int
+    peak: int
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    pin: msgspec.Raw | None
+    sale_id: str | None
+    likes: int
+    counts: Counts
+    history: list[msgspec.Raw]  # oldest first
+
+
+class RoomStore:
+    def __init__(self, redis: Redis, broker: Broker) -> None:
+        self.redis = redis
+        self.broker = broker
+        self._join = load_script(redis, "server.rooms", "presence_join.lua")
+        self._count = load_script(redis, "server.rooms", "presence_count.lua")
+        self._post = load_script(redis, "server.rooms", "chat_post.lua")
+        self._delete = load_script(redis, "server.rooms", "chat_delete.lua")
+        self._likes = load_script(redis, "server.rooms", "likes_flush.lua")
+
+    # --- presence -------------------------------------------------------------
+    async def join(self, room_id: str, conn_id: str, viewer_id: str | None) -> Counts:
+        online, peak = await self._join(
+            keys=[keys.presence(room_id), keys.peak(room_id), keys.unique_viewers(room_id)],
+            args=[conn_id, PRESENCE_TTL_MS, viewer_id or ""])
+        return Counts(int(online), int(peak))
+
+    async def leave(self, room_id: str, conn_id: str) -> Counts:
+        online, peak = await self._count(keys=[keys.presence(room_id), keys.peak(room_id)], args=[conn_id])
+        return Counts(int(online), int(peak))
+
+    async def counts(self, room_id: str) -> Counts:
+        online, peak = await self._count(keys=[keys.presence(room_id), keys.peak(room_id)], args=[""])
+        return Counts(int(online), int(peak))
+
+    async def refresh(self, room_conns: dict[str, list[str]]) -> None:
+        """Push back the expiry of this process's live connections."""
+        if not room_conns:
+            return
+        expiry = int(time.time() * 1000) + PRESENCE_TTL_MS
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for room_id, conn_ids in room_conns.items():
+                pipe.zadd(keys.presence(room_id), {c: expiry for c in conn_ids}, xx=True)
+            await pipe.execute()
+
+    # --- chat -------------------------------------------------------------------
+    async def post_chat(self, room_id: str, user_id: str, event: bytes) -> int | None:
+        """Record and publish; None when posted, else the ms timestamp the sender is muted until."""
+        posted, muted_until = await self._post(
+            keys=[keys.mutes(room_id), keys.history(room_id), keys.chat_count(room_id), keys.channel(room_id)],
+            args=[user_id, event, self.broker.publish_command, HISTORY_LEN])
+        return None if int(posted) else int(muted_until)
+
+    async def delete_chat(self, room_id: str, message_id: str, event: bytes) -> bool:
+        prefix = b'{"type":"chat","id":' + msgspec.json.encode(message_id)
+        found = await self._delete(keys=[keys.history(room_id), keys.channel(room_id)],
+                                   args=[prefix, event, self.broker.publish_command])
+        return bool(found)
+
+    # --- likes ------------------------------------------------------------------
+    async def flush_likes(self, room_id: str, per_user: dict[str, list[int]]) -> tuple[int, int]:
+        second = int(time.time())
+        users = list(per_user)
+        flat: list[int] = []
+        for u in users:
+            flat += per_user[u]
+        total, accepted = await self._likes(
+            keys=[keys.likes(room_id), keys.channel(room_id)] + [keys.like_frames(room_id, u, second) for u in users],
+            args=[self.broker.publish_command, MAX_LIKE_FRAMES_PER_S, *flat])
+        return int(total), int(accepted)
+
+    # --- moderation -------------------------------------------------------------
+    async def mute(self, room_id: str, user_id: str, until_ms: int) -> None:
+        await self.redis.hset(keys.mutes(room_id), user_id, until_ms)
+
+    async def unmute(self, room_id: str, user_id: str) -> bool:
+        return bool(await self.redis.hdel(keys.mutes(room_id), user_id))
+
+    async def mutes(self, room_id: str) -> dict[str, int]:
+        now = int(time.time() * 1000)
+        raw = await self.redis.hgetall(keys.mutes(room_id))
+        return {k.decode(): int(v) for k, v in raw.items() if int(v) > now}
+
+    async def set_banned_words(self, room_id: str, words: list[str]) -> None:
+        key = keys.banned_words(room_id)
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.delete(key)
+            if words:
+                pipe.sadd(key, *words)
+            await pipe.execute()
+
+    async def banned_words(self, room_id: str) -> list[str]:
+        return sorted(w.decode() for w in await self.redis.smembers(keys.banned_words(room_id)))
+
+    # --- pin, welcome, stats ------------------------------------------------------
+    async def set_pin(self, room_id: str, product: dict[str, Any] | None) -> None:
+        if product is None:
+            await self.redis.hdel(keys.state(room_id), "pin")
+        else:
+            await self.redis.hset(keys.state(room_id), "pin", msgspec.json.encode(product))
+
+    async def set_active_sale(self, room_id: str, sale_id: str | None) -> None:
+        if sale_id is None:
+            await self.redis.hdel(keys.state(room_id), "sale")
+        else:
+            await self.redis.hset(keys.state(room_id), "sale", sale_id)
+
+    async def active_sale(self, room_id: str) -> str | None:
+        sale = await self.redis.hget(keys.state(room_id), "sale")
+        return sale.decode() if sale else None
+
+    async def snapshot(self, room_id: str) -> Snapshot:
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hmget(keys.state(room_id), ["pin", "sale"])
+            pipe.get(keys.likes(room_id))
+            pipe.lrange(keys.history(room_id), 0, HISTORY_LEN - 1)
+            (pin, sale), likes, history = await pipe.execute()
+        counts = await self.counts(room_id)
+        # Raw: stored JSON goes back on the wire without a decode/encode round trip.
+        return Snapshot(pin=msgspec.Raw(pin) if pin else None, sale_id=sale.decode() if sale else None,
+                        likes=int(likes or 0), counts=counts, history=[msgspec.Raw(h) for h in reversed(history)])
+
+    async def stats(self, room_id: str) -> dict[str, int]:
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.get(keys.likes(room_id))
+            pipe.get(keys.chat_count(room_id))
+            pipe.pfcount(keys.unique_viewers(room_id))
+            likes, chats, unique = await pipe.execute()
+        counts = await self.counts(room_id)
+        return {"viewers": counts.online, "peak_viewers": counts.peak, "likes": int(likes or 0),
+                "chat_messages": int(chats or 0), "unique_viewers": int(unique or 0)}

@@ -9,11 +9,13 @@ from typing import Any, AsyncIterator
 
 from sqlalchemy.exc import OperationalError
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route, WebSocketRoute
 
 from server.api import accounts, health, live, openapi, products, rooms, sales
+from server import pages
 from server.api.endpoint import Router
 from server.api.responses import EXCEPTION_HANDLERS, json_response
 from server.auth import Sessions
@@ -124,4 +126,6 @@ def create_app(settings: Settings | None = None) -> Starlette:
                                WebSocketRoute("/ws/rooms/{room_id}", room_socket)]
     for router in ROUTERS:
         routes.extend(router.routes())
-    return Starlette(routes=routes, lifespan=lifespan, exception_handlers=EXCEPTION_HANDLERS)
+    routes.extend(pages.routes(settings.static_dir))
+    return Starlette(routes=routes, lifespan=lifespan, exception_handlers=EXCEPTION_HANDLERS,
+                     middleware=[Middleware(pages.SecurityHeaders)])

@@ -79,7 +79,8 @@ class Sessions:
             raise Unauthorized("session expired, log in again", code="session_expired") from None
         except BadSignature:
             raise Unauthorized("invalid session token", code="invalid_token") from None
-        if not isinstance(payload, dict) or payload.get("r") not in ("host", "viewer"):
+        if not isinstance(payload, dict) or payload.get("r") not in ("host", "viewer") \
+                or not all(isinstance(payload.get(k), str) for k in ("u", "s", "n")):
             raise Unauthorized("invalid session token", code="invalid_token")
         return Principal(user_id=str(payload["u"]), role=payload["r"], name=str(payload["n"]),
                          session_id=str(payload["s"]), expires_at=signed_at.timestamp() + self.ttl_s)

@@ -13,7 +13,7 @@ from server import clock
 from server.auth import Principal
 from server.errors import Forbidden, NotFound
 from server.ids import looks_like_id
-from server.models import Product, Room, User
+from server.models import Product, Room, RoomProduct, User
 from server.schemas import HostOut, ProductOut, RoomOut
 
 
@@ -59,6 +59,12 @@ async def get_owned_room(db: AsyncSession, room_id: str, me: Principal) -> Room:
     if room.host_id != me.user_id:
         raise Forbidden("this room belongs to another host", code="not_owner")
     return room
+
+
+async def lineup(db: AsyncSession, room_id: str) -> list[ProductOut]:
+    rows = await db.scalars(select(Product).join(RoomProduct, RoomProduct.product_id == Product.id)
+                            .where(RoomProduct.room_id == room_id).order_by(RoomProduct.position))
+    return [product_out(p) for p in rows]
 
 
 async def describe_room(db: AsyncSession, room: Room) -> RoomOut:

@@ -11,6 +11,7 @@ import uvicorn
 
 from server.config import load_settings
 from server.embedded_redis import EmbeddedRedis
+from server.errors import ConfigError
 from server.rooms.protocol import MAX_FRAME_BYTES
 
 
@@ -68,7 +69,10 @@ def demo(username: str, base_url: str) -> None:
 
     settings = load_settings()
     password = secrets.token_urlsafe(9)
-    room_id = asyncio.run(create_demo(settings, username, password))
+    try:
+        room_id = asyncio.run(create_demo(settings, username, password))
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
     base = base_url.rstrip("/")
     click.echo(f"""Demo ready.
   Host console : {base}/console

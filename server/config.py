@@ -54,7 +54,7 @@ def _secret(env: Mapping[str, str], data_dir: Path) -> str:
         return given
     path = data_dir / "secret_key"
     try:
-        return path.read_text().strip()
+        return _checked(path.read_text().strip(), path)
     except FileNotFoundError:
         pass
     key = secrets.token_urlsafe(48)
@@ -62,13 +62,22 @@ def _secret(env: Mapping[str, str], data_dir: Path) -> str:
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as f:
         f.write(key)
+        f.flush()
+        os.fsync(f.fileno())  # never link an empty file into place
     try:
         # link() fails if another worker won the race; then use its key.
         os.link(tmp, path)
     except FileExistsError:
-        key = path.read_text().strip()
+        key = _checked(path.read_text().strip(), path)
     finally:
         os.unlink(tmp)
+    return key
+
+
+def _checked(key: str, path: Path) -> str:
+    if len(key) < 32:
+        raise ConfigError(f"{path} holds a key under 32 characters; delete it to generate a new one "
+                          "(this logs everyone out) or set LIVESALE_SECRET_KEY")
     return key
 
 

@@ -8,6 +8,7 @@ from server.app import ensure_schema
 from server.auth import hash_password
 from server.config import Settings
 from server.db import make_engine, make_sessionmaker
+from server.errors import ConfigError
 from server.ids import new_id
 from server.models import Product, Room, User
 
@@ -30,6 +31,8 @@ async def create_demo(settings: Settings, username: str, password: str) -> str:
                 host = User(id=new_id("usr"), username=username.lower(), name=username, role="host",
                             password_hash=password_hash)
                 db.add(host)
+            elif host.role != "host" or host.password_hash is None:
+                raise ConfigError(f"{username!r} is a viewer account; pick another --username")
             else:
                 # A new password each run: the old one was only ever printed once.
                 host.password_hash = password_hash

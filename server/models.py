@@ -57,3 +57,12 @@ class Room(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     ended_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
+class RoomProduct(Base):
+    """A room's lineup: the products shown to its viewers, in order."""
+    __tablename__ = "room_products"
+
+    room_id: Mapped[str] = mapped_column(ID, ForeignKey("rooms.id"), primary_key=True)
+    product_id: Mapped[str] = mapped_column(ID, ForeignKey("products.id"), primary_key=True)
+    position: Mapped[int] = mapped_column(Integer)

@@ -13,7 +13,7 @@ from msgspec import UNSET, Meta, Struct, UnsetType
 
 from server.text import clean
 
-Username = Annotated[str, Meta(min_length=3, max_length=32, pattern=r"^[A-Za-z0-9_.-]+$",
+Username = Annotated[str, Meta(min_length=3, max_length=32, pattern=r"^[A-Za-z0-9_.-]+\Z",
                                description="3-32 letters, digits, '_', '.' or '-'")]
 Password = Annotated[str, Meta(min_length=8, max_length=128)]
 DisplayName = Annotated[str, Meta(min_length=1, max_length=32)]
@@ -22,9 +22,9 @@ Description = Annotated[str, Meta(max_length=2000)]
 PriceCents = Annotated[int, Meta(ge=1, le=100_000_000, description="integer cents")]
 BasisPoints = Annotated[int, Meta(ge=0, le=10_000, description="basis points: 2000 = 20%")]
 # http(s) URLs only, so a `javascript:` URL can never reach an href or src.
-WebUrl = Annotated[str, Meta(max_length=2048, pattern=r"^https?://[^\s]+$")]
+WebUrl = Annotated[str, Meta(max_length=2048, pattern=r"^https?://[^\s]+\Z")]
 # Images may also be served by this app (a path starting with one slash).
-ImageUrl = Annotated[str, Meta(max_length=2048, pattern=r"^(https?://[^\s]+|/[^/\s][^\s]*)$")]
+ImageUrl = Annotated[str, Meta(max_length=2048, pattern=r"^(https?://[^\s]+|/[^/\s][^\s]*)\Z")]
 Timestamp = Annotated[str, Meta(description="ISO 8601, UTC")]
 
 
@@ -163,6 +163,10 @@ class ErrorOut(Struct, kw_only=True):
 
 class PinIn(Input):
     product_id: Annotated[str, Meta(max_length=64)]
+
+
+class LineupIn(Input):
+    product_ids: Annotated[list[Annotated[str, Meta(max_length=64)]], Meta(max_length=50)]
 
 
 class MuteIn(Input):

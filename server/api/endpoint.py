@@ -122,7 +122,7 @@ async def read_body(request: Request, body_type: Any) -> Any:
     except msgspec.ValidationError as exc:
         msg = str(exc)
         raise Unprocessable(msg, field=field_of(msg)) from None
-    except msgspec.DecodeError as exc:
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
         raise BadRequest(f"malformed JSON: {exc}", code="malformed_json") from None
 
 

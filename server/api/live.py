@@ -7,15 +7,19 @@ from __future__ import annotations
 
 import time
 
+import msgspec
+from sqlalchemy import delete
+
 from server import clock
 from server.api.endpoint import Call, Router
-from server.catalog import describe_room, get_owned_product, get_owned_room, product_out
+from server.catalog import describe_room, get_owned_product, get_owned_room, get_room, lineup, product_out
 from server.errors import Conflict, NotFound, Unprocessable
 from server.inventory.figures import room_sales_figures
 from server.ids import looks_like_id
-from server.models import Room
-from server.schemas import (BannedWordsIn, BannedWordsOut, DeletedOut, MuteIn, MuteOut, PinIn, RoomOut,
-                            RoomStatsOut)
+from server.models import Room, RoomProduct
+from server.rooms.protocol import Lineup
+from server.schemas import (BannedWordsIn, BannedWordsOut, DeletedOut, LineupIn, MuteIn, MuteOut, PinIn,
+                            ProductOut, RoomOut, RoomStatsOut)
 from server.text import clean
 
 router = Router("live")
@@ -53,6 +57,31 @@ async def unpin(call: Call[None]) -> RoomOut:
         out = await describe_room(db, room)
     await call.services.rooms.unpin(room.id)
     return out
+
+
+@router.endpoint("GET", "/api/rooms/{room_id}/lineup", response=list[ProductOut], errors=(404,))
+async def get_lineup(call: Call[None]) -> list[ProductOut]:
+    """The products shown in the room, in order."""
+    async with call.services.db() as db:
+        room = await get_room(db, call.param("room_id"))
+        return await lineup(db, room.id)
+
+
+@router.endpoint("PUT", "/api/rooms/{room_id}/lineup", auth="host", body=LineupIn, response=list[ProductOut],
+                 errors=(404,))
+async def set_lineup(call: Call[LineupIn]) -> list[ProductOut]:
+    """Replace the room's lineup with your products, in this order; viewers get a `lineup` event."""
+    ids = list(dict.fromkeys(call.body.product_ids))  # keep order, drop repeats
+    async with call.services.db.begin() as db:
+        room = await get_owned_room(db, call.param("room_id"), call.me)
+        for product_id in ids:
+            await get_owned_product(db, product_id, call.me)
+        await db.execute(delete(RoomProduct).where(RoomProduct.room_id == room.id))
+        db.add_all([RoomProduct(room_id=room.id, product_id=pid, position=i) for i, pid in enumerate(ids)])
+        await db.flush()
+        products = await lineup(db, room.id)
+    await call.services.rooms.tell(room.id, Lineup(products=msgspec.to_builtins(products)))
+    return products
 
 
 @router.endpoint("DELETE", "/api/rooms/{room_id}/chat/{message_id}", auth="host", response=DeletedOut,

@@ -42,13 +42,13 @@ async def list_rooms(call: Call[None]) -> list[RoomOut]:
         if status not in _STATUSES:
             raise Unprocessable("status must be scheduled, live or ended", field="status")
         stmt = stmt.where(Room.status == status)
+    raw_limit = q.get("limit", "50")
+    if not (raw_limit.isascii() and raw_limit.isdigit()) or not 1 <= int(raw_limit) <= 100:
+        raise Unprocessable("limit must be an integer from 1 to 100", field="limit")
     if (host_id := q.get("host_id")) is not None:
         if not looks_like_id(host_id, "usr"):
             return []
         stmt = stmt.where(Room.host_id == host_id)
-    raw_limit = q.get("limit", "50")
-    if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= 100:
-        raise Unprocessable("limit must be an integer from 1 to 100", field="limit")
     rank = case((Room.status == "live", 0), (Room.status == "scheduled", 1), else_=2)
     stmt = stmt.order_by(rank, Room.created_at.desc(), Room.id).limit(int(raw_limit))
     async with call.services.db() as db:

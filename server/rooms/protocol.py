@@ -97,6 +97,10 @@ class Unpin(_Out, tag="unpin"):
     pass
 
 
+class Lineup(_Out, tag="lineup"):
+    products: list[Any]
+
+
 class RoomUpdate(_Out, tag="room"):
     room: dict[str, Any]
 
@@ -149,7 +153,7 @@ class Welcome(_Out, tag="welcome"):
     server_time: int  # epoch ms: clients anchor countdowns to this, not to their own clock
 
 
-Event = Chat | ChatDeleted | ChatRejected | Likes | Viewers | Pin | Unpin | RoomUpdate | RoomEnded | Sale \
+Event = Chat | ChatDeleted | ChatRejected | Likes | Viewers | Pin | Unpin | Lineup | RoomUpdate | RoomEnded | Sale \
     | SaleUpdate | SoldOut | SaleEnded | Pong | Error | Welcome
 
 _encoder = msgspec.json.Encoder()

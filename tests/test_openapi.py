@@ -1,0 +1,158 @@
+"""/openapi.json: an OpenAPI 3.1 document listing every route with its bodies and error answers."""
+
+from __future__ import annotations
+
+from typing import Any, Iterator
+
+import httpx
+import pytest
+
+from tests.support import ServerProcess
+
+ROUTES = {
+    ("get", "/healthz"),
+    ("post", "/api/auth/register"),
+    ("post", "/api/auth/login"),
+    ("post", "/api/auth/guest"),
+    ("post", "/api/auth/logout"),
+    ("get", "/api/me"),
+    ("post", "/api/products"),
+    ("get", "/api/products"),
+    ("get", "/api/products/{product_id}"),
+    ("patch", "/api/products/{product_id}"),
+    ("post", "/api/rooms"),
+    ("get", "/api/rooms"),
+    ("get", "/api/rooms/{room_id}"),
+    ("patch", "/api/rooms/{room_id}"),
+    ("post", "/api/rooms/{room_id}/start"),
+    ("post", "/api/rooms/{room_id}/end"),
+}
+BODIES = {
+    ("post", "/api/auth/register"): "RegisterIn",
+    ("post", "/api/auth/login"): "LoginIn",
+    ("post", "/api/auth/guest"): "GuestIn",
+    ("post", "/api/products"): "ProductIn",
+    ("patch", "/api/products/{product_id}"): "ProductPatch",
+    ("post", "/api/rooms"): "RoomIn",
+    ("patch", "/api/rooms/{room_id}"): "RoomPatch",
+}
+PUBLIC = {("get", "/healthz"), ("post", "/api/auth/register"), ("post", "/api/auth/login"),
+          ("post", "/api/auth/guest"), ("get", "/api/products/{product_id}"), ("get", "/api/rooms"),
+          ("get", "/api/rooms/{room_id}")}
+
+
+@pytest.fixture(scope="module")
+async def schema(server: ServerProcess) -> dict[str, Any]:
+    async with httpx.AsyncClient(base_url=server.url, timeout=30) as c:
+        r = await c.get("/openapi.json")
+    assert r.status_code == 200
+    assert r.headers["content-type"].startswith("application/json")
+    doc: dict[str, Any] = r.json()
+    return doc
+
+
+def operations(schema: dict[str, Any]) -> Iterator[tuple[str, str, dict[str, Any]]]:
+    for path, item in schema["paths"].items():
+        for method, op in item.items():
+            yield method, path, op
+
+
+def refs(node: Any) -> Iterator[str]:
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key == "$ref":
+                yield value
+            else:
+                yield from refs(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from refs(value)
+
+
+def test_document_header(schema: dict[str, Any]) -> None:
+    assert schema["openapi"].startswith("3.1")
+    assert schema["info"]["title"] == "livesale"
+    assert schema["info"]["version"]
+    assert schema["components"]["securitySchemes"]["bearer"] == {"type": "http", "scheme": "bearer"}
+    assert schema["components"]["securitySchemes"]["cookie"]["name"] == "livesale_session"
+
+
+def test_every_route_is_listed(schema: dict[str, Any]) -> None:
+    assert ROUTES <= {(m, p) for m, p, _ in operations(schema)}
+
+
+def test_operation_ids_are_unique_and_ops_are_tagged(schema: dict[str, Any]) -> None:
+    ids = [op["operationId"] for _, _, op in operations(schema)]
+    assert len(ids) == len(set(ids))
+    for _, _, op in operations(schema):
+        assert op["summary"] and op["tags"]
+
+
+def test_every_ref_resolves(schema: dict[str, Any]) -> None:
+    components = schema["components"]["schemas"]
+    found = list(refs(schema["paths"])) + list(refs(components))
+    assert found
+    for ref in found:
+        assert ref.startswith("#/components/schemas/")
+        assert ref.removeprefix("#/components/schemas/") in components
+
+
+def test_request_bodies(schema: dict[str, Any]) -> None:
+    for method, path, op in operations(schema):
+        if (method, path) in BODIES:
+            body = op["requestBody"]
+            assert body["required"] is True
+            assert body["content"]["application/json"]["schema"] == \
+                   {"$ref": f"#/components/schemas/{BODIES[(method, path)]}"}
+            assert {"400", "413", "415", "422"} <= set(op["responses"])
+        elif (method, path) in ROUTES:
+            assert "requestBody" not in op
+
+
+def test_input_schemas_match_the_validation(schema: dict[str, Any]) -> None:
+    components = schema["components"]["schemas"]
+    register = components["RegisterIn"]
+    assert set(register["required"]) == {"username", "password", "role"}
+    assert register["properties"]["role"]["enum"] == ["host", "viewer"]
+    assert register["properties"]["password"]["minLength"] == 8
+    product = components["ProductIn"]["properties"]
+    assert product["price_cents"]["type"] == "integer" and product["price_cents"]["minimum"] == 1
+    assert product["commission_rate_bp"]["maximum"] == 10_000
+    for name in ("RegisterIn", "LoginIn", "GuestIn", "ProductIn", "ProductPatch", "RoomIn", "RoomPatch"):
+        assert components[name].get("additionalProperties") is False, name
+
+
+def test_responses_and_errors(schema: dict[str, Any]) -> None:
+    error_ref = {"$ref": "#/components/schemas/ErrorOut"}
+    assert set(schema["components"]["schemas"]["ErrorOut"]["required"]) == {"error", "message"}
+    for method, path, op in operations(schema):
+        responses = op["responses"]
+        success = [s for s in responses if s.startswith("2")]
+        assert len(success) == 1
+        for status, answer in responses.items():
+            assert answer["description"]
+            if not status.startswith("2"):
+                assert answer["content"]["application/json"]["schema"] == error_ref
+        if (method, path) in PUBLIC:
+            assert op["security"] == []
+        elif (method, path) in ROUTES:
+            assert "security" not in op
+            assert {"401", "403"} <= set(responses)
+    ops = {(m, p): op for m, p, op in operations(schema)}
+    assert "201" in ops[("post", "/api/auth/register")]["responses"]
+    assert "409" in ops[("post", "/api/auth/register")]["responses"]
+    assert "401" in ops[("post", "/api/auth/login")]["responses"]
+    assert "201" in ops[("post", "/api/products")]["responses"]
+    assert "201" in ops[("post", "/api/rooms")]["responses"]
+    assert "404" in ops[("get", "/api/products/{product_id}")]["responses"]
+    assert {"404", "409"} <= set(ops[("post", "/api/rooms/{room_id}/start")]["responses"])
+    assert "503" in ops[("get", "/healthz")]["responses"]
+
+
+def test_parameters(schema: dict[str, Any]) -> None:
+    for _, path, op in operations(schema):
+        declared = {p["name"] for p in op.get("parameters", []) if p["in"] == "path"}
+        assert declared == {seg[1:-1] for seg in path.split("/") if seg.startswith("{")}
+    list_rooms = schema["paths"]["/api/rooms"]["get"]
+    assert {p["name"] for p in list_rooms["parameters"] if p["in"] == "query"} == {"status", "host_id", "limit"}
+    assert "422" in list_rooms["responses"]

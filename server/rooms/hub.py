@@ -179,7 +179,7 @@ class Hub:
             p = conn.principal
             you = {"user_id": p.user_id, "name": p.name, "role": p.role, "is_host": conn.is_host}
         event = protocol.Welcome(room=meta, you=you, pinned_product=snap.pin, sale=sale, likes=snap.likes,
-                                 viewers=protocol.Viewers(online=snap.counts.online, peak=snap.counts.peak),
+                                 viewers=protocol.Counts(online=snap.counts.online, peak=snap.counts.peak),
                                  history=snap.history, server_time=int(time.time() * 1000))
         conn.start(protocol.batch([protocol.encode(event)]))
 

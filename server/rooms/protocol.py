@@ -142,13 +142,18 @@ class Error(_Out, tag="error", omit_defaults=True):
     retry_after_ms: int | None = None
 
 
+class Counts(Struct):
+    online: int
+    peak: int
+
+
 class Welcome(_Out, tag="welcome"):
     room: dict[str, Any]
     you: dict[str, Any] | None
     pinned_product: dict[str, Any] | None
     sale: dict[str, Any] | None
     likes: int
-    viewers: Viewers
+    viewers: Counts
     history: list[Any]  # chat events, oldest first
     server_time: int  # epoch ms: clients anchor countdowns to this, not to their own clock
 

@@ -1,0 +1,416 @@
+// The viewer's live room: stream, danmaku, likes, the pinned product and its flash sale.
+import { ApiError, api, currentUser, get, post } from "./api.js";
+import { Danmaku } from "./danmaku.js";
+import { $, duration, el, money, replace, safeUrl, show, uuid } from "./dom.js";
+import { RoomSocket } from "./live.js";
+import { applySaleEvent, saleStatus } from "./sale.js";
+
+const roomId = decodeURIComponent(location.pathname.split("/").filter(Boolean).pop());
+const params = new URLSearchParams(location.search);
+const referrer = params.get("ref");
+
+const state = {
+  me: null,
+  room: null,
+  pin: null,
+  sale: null, // the sale as the server last described it; `v` orders updates
+  likes: 0,
+  pendingTaps: 0,
+  order: null, // our reservation in the current sale
+  buyKey: null, // Idempotency-Key of the purchase in flight: reused on retry, never for a second buy
+  buying: false,
+  chatIds: new Set(),
+};
+
+const danmaku = new Danmaku($("#danmaku"));
+const socket = new RoomSocket(roomId, { onEvent, onState });
+
+// ---- connection ------------------------------------------------------------------
+function onState(s, ev) {
+  const text = { connecting: "Connecting…", open: "", reconnecting: "Reconnecting…", ended: "", closed: "Disconnected" }[s];
+  $("#conn-state").textContent = text ?? "";
+  if (s === "closed" && ev?.code === 4404) setOverlay("This room does not exist.");
+}
+
+function onEvent(ev) {
+  switch (ev.type) {
+    case "welcome": return onWelcome(ev);
+    case "chat": return addChat(ev, true);
+    case "chat_deleted": return removeChat(ev.id);
+    case "likes": state.likes = Math.max(state.likes, ev.total); return renderLikes();
+    case "viewers": return renderViewers(ev);
+    case "pin": state.pin = ev.product; return renderCard();
+    case "unpin": state.pin = null; return renderCard();
+    case "lineup": return renderShelf(ev.products);
+    case "room": state.room = ev.room; return renderRoom();
+    case "room_ended": state.room = { ...state.room, status: "ended" }; return renderRoom();
+    case "sale": return applySale(ev.sale);
+    case "sale_update":
+    case "sold_out":
+    case "sale_ended": state.sale = applySaleEvent(state.sale, ev, socket.now()); return renderCard();
+    case "error": return showChatError(ev);
+    default: return undefined;
+  }
+}
+
+function onWelcome(ev) {
+  // A welcome replaces everything we know: it follows every (re)connect.
+  state.room = ev.room;
+  state.pin = ev.pinned_product;
+  state.likes = ev.likes;
+  state.sale = null;
+  if (ev.sale) applySale(ev.sale);
+  replace($("#chat-list"));
+  state.chatIds.clear();
+  for (const msg of ev.history) addChat(msg, false);
+  renderRoom();
+  renderViewers(ev.viewers);
+  renderLikes();
+  renderCard();
+}
+
+// ---- room and stream ---------------------------------------------------------------
+function setOverlay(text) {
+  $("#overlay").textContent = text || "";
+  show($("#overlay"), Boolean(text));
+}
+
+function renderRoom() {
+  const room = state.room;
+  if (!room) return;
+  document.title = `${room.title} · livesale`;
+  $("#title").textContent = room.title;
+  const badge = $("#status-badge");
+  badge.textContent = { live: "Live", scheduled: "Soon", ended: "Ended" }[room.status];
+  badge.className = `badge ${room.status}`;
+  const video = $("#video");
+  const src = safeUrl(room.stream_url);
+  if (room.status === "live" && src) {
+    if (video.getAttribute("src") !== src) video.src = src;
+    setOverlay("");
+    video.play().catch(() => {});
+  } else {
+    video.removeAttribute("src");
+    video.load();
+    setOverlay(room.status === "ended" ? "This live has ended. Thanks for watching!"
+      : room.status === "live" ? "The host is live" : `Waiting for ${room.host.name} to go live…`);
+  }
+}
+
+function renderViewers(v) {
+  $("#viewers").textContent = `${v.online} watching`;
+}
+
+// ---- chat and danmaku ----------------------------------------------------------------
+function addChat(msg, fly) {
+  if (state.chatIds.has(msg.id)) return; // events right after a welcome may repeat its history
+  state.chatIds.add(msg.id);
+  const mine = state.me && msg.user.id === state.me.user_id;
+  const list = $("#chat-list");
+  list.append(el("li", { class: mine ? "me" : null, dataset: { id: msg.id } },
+    el("span", { class: "who" }, msg.user.name), el("span", {}, msg.text)));
+  while (list.children.length > 200) list.firstElementChild.remove();
+  list.scrollTop = list.scrollHeight;
+  if (fly) danmaku.add(msg.text, mine);
+}
+
+function removeChat(id) {
+  for (const li of $("#chat-list").children) if (li.dataset.id === id) li.remove();
+}
+
+const CHAT_ERRORS = {
+  rate_limited: "You're sending messages too fast. Wait a moment.",
+  muted: "The host has muted you in this room.",
+  banned_word: "Your message contains a word this room doesn't allow.",
+  login_required: "Sign in to chat and like.",
+  invalid_text: "Messages are 1 to 200 characters.",
+};
+
+function showChatError(ev) {
+  if (ev.code === "login_required") openSignin();
+  $("#chat-error").textContent = CHAT_ERRORS[ev.code] ?? ev.message;
+}
+
+$("#chat-form").addEventListener("submit", (e) => {
+  e.preventDefault();
+  if (!state.me) return openSignin();
+  const input = $("#chat-input");
+  const text = input.value.trim();
+  if (!text) return undefined;
+  $("#chat-error").textContent = "";
+  if (socket.send({ type: "chat", text })) input.value = "";
+  else $("#chat-error").textContent = "Not connected; trying again…";
+  return undefined;
+});
+
+// ---- likes ---------------------------------------------------------------------------
+function renderLikes() {
+  $("#like-count").textContent = String(state.likes + state.pendingTaps);
+}
+
+$("#like").addEventListener("click", () => {
+  if (!state.me) return openSignin();
+  state.pendingTaps += 1;
+  renderLikes();
+  floatHeart();
+  return undefined;
+});
+
+// Taps are batched: one frame every 300 ms at most, whatever the tapping speed.
+setInterval(() => {
+  if (!state.pendingTaps) return;
+  const count = Math.min(50, state.pendingTaps);
+  if (socket.send({ type: "like", count })) {
+    state.pendingTaps -= count;
+    state.likes += count; // the server's next total confirms it
+  }
+}, 300);
+
+function floatHeart() {
+  const heart = el("span", { class: "heart" }, ["♥", "❤", "💖", "💗"][Math.floor(Math.random() * 4)]);
+  $("#stage").append(heart);
+  const drift = (Math.random() - 0.5) * 80;
+  heart.animate(
+    [{ transform: "translate(0, 0) scale(.8)", opacity: 1 }, { transform: `translate(${drift}px, -180px) scale(1.3)`, opacity: 0 }],
+    { duration: 1400, easing: "ease-out" },
+  ).onfinish = () => heart.remove();
+}
+
+// ---- the product card and the sale ---------------------------------------------------
+function applySale(sale) {
+  if (!state.sale || state.sale.id !== sale.id) state.order = null;
+  state.sale = applySaleEvent(state.sale, { type: "sale", sale }, socket.now());
+  renderCard();
+  loadOrder();
+}
+
+function renderCard() {
+  const sale = state.sale;
+  const product = sale ? { ...sale.product, price_cents: sale.product.list_price_cents } : state.pin;
+  show($("#card"), Boolean(product));
+  renderShelfPin();
+  if (!product) return;
+  $("#p-img").src = safeUrl(product.image_url) ?? "/static/img/product.svg";
+  $("#p-img").alt = product.name;
+  $("#p-name").textContent = product.name;
+  $("#p-desc").textContent = product.description || "";
+  show($("#sale"), Boolean(sale));
+  if (!sale) {
+    $("#p-price").textContent = money(product.price_cents);
+    show($("#p-list"), false);
+    return;
+  }
+  $("#p-price").textContent = money(sale.price_cents);
+  $("#p-list").textContent = money(sale.product.list_price_cents);
+  show($("#p-list"), sale.product.list_price_cents > sale.price_cents);
+  $("#limit").textContent = `limit ${sale.per_user_limit} per buyer`;
+  const qty = $("#qty");
+  if (qty.options.length !== sale.per_user_limit) {
+    replace(qty, Array.from({ length: sale.per_user_limit }, (_, i) => el("option", { value: i + 1 }, i + 1)));
+  }
+  tick();
+}
+
+function tick() {
+  const sale = state.sale;
+  if (!sale) return;
+  const now = socket.now(); // the server's clock, not the device's
+  const status = saleStatus(sale, now);
+  const label = { scheduled: "Flash sale starts in", active: "Flash sale · ends in", soldout: "Sold out", ended: "Sale ended" }[status];
+  const stateEl = $("#sale-state");
+  stateEl.textContent = label;
+  stateEl.className = `sale-state ${status}`;
+  $("#countdown").textContent = status === "scheduled" ? duration(sale.starts_at_ms - now)
+    : status === "active" ? duration(sale.ends_at_ms - now) : "";
+  const left = Math.max(0, sale.remaining);
+  $("#left").textContent = status === "ended" && left === 0 ? "All gone" : `${left} left of ${sale.stock}`;
+  $("#stockfill").style.transform = `scaleX(${sale.stock ? left / sale.stock : 0})`;
+  const bar = $("#stockbar");
+  bar.setAttribute("aria-valuemax", String(sale.stock));
+  bar.setAttribute("aria-valuenow", String(left));
+  const reserved = state.order && state.order.status === "reserved";
+  $("#buy").disabled = status !== "active" || state.buying || reserved;
+  $("#buy").textContent = state.buying ? "Buying…" : status === "soldout" ? "Sold out" : status === "ended" ? "Ended" : "Buy now";
+  show($("#qty"), status === "active" && !reserved);
+  renderOrder(now);
+}
+
+setInterval(tick, 250);
+
+function renderOrder(now) {
+  const order = state.order;
+  show($("#reservation"), Boolean(order));
+  if (!order) return;
+  const payBy = Date.parse(order.pay_by);
+  const text = `${order.quantity} × ${money(order.price_cents)} = ${money(order.total_cents)}`;
+  if (order.status === "reserved" && now < payBy) {
+    $("#res-text").textContent = `Reserved for you: ${text}`;
+    $("#res-countdown").textContent = `Pay within ${duration(payBy - now)}`;
+    show($("#pay"), true);
+  } else {
+    const done = order.status === "paid";
+    $("#res-text").textContent = done ? `Paid: ${text}. Thank you!` : `Your reservation ${order.status === "cancelled" ? "was cancelled" : "expired"}.`;
+    $("#res-countdown").textContent = "";
+    show($("#pay"), false);
+  }
+}
+
+const BUY_ERRORS = {
+  sold_out: "Sold out, sorry!",
+  not_enough: "Not that many left: try fewer.",
+  limit_exceeded: "You've reached this sale's limit per buyer.",
+  not_started: "The sale hasn't started yet.",
+  ended: "The sale has ended.",
+  rate_limited: "Too fast: try again in a moment.",
+  expired: "Your reservation expired.",
+};
+
+async function withRetries(fn) {
+  // Network failures are retried with the same Idempotency-Key: the server returns the
+  // order it already made instead of taking more stock.
+  for (let attempt = 0; ; attempt += 1) {
+    try {
+      return await fn();
+    } catch (err) {
+      if (err instanceof ApiError || attempt >= 3) throw err;
+      await new Promise((r) => setTimeout(r, 400 * 2 ** attempt));
+    }
+  }
+}
+
+$("#buy").addEventListener("click", async () => {
+  if (!state.me) return openSignin();
+  if (state.buying || !state.sale) return undefined; // a second click never buys twice
+  state.buying = true;
+  state.buyKey ??= uuid();
+  $("#buy-error").textContent = "";
+  tick();
+  const body = { quantity: Number($("#qty").value || 1) };
+  if (referrer && referrer !== state.me.user_id) body.ref = referrer;
+  try {
+    const res = await withRetries(() => api("POST", `/api/sales/${state.sale.id}/purchase`, body, { "Idempotency-Key": state.buyKey }));
+    state.order = res.data;
+    state.buyKey = null;
+    state.sale = { ...state.sale, remaining: Math.min(state.sale.remaining, res.data.remaining) };
+  } catch (err) {
+    $("#buy-error").textContent = BUY_ERRORS[err.code] ?? err.message ?? "Something went wrong; try again.";
+    if (err instanceof ApiError) state.buyKey = null; // answered: a new attempt gets a new key
+  } finally {
+    state.buying = false;
+    tick();
+  }
+  return undefined;
+});
+
+$("#pay").addEventListener("click", async () => {
+  const order = state.order;
+  if (!order) return;
+  $("#pay").disabled = true;
+  $("#buy-error").textContent = "";
+  try {
+    state.order = await withRetries(() => post(`/api/orders/${order.order_id}/pay`));
+  } catch (err) {
+    $("#buy-error").textContent = BUY_ERRORS[err.code] ?? err.message;
+    if (err.code === "expired") state.order = { ...order, status: "expired" };
+  } finally {
+    $("#pay").disabled = false;
+    tick();
+  }
+});
+
+async function loadOrder() {
+  // After a reload, bring back a reservation we made in this sale.
+  if (!state.me || !state.sale || state.order) return;
+  const saleId = state.sale.id;
+  try {
+    const orders = await get("/api/orders");
+    const mine = orders.find((o) => o.sale_id === saleId && o.status === "reserved");
+    if (mine && state.sale?.id === saleId && !state.order) {
+      state.order = await get(`/api/orders/${mine.order_id}`);
+      tick();
+    }
+  } catch {
+    /* not important enough to bother the viewer */
+  }
+}
+
+// ---- lineup ----------------------------------------------------------------------------
+function renderShelf(products) {
+  show($("#shelf"), products.length > 0);
+  replace($("#shelf-list"), products.map((p) => el("li", { dataset: { id: p.id } },
+    el("img", { src: safeUrl(p.image_url) ?? "/static/img/product.svg", alt: "", loading: "lazy" }),
+    el("strong", {}, p.name), el("span", { class: "muted" }, money(p.price_cents)))));
+  renderShelfPin();
+}
+
+function renderShelfPin() {
+  for (const li of $("#shelf-list").children) li.classList.toggle("pinned", li.dataset.id === state.pin?.id);
+}
+
+// ---- share -------------------------------------------------------------------------------
+function toast(text) {
+  const t = el("div", { class: "toast", role: "status" }, text);
+  document.body.append(t);
+  setTimeout(() => t.remove(), 2500);
+}
+
+$("#share").addEventListener("click", async () => {
+  const url = new URL(`/rooms/${encodeURIComponent(roomId)}`, location.origin);
+  if (state.me) url.searchParams.set("ref", state.me.user_id);
+  try {
+    await navigator.clipboard.writeText(url.href);
+    toast("Link copied: friends who buy through it earn you a share.");
+  } catch {
+    window.prompt("Copy this link", url.href);
+  }
+});
+
+// ---- signing in, without leaving the room ---------------------------------------------
+function openSignin() {
+  show($("#signin"), true);
+  $("#guest-name").focus();
+}
+
+function renderMe() {
+  $("#whoami").textContent = state.me ? `Hi, ${state.me.name}` : "";
+  show($("#signin-open"), !state.me);
+  if (state.me) show($("#signin"), false);
+}
+
+async function signedIn(user) {
+  state.me = user;
+  renderMe();
+  socket.connect(); // reconnect so the socket carries the new session
+}
+
+$("#signin-open").addEventListener("click", openSignin);
+
+$("#guest-form").addEventListener("submit", async (e) => {
+  e.preventDefault();
+  $("#signin-error").textContent = "";
+  try {
+    await signedIn(await post("/api/auth/guest", { name: $("#guest-name").value }));
+  } catch (err) {
+    $("#signin-error").textContent = err.message;
+  }
+});
+
+$("#login-form").addEventListener("submit", async (e) => {
+  e.preventDefault();
+  $("#signin-error").textContent = "";
+  try {
+    await signedIn(await post("/api/auth/login", { username: $("#login-user").value, password: $("#login-pass").value }));
+  } catch (err) {
+    $("#signin-error").textContent = err.status === 401 ? "Wrong username or password." : err.message;
+  }
+});
+
+// ---- start -------------------------------------------------------------------------------
+async function start() {
+  state.me = await currentUser().catch(() => null);
+  renderMe();
+  get(`/api/rooms/${encodeURIComponent(roomId)}/lineup`).then(renderShelf).catch(() => {});
+  socket.connect();
+}
+
+start();

@@ -1,0 +1,227 @@
+"""The viewer room and the host console in a real browser (Debian's Chromium via Playwright)."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import AsyncIterator
+
+import httpx
+import pytest
+
+from tests.support import REPO, ServerProcess, create_room, register
+
+pytestmark = pytest.mark.browser
+
+CHROMIUM = "/usr/bin/chromium"
+ARTIFACTS = REPO / "artifacts" / "screenshots"
+LAUNCH_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+               "--disable-sync", "--no-first-run", "--disable-quic", "--disable-dev-shm-usage"]
+TIMEOUT_MS = 15_000
+
+if not Path(CHROMIUM).exists():
+    if os.environ.get("CI"):
+        raise RuntimeError(f"{CHROMIUM} is missing: CI must `apt-get install -y chromium`")
+    pytest.skip("Debian's chromium is not installed (apt-get install -y chromium)", allow_module_level=True)
+
+from playwright.async_api import Browser, Page, async_playwright, expect  # noqa: E402
+
+expect.set_options(timeout=TIMEOUT_MS)
+
+
+@pytest.fixture(scope="module")
+async def browser() -> AsyncIterator[Browser]:
+    async with async_playwright() as p:
+        b = await p.chromium.launch(executable_path=CHROMIUM, args=LAUNCH_ARGS, headless=True)
+        yield b
+        await b.close()
+
+
+async def new_page(browser: Browser, width: int = 1440, height: int = 900) -> Page:
+    context = await browser.new_context(viewport={"width": width, "height": height})
+    page = await context.new_page()
+    page.set_default_timeout(TIMEOUT_MS)
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    page.errors = errors  # type: ignore[attr-defined]
+    return page
+
+
+async def shoot(page: Page, name: str) -> None:
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    await page.evaluate("window.scrollTo(0, 0)")
+    await page.screenshot(path=str(ARTIFACTS / f"{name}.png"))
+
+
+async def join_as_guest(page: Page, name: str) -> None:
+    await page.click("#signin-open")
+    await page.fill("#guest-name", name)
+    await page.click("#guest-form button[type=submit]")
+    await expect(page.locator("#whoami")).to_have_text(f"Hi, {name}")
+
+
+async def test_a_whole_flash_sale_in_the_browser(browser: Browser, server: ServerProcess) -> None:
+    base = server.url
+    password = "correct horse battery"
+    async with httpx.AsyncClient(base_url=base) as client:
+        host = await register(client, "host", password=password)
+
+    # The host logs in on the console, creates a room and a product, goes live.
+    console = await new_page(browser)
+    await console.goto(f"{base}/console")
+    await console.fill("#login-user", host["username"])
+    await console.fill("#login-pass", password)
+    await console.click("#login-form button[type=submit]")
+    await console.fill("#room-title", "Spring tea live")
+    await console.click("#room-form button[type=submit]")
+    await expect(console.locator("#rv-title")).to_have_text("Spring tea live")
+    await console.click("#prod-title")  # focus out of the form
+    await console.locator("details:has(#product-form) summary").click()
+    await console.fill("#pf-name", "Jasmine tea")
+    await console.fill("#pf-price", "2500")
+    await console.fill("#pf-rate", "2000")
+    await console.fill("#pf-image", "/static/demo/tea.svg")
+    await console.click("#product-form button[type=submit]")
+    await expect(console.locator("#products tr")).to_have_count(1)
+    await console.click("#go-live")
+    await expect(console.locator("#rv-status")).to_have_text("live")
+    room_id = console.url.split("#")[1]
+
+    # Two viewers, in two browser contexts, join before anything is pinned.
+    ann = await new_page(browser)
+    bob = await new_page(browser, 390, 844)
+    for page, name in ((ann, "Ann"), (bob, "Bob")):
+        await page.goto(f"{base}/rooms/{room_id}")
+        await expect(page.locator("#status-badge")).to_have_text("Live")
+        await join_as_guest(page, name)
+    await expect(ann.locator("#card")).to_be_hidden()
+
+    # Pin, then launch a sale: both appear for both viewers.
+    await console.click("#products button:has-text('Pin')")
+    for page in (ann, bob):
+        await expect(page.locator("#p-name")).to_have_text("Jasmine tea")
+    await console.fill("#sf-price", "1900")
+    await console.fill("#sf-stock", "10")
+    await console.fill("#sf-limit", "2")
+    await console.fill("#sf-start", "0")
+    await console.fill("#sf-duration", "300")
+    await console.fill("#sf-timeout", "300")
+    await console.click("#sale-form button[type=submit]")
+    for page in (ann, bob):
+        await expect(page.locator("#sale-state")).to_have_text(re.compile("Flash sale"))
+        await expect(page.locator("#left")).to_have_text("10 left of 10")
+        await expect(page.locator("#p-price")).to_have_text("$19.00")
+
+    # Danmaku both ways, and likes.
+    await ann.fill("#chat-input", "hello from Ann")
+    await ann.press("#chat-input", "Enter")
+    await expect(bob.locator("#chat-list li", has_text="hello from Ann")).to_have_count(1)
+    await expect(bob.locator("#danmaku .bullet", has_text="hello from Ann")).to_have_count(1)
+    await bob.fill("#chat-input", "hi Ann!")
+    await bob.click("#chat-form button[type=submit]")
+    await expect(ann.locator("#chat-list li", has_text="hi Ann!")).to_have_count(1)
+    for _ in range(3):
+        await ann.click("#like")
+    await expect(bob.locator("#like-count")).to_have_text("3")
+
+    # XSS sent as chat shows up as text and never runs.
+    payloads = ["<img src=x onerror=\"window.__xss=1\">", "<script>window.__xss=1</script>"]
+    for payload in payloads:
+        await ann.fill("#chat-input", payload)
+        await ann.press("#chat-input", "Enter")
+        await expect(bob.locator("#chat-list li", has_text=payload)).to_have_count(1)
+    for page in (ann, bob):
+        assert await page.evaluate("window.__xss") is None
+        assert await page.locator("#chat-list img").count() == 0
+
+    # Ann buys and pays; a double click still buys once; both see the stock fall.
+    await ann.dblclick("#buy")
+    await expect(ann.locator("#res-text")).to_contain_text("Reserved for you: 1 ×")
+    for page in (ann, bob):
+        await expect(page.locator("#left")).to_have_text("9 left of 10")
+    await ann.click("#pay")
+    await expect(ann.locator("#res-text")).to_contain_text("Paid")
+
+    # The console's dashboard shows the order and the commission: 19.00 * 20% = 3.80.
+    kpis = console.locator("#kpis")
+    await expect(kpis.locator(".kpi", has_text="paid orders")).to_contain_text("1")
+    await expect(kpis.locator(".kpi", has_text="GMV")).to_contain_text("$19.00")
+    await expect(kpis.locator(".kpi", has_text="your commission")).to_contain_text("$3.80")
+    await expect(console.locator("#modlog li", has_text="hello from Ann")).to_have_count(1)
+    await expect(console.locator("#sl-figures")).to_contain_text("1 sold of 10")
+    await expect(console.locator("#earn-totals")).to_contain_text("$3.80", timeout=20_000)
+
+    async with httpx.AsyncClient(base_url=base) as client:
+        orders = (await client.get("/api/sales/" + (await client.get(f"/api/rooms/{room_id}/sales")).json()[0]["id"]))
+        assert orders.json()["paid"] == 1 and orders.json()["remaining"] == 9
+
+    await shoot(ann, "room-desktop")
+    await shoot(bob, "room-mobile")
+    await shoot(console, "console-desktop")
+    mobile_console = await new_page(browser, 390, 844)
+    await mobile_console.context.add_cookies(await console.context.cookies())
+    await mobile_console.goto(f"{base}/console#{room_id}")
+    await expect(mobile_console.locator("#rv-title")).to_have_text("Spring tea live")
+    await shoot(mobile_console, "console-mobile")
+    for page in (console, ann, bob, mobile_console):
+        assert page.errors == [], page.errors  # type: ignore[attr-defined]
+        await page.context.close()
+
+
+async def test_moderation_from_the_console(browser: Browser, server: ServerProcess) -> None:
+    base = server.url
+    password = "correct horse battery"
+    async with httpx.AsyncClient(base_url=base) as client:
+        host = await register(client, "host", password=password)
+        room = await create_room(client, host["token"], title="Moderated")
+    console = await new_page(browser)
+    await console.goto(f"{base}/console")
+    await console.fill("#login-user", host["username"])
+    await console.fill("#login-pass", password)
+    await console.click("#login-form button[type=submit]")
+    await console.click(f"#room-list button:has-text('Moderated')")
+    await expect(console.locator("#rv-title")).to_have_text("Moderated")
+
+    viewer = await new_page(browser, 390, 844)
+    await viewer.goto(f"{base}/rooms/{room['id']}")
+    await join_as_guest(viewer, "Troll")
+    await viewer.fill("#chat-input", "buy elsewhere")
+    await viewer.press("#chat-input", "Enter")
+    line = console.locator("#modlog li", has_text="buy elsewhere")
+    await expect(line).to_have_count(1)
+    await line.locator("button:has-text('Delete')").click()
+    await expect(viewer.locator("#chat-list li", has_text="buy elsewhere")).to_have_count(0)
+    await expect(console.locator("#modlog li.deleted", has_text="buy elsewhere")).to_have_count(1)
+
+    await viewer.fill("#chat-input", "again")
+    await viewer.press("#chat-input", "Enter")
+    await console.locator("#modlog li", has_text="again").locator("button:has-text('Mute')").click()
+    await expect(console.locator("#mutes li")).to_contain_text("until")
+    await viewer.fill("#chat-input", "am I muted?")
+    await viewer.press("#chat-input", "Enter")
+    await expect(viewer.locator("#chat-error")).to_have_text("The host has muted you in this room.")
+    await expect(console.locator("#modlog li.rejected", has_text="am I muted?")).to_have_count(1)
+    for page in (console, viewer):
+        assert page.errors == [], page.errors  # type: ignore[attr-defined]
+        await page.context.close()
+
+
+async def test_pages_send_a_content_security_policy(server: ServerProcess) -> None:
+    async with httpx.AsyncClient(base_url=server.url) as client:
+        for path in ("/", "/console", "/rooms/room_x"):
+            r = await client.get(path)
+            assert r.status_code == 200
+            csp = r.headers["content-security-policy"]
+            assert "script-src 'self'" in csp and "object-src 'none'" in csp
+            assert r.headers["x-content-type-options"] == "nosniff"
+
+
+def test_screenshots_are_kept_in_docs() -> None:
+    """docs/ holds current screenshots for the README; the browser test refreshes artifacts/."""
+    for name in ("room-desktop", "room-mobile", "console-desktop", "console-mobile"):
+        assert (REPO / "docs" / "screenshots" / f"{name}.png").exists(), name
+    if ARTIFACTS.exists() and os.environ.get("LIVESALE_UPDATE_SCREENSHOTS"):
+        for png in ARTIFACTS.glob("*.png"):
+            shutil.copy(png, REPO / "docs" / "screenshots" / png.name)

@@ -27,6 +27,7 @@ from server.inventory.persister import Persister
 from server.inventory.sales import SaleService
 from server.inventory.stock import Stock
 from server.inventory.sweeper import Sweeper
+from server.metrics import metrics
 from server.ratelimit import RateLimiter
 from server.rooms.broker import Broker
 from server.rooms.connection import room_socket
@@ -87,7 +88,8 @@ def create_app(settings: Settings | None = None) -> Starlette:
                     return None
 
         hub: Hub
-        broker = Broker(redis, lambda room_id, data: hub.on_message(room_id, data), lambda: hub.resync())
+        broker = Broker(redis, lambda room_id, data: hub.on_message(room_id, data), lambda: hub.resync(),
+                        lambda session_id: hub.end_session(session_id))
         store = RoomStore(redis, broker)
         hub = Hub(store, broker, load_meta)
         await broker.detect()
@@ -123,6 +125,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
         return json_response(schema)
 
     routes: list[BaseRoute] = [Route("/openapi.json", openapi_json, methods=["GET"]),
+                               Route("/metrics", metrics, methods=["GET"]),
                                WebSocketRoute("/ws/rooms/{room_id}", room_socket)]
     for router in ROUTERS:
         routes.extend(router.routes())

@@ -94,6 +94,7 @@ async def guest(call: Call[GuestIn]) -> Response:
 async def logout(call: Call[None]) -> Response:
     """End this session: the token stops working everywhere."""
     await call.services.sessions.revoke(call.me)
+    await call.services.rooms.end_session(call.me.session_id)
     response = json_response({"status": "logged_out"})
     response.delete_cookie(COOKIE_NAME, path="/", httponly=True, samesite="lax")
     return response

@@ -30,6 +30,7 @@ from server import clock
 from server.inventory import keys, ledger
 from server.inventory.stock import PERSISTER_GROUP, Stock
 from server.inventory.tables import LedgerEntry, Order, Sale
+from server.metrics import PERSISTED
 from server.models import User
 
 log = logging.getLogger("livesale.inventory.persister")
@@ -109,6 +110,7 @@ class Persister:
             if latest:
                 await self._upsert_orders(db, sale, list(latest.values()))
                 await self._ledger(db, sale, [r for r in latest.values() if r["status"] == "paid"])
+            PERSISTED.inc(len(entries))
             if ended is not None:
                 await db.execute(update(Sale).where(Sale.id == sale_id, Sale.ended_at.is_(None))
                                  .values(ended_at=_ms(ended["ended_at"]), end_reason=ended["reason"]))

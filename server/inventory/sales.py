@@ -22,6 +22,7 @@ from server.config import Settings
 from server.errors import ApiError, Conflict, Forbidden, NotFound, Unprocessable
 from server.ids import looks_like_id, new_id
 from server.inventory.notifier import SaleNotifier
+from server.metrics import PURCHASE_SECONDS, PURCHASES
 from server.inventory.payments import PaymentDeclined, PaymentProvider
 from server.inventory.schemas import OrderOut, PurchaseIn, SaleIn, SaleOut, SaleProduct
 from server.inventory.stock import Outcome, Stock, Terms, new_order_id, sale_of
@@ -153,7 +154,10 @@ class SaleService:
             ref = None  # a self-referral or a malformed one earns nothing; the purchase still goes through
         if not looks_like_id(sale_id, "sale"):
             raise NotFound("no such sale", code="sale_not_found")
-        outcome = await self.stock.reserve(sale_id, me.user_id, idem_key, new_order_id(sale_id), body.quantity, ref)
+        with PURCHASE_SECONDS.time():
+            outcome = await self.stock.reserve(sale_id, me.user_id, idem_key, new_order_id(sale_id), body.quantity,
+                                               ref)
+        PURCHASES.labels(outcome.status).inc()
         if outcome.status == "no_sale":
             raise NotFound("no such sale", code="sale_not_found")
         if outcome.status == "key_reused":

@@ -34,14 +34,19 @@ EVERYONE = b"A"
 HOST = b"H"
 CONTROL = b"C"
 
+# Session ids logged out anywhere: every process closes its sockets of that session.
+SESSIONS_CHANNEL = "livesale:sessions"
+
 OnMessage = Callable[[str, bytes], None]
 OnReconnect = Callable[[], Awaitable[None]]
 
 
 class Broker:
-    def __init__(self, redis: Redis, on_message: OnMessage, on_reconnect: OnReconnect) -> None:
+    def __init__(self, redis: Redis, on_message: OnMessage, on_reconnect: OnReconnect,
+                 on_session_end: Callable[[str], None]) -> None:
         self._redis = redis
         self._on_message = on_message
+        self._on_session_end = on_session_end
         self._on_reconnect = on_reconnect
         self.sharded = True
         self._wanted: set[str] = set()        # rooms that should be subscribed
@@ -65,6 +70,9 @@ class Broker:
     async def publish(self, room_id: str, audience: bytes, event: bytes) -> None:
         await self._redis.execute_command(self.publish_command, keys.channel(room_id), audience + event)
 
+    async def end_session(self, session_id: str) -> None:
+        await self._redis.execute_command(self.publish_command, SESSIONS_CHANNEL, session_id)
+
     async def subscribe(self, room_id: str) -> None:
         """Return once this process receives the room's events."""
         if room_id in self._active and room_id in self._wanted:
@@ -86,6 +94,7 @@ class Broker:
             pubsub = self._redis.pubsub()
             try:
                 self._active.clear()
+                await (pubsub.ssubscribe(SESSIONS_CHANNEL) if self.sharded else pubsub.subscribe(SESSIONS_CHANNEL))
                 await self._sync(pubsub)
                 self.connected.set()
                 if not first:
@@ -130,15 +139,15 @@ class Broker:
         while True:
             if self._changed.is_set():
                 await self._sync(pubsub)
-            if not self._active:
-                # get_message needs a subscription; wait for one.
-                await self._changed.wait()
-                continue
             msg = await pubsub.get_message(timeout=0.05)
             if msg is None:
                 continue
             kind = msg["type"]
             channel = msg["channel"].decode() if isinstance(msg["channel"], bytes) else str(msg["channel"])
+            if channel == SESSIONS_CHANNEL:
+                if kind in ("message", "smessage"):
+                    self._on_session_end(msg["data"].decode())
+                continue
             room_id = channel[len("{room:"):channel.index("}")]
             if kind in ("message", "smessage"):
                 self._on_message(room_id, msg["data"])

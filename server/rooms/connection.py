@@ -8,6 +8,7 @@ import logging
 import time
 
 import msgspec
+from redis.exceptions import RedisError
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from server.auth import authenticate
@@ -56,7 +57,7 @@ async def room_socket(ws: WebSocket) -> None:
     try:
         try:
             await hub.join(conn)
-            await hub.welcome(conn)
+            meta = await hub.welcome(conn)
         except (asyncio.TimeoutError, OSError, ConnectionError) as exc:
             log.warning("join failed for room %s: %r", room_id, exc)
             await ws.send_text(protocol.error_frame("unavailable", "the room is unavailable, reconnect shortly"))
@@ -121,7 +122,10 @@ async def _read(ws: WebSocket, conn: Connection, services: Services) -> None:
         elif isinstance(msg, protocol.LikeIn):
             _like(conn, msg, services)
         else:
-            await _chat(conn, msg, services)
+            try:
+                await _chat(conn, msg, services)
+            except RedisError:
+                _error(conn, "unavailable", "chat is unavailable for a moment; try again")
 
 
 def _error(conn: Connection, code: str, message: str, retry_after_ms: int | None = None) -> None:
@@ -136,11 +140,11 @@ def _bad(conn: Connection, code: str, message: str) -> None:
 
 
 def _like(conn: Connection, msg: protocol.LikeIn, services: Services) -> None:
-    if conn.principal is None:
-        _error(conn, "login_required", "sign in to like")
-        return
     if not conn.likes_bucket.take():
         conn.close(protocol.POLICY, "likes too fast")
+        return
+    if conn.principal is None:
+        _bad(conn, "login_required", "sign in to like")
         return
     services.hub.add_likes(conn.room_id, conn.principal.user_id, msg.count)
 
@@ -148,7 +152,7 @@ def _like(conn: Connection, msg: protocol.LikeIn, services: Services) -> None:
 async def _chat(conn: Connection, msg: protocol.ChatIn, services: Services) -> None:
     p = conn.principal
     if p is None:
-        _error(conn, "login_required", "sign in to chat")
+        _bad(conn, "login_required", "sign in to chat")
         return
     text = clean(msg.text)
     if not 1 <= len(text) <= protocol.MAX_TEXT_CHARS:

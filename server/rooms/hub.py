@@ -24,6 +24,7 @@ from typing import Any, Awaitable, Callable, Coroutine
 import msgspec
 
 from server.auth import Principal
+from server.metrics import CLOSED, CONNECTIONS, FRAMES
 from server.rooms import protocol
 from server.rooms.broker import CONTROL, EVERYONE, HOST, Broker
 from server.rooms.store import Counts, RoomStore
@@ -107,6 +108,7 @@ class Connection:
         if self.closed:
             return
         self.closed = True
+        CLOSED.labels(str(code)).inc()
         if flush:
             try:
                 self.queue.put_nowait(Close(code, reason))
@@ -152,6 +154,7 @@ class Hub:
         if room is None:
             room = self.rooms[conn.room_id] = LocalRoom(conn.room_id)
         room.conns.add(conn)
+        CONNECTIONS.inc()
         await asyncio.wait_for(self.broker.subscribe(conn.room_id), JOIN_TIMEOUT_S)
         viewer = conn.principal.user_id if conn.principal else None
         counts = await self.store.join(conn.room_id, conn.id, viewer)
@@ -164,13 +167,15 @@ class Hub:
         if room is None or conn not in room.conns:
             return
         room.conns.discard(conn)
+        CONNECTIONS.dec()
         room.viewers_dirty = True
         try:
             await self.store.leave(conn.room_id, conn.id)
         except Exception as exc:  # Redis down: the entry expires by itself (PRESENCE_TTL_MS)
             log.warning("presence leave failed for room %s: %r", conn.room_id, exc)
 
-    async def welcome(self, conn: Connection) -> None:
+    async def welcome(self, conn: Connection) -> dict[str, Any]:
+        """Queue the welcome (after join: the room's events already flow); return the room it showed."""
         snap = await self.store.snapshot(conn.room_id)
         meta = await self.room_meta(conn.room_id) or {}
         sale = await self.load_sale(snap.sale_id) if snap.sale_id and self.load_sale else None
@@ -182,17 +187,18 @@ class Hub:
                                  viewers=protocol.Counts(online=snap.counts.online, peak=snap.counts.peak),
                                  history=snap.history, server_time=int(time.time() * 1000))
         conn.start(protocol.batch([protocol.encode(event)]))
+        return meta
 
     # --- shared state the connections read -----------------------------------------
     async def room_meta(self, room_id: str) -> dict[str, Any] | None:
+        """The room as viewers see it. Cached only while this process is subscribed to the
+        room (so `meta` control messages keep the cache true); read fresh otherwise."""
         cached = self._meta.get(room_id)
         if cached is not None and time.monotonic() - cached[0] < META_TTL_S:
             return cached[1]
         meta = await self.load_meta(room_id)
-        self._meta[room_id] = (time.monotonic(), meta)
-        if len(self._meta) > 10_000:  # bound the cache; rooms without viewers here go first
-            for rid in [r for r in self._meta if r not in self.rooms][:5_000]:
-                del self._meta[rid]
+        if room_id in self.rooms:
+            self._meta[room_id] = (time.monotonic(), meta)
         return meta
 
     async def banned_words(self, room_id: str) -> list[str]:
@@ -239,6 +245,13 @@ class Hub:
             for conn in list(room.conns):
                 conn.close(int(control["code"]), str(control.get("reason", "")))
 
+    def end_session(self, session_id: str) -> None:
+        """The session logged out: close its sockets here."""
+        for room in self.rooms.values():
+            for conn in list(room.conns):
+                if conn.principal is not None and conn.principal.session_id == session_id:
+                    conn.close(protocol.SESSION_ENDED, "logged out")
+
     async def resync(self) -> None:
         """After a pub/sub outage events may have been lost: send everyone a fresh welcome."""
         for room in list(self.rooms.values()):
@@ -258,10 +271,13 @@ class Hub:
         has_host_events = len(everyone) != len(events)
         frame_host = protocol.batch([e for a, e in events if a in (EVERYONE, HOST)]) if has_host_events \
             else frame_all
+        sent = 0
         for conn in room.conns:
             frame = frame_host if conn.is_host else frame_all
             if frame is not None:
                 conn.offer(frame)
+                sent += 1
+        FRAMES.inc(sent)
 
     def _spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
         task = asyncio.create_task(coro)
@@ -273,16 +289,13 @@ class Hub:
         if not task.cancelled() and task.exception() is not None:
             log.warning("room background task failed: %r", task.exception())
 
-    async def _flush_likes(self, room: LocalRoom) -> None:
-        likes, room.likes = room.likes, {}
-        room.likes_busy = True
+    async def _flush_likes(self, room: LocalRoom, likes: dict[str, list[int]]) -> None:
         try:
             await self.store.flush_likes(room.room_id, likes)
         finally:
             room.likes_busy = False
 
     async def _publish_viewers(self, room: LocalRoom) -> None:
-        room.viewers_busy, room.viewers_dirty, room.viewers_at = True, False, time.monotonic()
         try:
             counts = await self.store.counts(room.room_id)
             await self.broker.publish(room.room_id, EVERYONE,
@@ -303,12 +316,15 @@ class Hub:
         for room_id, room in list(self.rooms.items()):
             self._flush_events(room)
             if room.likes and not room.likes_busy:
-                self._spawn(self._flush_likes(room))
+                likes, room.likes, room.likes_busy = room.likes, {}, True
+                self._spawn(self._flush_likes(room, likes))
             if room.viewers_dirty and not room.viewers_busy and now - room.viewers_at >= VIEWERS_EVERY_S:
+                room.viewers_busy, room.viewers_dirty, room.viewers_at = True, False, now
                 self._spawn(self._publish_viewers(room))
             if not room.conns and not room.likes and not room.likes_busy and not room.viewers_dirty \
                     and not room.viewers_busy:
                 del self.rooms[room_id]
+                self._meta.pop(room_id, None)
                 self.broker.unsubscribe(room_id)
 
     async def run(self) -> None:

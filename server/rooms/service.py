@@ -36,6 +36,10 @@ class RoomService:
     async def _control(self, room_id: str, **control: Any) -> None:
         await self.broker.publish(room_id, CONTROL, msgspec.json.encode(control))
 
+    async def end_session(self, session_id: str) -> None:
+        """Close the sockets of a logged-out session, in every process."""
+        await self.broker.end_session(session_id)
+
     async def room_changed(self, room: RoomOut) -> None:
         meta = room_meta(room)
         await self._control(room.id, op="meta", room=meta)

@@ -73,7 +73,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
         redis_url = settings.redis_url
         if redis_url is None:
             embedded = EmbeddedRedis(settings.data_dir, binary=settings.redis_server_bin)
-            redis_url = embedded.start()
+            redis_url = embedded.start(supervise=True)
             log.info("started embedded Valkey at %s", redis_url)
         redis = make_redis(redis_url, settings.redis_max_connections)
         await ensure_schema(settings)

@@ -42,7 +42,7 @@ def serve(host: str, port: int, workers: int, log_level: str) -> None:
     if settings.redis_url is None:
         # One engine for all workers, owned by this parent process.
         embedded = EmbeddedRedis(settings.data_dir, binary=settings.redis_server_bin)
-        os.environ["REDIS_URL"] = embedded.start()
+        os.environ["REDIS_URL"] = embedded.start(supervise=True)
         click.echo(f"livesale: embedded Valkey at {os.environ['REDIS_URL']} (data in {embedded.dir})")
     try:
         from server.app import ensure_schema

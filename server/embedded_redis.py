@@ -9,12 +9,14 @@ orders in flight and room state.
 from __future__ import annotations
 
 import ctypes
+import logging
 import hashlib
 import os
 import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from importlib import resources
 from pathlib import Path
@@ -22,6 +24,8 @@ from pathlib import Path
 import redis
 
 from server.errors import ConfigError
+
+log = logging.getLogger("livesale.embedded_redis")
 
 START_TIMEOUT_S = 60.0  # replaying a large AOF takes a while
 STOP_TIMEOUT_S = 15.0
@@ -65,6 +69,9 @@ class EmbeddedRedis:
         self.binary = binary or default_binary()
         self.port = port
         self.process: subprocess.Popen[bytes] | None = None
+        self._stopping = threading.Event()
+        self._watchdog: threading.Thread | None = None
+        self.restarts = 0
         self.pidfile = self.dir / "valkey.pid"
         socket_path = self.dir / "valkey.sock"
         if len(str(socket_path)) > _MAX_SOCKET_PATH:
@@ -115,7 +122,35 @@ class EmbeddedRedis:
         if _is_valkey(pid):
             os.kill(pid, signal.SIGKILL)
 
-    def start(self) -> str:
+    def start(self, *, supervise: bool = False) -> str:
+        """Start the engine; with supervise, restart it (replaying its AOF) if it ever dies."""
+        self._launch()
+        if supervise:
+            self._stopping.clear()
+            self._watchdog = threading.Thread(target=self._watch, name="valkey-watchdog", daemon=True)
+            self._watchdog.start()
+        return self.url
+
+    def _watch(self) -> None:
+        # Restarts fork from this thread, which lives as long as the process, so
+        # PR_SET_PDEATHSIG (bound to the forking thread) still means "dies with the app".
+        backoff = 0.5
+        while not self._stopping.wait(0.5):
+            proc = self.process
+            if proc is None or proc.poll() is None:
+                continue
+            log.error("embedded Valkey exited with %s; restarting in %.1fs", proc.returncode, backoff)
+            if self._stopping.wait(backoff):
+                return
+            try:
+                self._launch()
+                self.restarts += 1
+                backoff = 0.5
+            except ConfigError as exc:
+                log.error("embedded Valkey restart failed: %s", exc)
+                backoff = min(backoff * 2, 10.0)
+
+    def _launch(self) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
         os.chmod(self.dir, 0o700)
         self._stop_stale()
@@ -126,10 +161,11 @@ class EmbeddedRedis:
         self.process = subprocess.Popen(
             [self.binary, str(conf)],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-            preexec_fn=_die_with_parent, close_fds=True,
+            # Own session: a Ctrl-C in the terminal reaches the app, which then stops the
+            # engine in order, rather than killing the engine under a running app.
+            preexec_fn=_die_with_parent, close_fds=True, start_new_session=True,
         )
         self._wait_ready()
-        return self.url
 
     def _wait_ready(self) -> None:
         assert self.process is not None
@@ -148,13 +184,18 @@ class EmbeddedRedis:
                 except (redis.ConnectionError, redis.BusyLoadingError, redis.TimeoutError):
                     pass
                 if time.monotonic() > deadline:
-                    self.stop()
+                    self.process.kill()
+                    self.process.wait()
                     raise ConfigError(f"embedded Valkey did not answer within {START_TIMEOUT_S:.0f}s")
                 time.sleep(0.02)
         finally:
             client.close()
 
     def stop(self) -> None:
+        self._stopping.set()
+        if self._watchdog is not None and self._watchdog is not threading.current_thread():
+            self._watchdog.join()
+            self._watchdog = None
         proc, self.process = self.process, None
         if proc is None or proc.poll() is not None:
             return

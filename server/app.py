@@ -14,12 +14,15 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route, WebSocketRoute
 
-from server.api import accounts, health, live, openapi, products, rooms, sales
 from server import pages
+from server.api import accounts, health, live, openapi, products, rooms, sales
 from server.api.endpoint import Router
 from server.api.responses import EXCEPTION_HANDLERS, json_response
 from server.auth import Sessions
 from server.catalog import describe_room, get_room
+from server.config import Settings, load_settings
+from server.db import create_schema, make_engine, make_sessionmaker
+from server.embedded_redis import EmbeddedRedis
 from server.errors import NotFound
 from server.inventory.notifier import SaleNotifier
 from server.inventory.payments import SimulatedPayments
@@ -29,15 +32,12 @@ from server.inventory.stock import Stock
 from server.inventory.sweeper import Sweeper
 from server.metrics import metrics
 from server.ratelimit import RateLimiter
+from server.redis_pool import make_redis
 from server.rooms.broker import Broker
 from server.rooms.connection import room_socket
 from server.rooms.hub import Hub
 from server.rooms.service import RoomService, room_meta
 from server.rooms.store import RoomStore
-from server.config import Settings, load_settings
-from server.db import create_schema, make_engine, make_sessionmaker
-from server.embedded_redis import EmbeddedRedis
-from server.redis_pool import make_redis
 from server.services import Services
 
 log = logging.getLogger("livesale")

@@ -9,8 +9,8 @@ orders in flight and room state.
 from __future__ import annotations
 
 import ctypes
-import logging
 import hashlib
+import logging
 import os
 import signal
 import subprocess

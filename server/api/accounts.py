@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import secrets
 from datetime import timedelta
+from typing import Any
 
 import msgspec
-
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from starlette.requests import Request
@@ -25,7 +25,7 @@ from server.schemas import AuthOut, GuestIn, LoginIn, RegisterIn, UserOut
 router = Router("accounts")
 
 
-async def _limit_ip(call: Call[object], limit: Limit) -> None:
+async def _limit_ip(call: Call[Any], limit: Limit) -> None:
     ip = call.request.client.host if call.request.client else "unknown"
     if ip not in call.services.settings.rate_limit_exempt_ips:
         await call.services.limiter.check(limit, ip)
@@ -36,7 +36,7 @@ def user_out(user: User) -> UserOut:
                    guest=user.is_guest, created_at=clock.iso(user.created_at) or "")
 
 
-def _session_response(call: Call[object], user: User, status: int) -> Response:
+def _session_response(call: Call[Any], user: User, status: int) -> Response:
     services = call.services
     token = services.sessions.issue(user.id, user.role, user.name)  # type: ignore[arg-type]
     ttl = services.settings.token_ttl_s

@@ -25,8 +25,7 @@ from starlette.routing import Route
 
 from server.api.responses import json_response
 from server.auth import Principal, authenticate, check_csrf
-from server.errors import (BadRequest, Forbidden, PayloadTooLarge, Unauthorized, Unprocessable,
-                           UnsupportedMediaType)
+from server.errors import BadRequest, Forbidden, PayloadTooLarge, Unauthorized, Unprocessable, UnsupportedMediaType
 from server.origins import own_origin
 from server.services import Services
 

@@ -6,6 +6,7 @@ The changes reach viewers as WebSocket events through the room layer.
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import msgspec
 from sqlalchemy import delete
@@ -14,18 +15,28 @@ from server import clock
 from server.api.endpoint import Call, Router
 from server.catalog import describe_room, get_owned_product, get_owned_room, get_room, lineup, product_out
 from server.errors import Conflict, NotFound, Unprocessable
-from server.inventory.figures import room_sales_figures
 from server.ids import looks_like_id
+from server.inventory.figures import room_sales_figures
 from server.models import Room, RoomProduct
 from server.rooms.protocol import Lineup
-from server.schemas import (BannedWordsIn, BannedWordsOut, DeletedOut, LineupIn, MuteIn, MuteOut, PinIn,
-                            ProductOut, RoomOut, RoomStatsOut)
+from server.schemas import (
+    BannedWordsIn,
+    BannedWordsOut,
+    DeletedOut,
+    LineupIn,
+    MuteIn,
+    MuteOut,
+    PinIn,
+    ProductOut,
+    RoomOut,
+    RoomStatsOut,
+)
 from server.text import clean
 
 router = Router("live")
 
 
-async def _owned_open_room(call: Call[object]) -> Room:
+async def _owned_open_room(call: Call[Any]) -> Room:
     async with call.services.db() as db:
         room = await get_owned_room(db, call.param("room_id"), call.me)
     if room.status == "ended":

@@ -33,7 +33,7 @@ def build(routers: list[Router]) -> dict[str, Any]:
     specs = [spec for r in routers for spec, _ in r.specs]
     types: list[Any] = [ErrorOut] + [t for s in specs for t in (s.body, s.response) if t not in (None, dict)]
     schemas, components = msgspec.json.schema_components(types, ref_template="#/components/schemas/{name}")
-    by_type = dict(zip(types, schemas))
+    by_type = dict(zip(types, schemas, strict=True))
     paths: dict[str, dict[str, Any]] = {}
     tags = {spec.name: r.tag for r in routers for spec, _ in r.specs}
     for spec in specs:

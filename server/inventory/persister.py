@@ -123,7 +123,7 @@ class Persister:
             "pay_by": _ms(r["pay_by"]), "paid_at": _ms(r.get("paid_at")), "released_at": _ms(r.get("released_at")),
             "version": r["v"],
         } for r in records]
-        stmt = _insert(db.bind.dialect.name)(Order).values(rows)
+        stmt = _insert(db.get_bind().dialect.name)(Order).values(rows)
         changing = ("status", "payment_ref", "paid_at", "released_at", "version")
         stmt = stmt.on_conflict_do_update(index_elements=[Order.id],
                                           set_={c: stmt.excluded[c] for c in changing},
@@ -150,7 +150,7 @@ class Persister:
             if referrer is not None:
                 rows.append({**base, "account_id": referrer, "kind": "referral_share",
                              "amount_cents": s.referral_share})
-        stmt = _insert(db.bind.dialect.name)(LedgerEntry).values(rows)
+        stmt = _insert(db.get_bind().dialect.name)(LedgerEntry).values(rows)
         await db.execute(stmt.on_conflict_do_nothing(index_elements=[LedgerEntry.order_id, LedgerEntry.kind]))
 
     # --- the loop ----------------------------------------------------------------------

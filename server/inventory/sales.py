@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from datetime import timedelta
-from typing import Any
+from typing import Any, Literal
 
 import msgspec
 from sqlalchemy import select
@@ -22,11 +22,11 @@ from server.config import Settings
 from server.errors import ApiError, Conflict, Forbidden, NotFound, Unprocessable
 from server.ids import looks_like_id, new_id
 from server.inventory.notifier import SaleNotifier
-from server.metrics import PURCHASE_SECONDS, PURCHASES
 from server.inventory.payments import PaymentDeclined, PaymentProvider
 from server.inventory.schemas import OrderOut, PurchaseIn, SaleIn, SaleOut, SaleProduct
 from server.inventory.stock import Outcome, Stock, Terms, new_order_id, sale_of
 from server.inventory.tables import Order, Sale
+from server.metrics import PURCHASE_SECONDS, PURCHASES
 from server.rooms import protocol
 from server.rooms.service import RoomService
 
@@ -46,7 +46,8 @@ def _iso_ms(ms: int | None) -> str | None:
 def sale_out(sale_id: str, state: dict[str, Any], now_ms: int | None = None) -> SaleOut:
     now_ms = int(time.time() * 1000) if now_ms is None else now_ms
     ended = state["ended_at"] > 0 or now_ms >= state["ends_at"]
-    status = "ended" if ended else "scheduled" if now_ms < state["starts_at"] else "active"
+    status: Literal["scheduled", "active", "ended"] = \
+        "ended" if ended else "scheduled" if now_ms < state["starts_at"] else "active"
     info = state["info"]
     return SaleOut(
         id=sale_id, room_id=state["room_id"], product=SaleProduct(**info["product"]), status=status,

@@ -7,9 +7,9 @@ everything before its first write and appends the change to the sale's stream.
 
 from __future__ import annotations
 
+import base64
 import re
 import secrets
-import base64
 from dataclasses import dataclass
 from typing import Any
 

@@ -6,7 +6,7 @@ Server -> client: one JSON array of events per text frame (a tick's batch).
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 import msgspec
 from msgspec import Meta, Struct
@@ -150,8 +150,8 @@ class Counts(Struct):
 class Welcome(_Out, tag="welcome"):
     room: dict[str, Any]
     you: dict[str, Any] | None
-    pinned_product: dict[str, Any] | None
-    sale: dict[str, Any] | None
+    pinned_product: Any  # product, or null
+    sale: Any  # see SaleOut in the HTTP API, or null
     likes: int
     viewers: Counts
     history: list[Any]  # chat events, oldest first

@@ -92,6 +92,7 @@ async def _transition(call: Call[None], target: Literal["live", "ended"]) -> Roo
     if target == "live":
         await call.services.rooms.room_changed(out)
     else:
+        await call.services.sales.end_room_sale(out.id)
         await call.services.rooms.room_ended(out)
     return out
 

@@ -136,6 +136,13 @@ class SaleService:
         await self.rooms.tell(room.id, protocol.Sale(sale=out))
         return out
 
+    async def end_room_sale(self, room_id: str) -> None:
+        """The room ended: so does its sale (reserved orders may still be paid)."""
+        sale_id = await self.rooms.store.active_sale(room_id)
+        if sale_id is not None and await self.stock.end(sale_id, "host"):
+            state = await self._state(sale_id)
+            await self.rooms.tell(room_id, protocol.SaleEnded(id=sale_id, reason="host", v=state["v"]))
+
     async def end(self, me: Principal, sale_id: str) -> SaleOut:
         state = await self._state(sale_id)
         async with self.db() as db:

@@ -67,6 +67,7 @@ function onWelcome(ev) {
   renderViewers(ev.viewers);
   renderLikes();
   renderCard();
+  loadOrder(); // once per (re)connect, never per sale event: a thousand viewers would stampede
 }
 
 // ---- room and stream ---------------------------------------------------------------
@@ -181,7 +182,6 @@ function applySale(sale) {
   if (!state.sale || state.sale.id !== sale.id) state.order = null;
   state.sale = applySaleEvent(state.sale, { type: "sale", sale }, socket.now());
   renderCard();
-  loadOrder();
 }
 
 function renderCard() {

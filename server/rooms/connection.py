@@ -133,7 +133,7 @@ def _error(conn: Connection, code: str, message: str, retry_after_ms: int | None
 
 
 def _bad(conn: Connection, code: str, message: str) -> None:
-    """An invalid frame: tell the sender; close if it keeps coming."""
+    """An invalid frame or a refused message: tell the sender; close if it keeps coming."""
     _error(conn, code, message)
     if conn.strike():
         conn.close(protocol.POLICY, "too many invalid frames")
@@ -170,13 +170,13 @@ async def _chat(conn: Connection, msg: protocol.ChatIn, services: Services) -> N
     if not conn.is_host:
         folded = text.casefold()
         if any(word in folded for word in await hub.banned_words(conn.room_id)):
-            _error(conn, "banned_word", "your message contains a word this room does not allow")
+            _bad(conn, "banned_word", "your message contains a word this room does not allow")
             await services.rooms.tell_host(conn.room_id, protocol.ChatRejected(
                 user=user, text=text, reason="banned_word", ts=now_ms))
             return
     event = protocol.Chat(id=new_id("msg"), user=user, text=text, ts=now_ms)
     muted_until = await store.post_chat(conn.room_id, p.user_id, protocol.encode(event))
     if muted_until is not None:
-        _error(conn, "muted", f"the host muted you until {iso(from_ms(muted_until))}")
+        _bad(conn, "muted", f"the host muted you until {iso(from_ms(muted_until))}")
         await services.rooms.tell_host(conn.room_id, protocol.ChatRejected(
             user=user, text=text, reason="muted", ts=now_ms))

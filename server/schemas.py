@@ -36,7 +36,11 @@ def _required_text(value: str, name: str) -> str:
 
 
 class Input(Struct, forbid_unknown_fields=True, kw_only=True):
-    pass
+    def apply_to(self, row: object) -> None:
+        """Copy the fields that were sent (a PATCH) onto a model row."""
+        for name, value in msgspec.structs.asdict(self).items():
+            if value is not UNSET:
+                setattr(row, name, value)
 
 
 # --- accounts ---------------------------------------------------------------

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import msgspec
 from sqlalchemy import select
 
 from server.api.endpoint import Call, Router
@@ -47,7 +46,5 @@ async def edit_product(call: Call[ProductPatch]) -> ProductOut:
     """Edit a product's fields (owner only). Running sales keep the price they launched with."""
     async with call.services.db.begin() as db:
         product = await get_owned_product(db, call.param("product_id"), call.me)
-        for name, value in msgspec.structs.asdict(call.body).items():
-            if value is not msgspec.UNSET:
-                setattr(product, name, value)
+        call.body.apply_to(product)
     return product_out(product)

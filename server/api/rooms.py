@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Literal
 
-import msgspec
 from sqlalchemy import case, select
 
 from server import clock
@@ -68,9 +67,7 @@ async def edit_room(call: Call[RoomPatch]) -> RoomOut:
     """Change the title or stream URL (owner only)."""
     async with call.services.db.begin() as db:
         room = await get_owned_room(db, call.param("room_id"), call.me)
-        for name, value in msgspec.structs.asdict(call.body).items():
-            if value is not msgspec.UNSET:
-                setattr(room, name, value)
+        call.body.apply_to(room)
         out = await describe_room(db, room)
     await call.services.rooms.room_changed(out)
     return out

@@ -30,6 +30,7 @@ from server.inventory.persister import Persister
 from server.inventory.sales import SaleService
 from server.inventory.stock import Stock
 from server.inventory.sweeper import Sweeper
+from server.loops import stop as stop_loops
 from server.metrics import metrics
 from server.ratelimit import RateLimiter
 from server.redis_pool import make_redis
@@ -113,9 +114,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
         finally:
             hub.shutdown()
             await asyncio.sleep(0.1)  # let writers send their close frames
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            await stop_loops(tasks)
             await redis.aclose()
             await engine.dispose()
             if embedded is not None:

@@ -6,6 +6,7 @@ from sqlalchemy import select
 
 from server import clock
 from server.api.endpoint import Call, Router
+from server.catalog import get_room
 from server.errors import BadRequest
 from server.inventory import ledger
 from server.inventory.sales import sale_out
@@ -29,6 +30,7 @@ async def launch_sale(call: Call[SaleIn]) -> SaleOut:
 async def list_room_sales(call: Call[None]) -> list[SaleOut]:
     """The room's sales, newest first (at most 50)."""
     async with call.services.db() as db:
+        await get_room(db, call.param("room_id"))
         ids = (await db.scalars(select(Sale.id).where(Sale.room_id == call.param("room_id"))
                                 .order_by(Sale.created_at.desc()).limit(50))).all()
     states = [(i, await call.services.sales.stock.state(i)) for i in ids]

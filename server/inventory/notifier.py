@@ -9,6 +9,7 @@ import logging
 from redis.asyncio import Redis
 
 from server.inventory import keys
+from server.loops import running
 from server.rooms import protocol
 from server.rooms.service import RoomService
 
@@ -37,7 +38,7 @@ class SaleNotifier:
                 id=sale_id, remaining=int(remaining), sold=int(reserved) + int(paid), v=int(v)))
 
     async def run(self) -> None:
-        while True:
+        while running():
             await asyncio.sleep(TICK_S)
             if self._dirty:
                 try:

@@ -30,6 +30,7 @@ from server import clock
 from server.inventory import keys, ledger
 from server.inventory.stock import PERSISTER_GROUP, Stock
 from server.inventory.tables import LedgerEntry, Order, Sale
+from server.loops import running
 from server.metrics import PERSISTED
 from server.models import User
 
@@ -191,7 +192,7 @@ class Persister:
 
     async def run(self) -> None:
         last_claim = 0.0
-        while True:
+        while running():
             try:
                 moved = 0
                 sales = await self.stock.open_sales()

@@ -103,6 +103,10 @@ class SaleService:
         return sale_out(sale_id, await self._state(sale_id))
 
     async def launch(self, me: Principal, room_id: str, body: SaleIn) -> SaleOut:
+        async with self.rooms.store.launch_lock(room_id):
+            return await self._launch(me, room_id, body)
+
+    async def _launch(self, me: Principal, room_id: str, body: SaleIn) -> SaleOut:
         async with self.db.begin() as db:
             room = await get_owned_room(db, room_id, me)
             if room.status == "ended":
@@ -113,7 +117,7 @@ class SaleService:
                 state = await self.stock.state(current)
                 if state is not None and sale_out(current, state).status != "ended":
                     raise Conflict("a sale is already running in this room; end it first", code="sale_running")
-            now = clock.utcnow().replace(microsecond=0)
+            now = clock.from_ms(clock.to_ms(clock.utcnow()))  # whole milliseconds, as Redis keeps them
             starts_at = now + timedelta(seconds=body.starts_in_s)
             sale = Sale(id=new_id("sale"), room_id=room.id, product_id=product.id, host_id=me.user_id,
                         price_cents=body.price_cents, stock=body.stock, per_user_limit=body.per_user_limit,

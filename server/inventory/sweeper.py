@@ -14,6 +14,7 @@ import time
 from server.inventory.notifier import SaleNotifier
 from server.inventory.sales import SaleService, sale_out
 from server.inventory.stock import Stock
+from server.loops import running
 from server.rooms import protocol
 
 log = logging.getLogger("livesale.inventory.sweeper")
@@ -56,7 +57,7 @@ class Sweeper:
         return released
 
     async def run(self) -> None:
-        while True:
+        while running():
             try:
                 await self.sweep()
             except Exception as exc:  # Redis away for a moment: try again next pass

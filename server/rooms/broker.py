@@ -26,6 +26,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from server.loops import running
 from server.rooms import keys
 
 log = logging.getLogger("livesale.rooms.broker")
@@ -90,7 +91,7 @@ class Broker:
     async def run(self) -> None:
         backoff = 0.1
         first = True
-        while True:
+        while running():
             pubsub = self._redis.pubsub()
             try:
                 self._active.clear()
@@ -136,7 +137,7 @@ class Broker:
                         fut.set_result(None)
 
     async def _listen(self, pubsub: PubSub) -> None:
-        while True:
+        while running():
             if self._changed.is_set():
                 await self._sync(pubsub)
             msg = await pubsub.get_message(timeout=0.05)

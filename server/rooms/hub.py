@@ -24,6 +24,7 @@ from typing import Any, Awaitable, Callable, Coroutine
 import msgspec
 
 from server.auth import Principal
+from server.loops import running
 from server.metrics import CLOSED, CONNECTIONS, FRAMES
 from server.rooms import protocol
 from server.rooms.broker import CONTROL, EVERYONE, HOST, Broker
@@ -329,7 +330,7 @@ class Hub:
 
     async def run(self) -> None:
         last_beat = time.monotonic()
-        while True:
+        while running():
             await asyncio.sleep(TICK_S)
             try:
                 self.tick()

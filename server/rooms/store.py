@@ -3,16 +3,22 @@ banned words and counters. Every process reads and writes the same numbers."""
 
 from __future__ import annotations
 
+import contextlib
+import secrets
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, AsyncIterator
 
 import msgspec
 from redis.asyncio import Redis
 
+from server.errors import Conflict
 from server.lua import load_script
 from server.rooms import keys
 from server.rooms.broker import Broker
+
+# Release a lock only if we still hold it (it may have expired and been taken since).
+_UNLOCK = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
 
 HISTORY_LEN = 50
 PRESENCE_TTL_MS = 30_000  # a connection not refreshed for this long no longer counts
@@ -44,6 +50,7 @@ class RoomStore:
         self._post = load_script(redis, "server.rooms", "chat_post.lua")
         self._delete = load_script(redis, "server.rooms", "chat_delete.lua")
         self._likes = load_script(redis, "server.rooms", "likes_flush.lua")
+        self._unlock = redis.register_script(_UNLOCK)
 
     # --- presence -------------------------------------------------------------
     async def join(self, room_id: str, conn_id: str, viewer_id: str | None) -> Counts:
@@ -131,6 +138,18 @@ class RoomStore:
             await self.redis.hdel(keys.state(room_id), "sale")
         else:
             await self.redis.hset(keys.state(room_id), "sale", sale_id)
+
+    @contextlib.asynccontextmanager
+    async def launch_lock(self, room_id: str) -> AsyncIterator[None]:
+        """One sale launch at a time per room, across processes (the check for a running
+        sale and the new sale's creation must not interleave)."""
+        key, token = keys.tag(room_id) + ":launching", secrets.token_hex(8)
+        if not await self.redis.set(key, token, nx=True, px=10_000):
+            raise Conflict("another sale is being launched in this room", code="sale_running")
+        try:
+            yield
+        finally:
+            await self._unlock(keys=[key], args=[token])
 
     async def active_sale(self, room_id: str) -> str | None:
         sale = await self.redis.hget(keys.state(room_id), "sale")

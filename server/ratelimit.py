@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
+from typing import Iterator
 
 from redis.asyncio import Redis
 
-from server.errors import TooManyRequests
+from server.errors import TooManyRequests, Unavailable
 from server.lua import load_script
 
 
@@ -27,6 +29,26 @@ LOGIN_PER_IP = Limit("login-ip", per_second=0.2, burst=10)  # slow brute force: 
 REGISTER_PER_IP = Limit("register-ip", per_second=0.5, burst=20)
 PURCHASE_PER_USER = Limit("buy-user", per_second=5, burst=10)
 PURCHASE_PER_IP = Limit("buy-ip", per_second=200, burst=400)  # many buyers may share one NAT
+
+
+class Gate:
+    """Load shedding: at most `limit` calls in flight in this process; past that, answer
+    503 at once. Under a spike a fast "busy, retry" beats a slow answer the client has
+    stopped waiting for (and whose retry would pile on)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.inflight = 0
+
+    @contextlib.contextmanager
+    def enter(self) -> Iterator[None]:
+        if self.inflight >= self.limit:
+            raise Unavailable("too busy right now; retry in a moment", code="busy", headers={"Retry-After": "1"})
+        self.inflight += 1
+        try:
+            yield
+        finally:
+            self.inflight -= 1
 
 
 class RateLimiter:

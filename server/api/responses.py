@@ -11,7 +11,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as SATimeoutError
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
 from server.errors import ApiError
@@ -50,9 +50,18 @@ async def on_http_exception(request: Request, exc: Exception) -> Response:
 
 async def on_unavailable(request: Request, exc: Exception) -> Response:
     # Redis or the database is down or too slow: say so at once, never hang.
+    if "No connection available" in str(exc):
+        # Every pooled Redis connection stayed busy for POOL_WAIT_S: overload, not an outage.
+        log.warning("overloaded: no free Redis connection for %s %s", request.method, request.url.path)
+        return error_response(503, "busy", "too busy right now; retry in a moment", headers={"Retry-After": "1"})
     log.warning("backend unavailable on %s %s: %r", request.method, request.url.path, exc)
     return error_response(503, "unavailable", "a backend service is unavailable, try again shortly",
                           headers={"Retry-After": "1"})
+
+
+async def on_client_gone(request: Request, exc: Exception) -> Response:
+    # The client hung up while sending its body: nobody will read this answer.
+    return error_response(400, "client_disconnected", "the client went away")
 
 
 async def on_unexpected(request: Request, exc: Exception) -> Response:
@@ -62,6 +71,7 @@ async def on_unexpected(request: Request, exc: Exception) -> Response:
 
 EXCEPTION_HANDLERS: dict[Any, Any] = {
     ApiError: on_api_error,
+    ClientDisconnect: on_client_gone,
     HTTPException: on_http_exception,
     RedisConnectionError: on_unavailable,
     RedisTimeoutError: on_unavailable,

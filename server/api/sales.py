@@ -12,9 +12,13 @@ from server.inventory import ledger
 from server.inventory.sales import sale_out
 from server.inventory.schemas import EarningsOut, LedgerLine, OrderOut, PurchaseIn, SaleIn, SaleOut
 from server.inventory.tables import Sale
-from server.ratelimit import PURCHASE_PER_IP, PURCHASE_PER_USER
+from server.ratelimit import PURCHASE_PER_IP, PURCHASE_PER_USER, Gate
 
 router = Router("sales")
+
+# Purchases in flight per process before new ones are shed with 503 `busy`. Each holds a
+# Redis connection for a few milliseconds; far more than the pool can serve just queue.
+PURCHASE_GATE = Gate(256)
 
 MAX_KEY_LEN = 128
 
@@ -50,7 +54,7 @@ async def end_sale(call: Call[None]) -> SaleOut:
 
 
 @router.endpoint("POST", "/api/sales/{sale_id}/purchase", auth="user", body=PurchaseIn, response=OrderOut,
-                 status=201, errors=(404, 409, 429))
+                 status=201, errors=(404, 409, 429, 503))
 async def purchase(call: Call[PurchaseIn]) -> tuple[int, OrderOut]:
     """Reserve units (requires an Idempotency-Key header). 201 new order; 200 the same key again."""
     key = call.request.headers.get("idempotency-key", "").strip()
@@ -59,10 +63,11 @@ async def purchase(call: Call[PurchaseIn]) -> tuple[int, OrderOut]:
                          "reuse it when you retry", code="idempotency_key_required", field="Idempotency-Key")
     limiter, settings = call.services.limiter, call.services.settings
     ip = call.request.client.host if call.request.client else "unknown"
-    await limiter.check(PURCHASE_PER_USER, call.me.user_id)
-    if ip not in settings.rate_limit_exempt_ips:
-        await limiter.check(PURCHASE_PER_IP, ip)
-    return await call.services.sales.purchase(call.me, call.param("sale_id"), key, call.body)
+    with PURCHASE_GATE.enter():
+        await limiter.check(PURCHASE_PER_USER, call.me.user_id)
+        if ip not in settings.rate_limit_exempt_ips:
+            await limiter.check(PURCHASE_PER_IP, ip)
+        return await call.services.sales.purchase(call.me, call.param("sale_id"), key, call.body)
 
 
 @router.endpoint("GET", "/api/orders", auth="user", response=list[OrderOut])

@@ -13,6 +13,7 @@ claims and rewrites them, which changes nothing the second time.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import socket
@@ -44,8 +45,18 @@ IDLE_SLEEP_S = 0.05
 Entry = tuple[bytes, dict[bytes, bytes]]
 
 
-def _insert(dialect: str) -> Any:
-    return postgresql.insert if dialect == "postgresql" else sqlite.insert
+@functools.cache
+def _statements(dialect: str) -> tuple[Any, Any]:
+    """The two upserts, built once per dialect and run with a list of rows (executemany),
+    so SQLAlchemy compiles each once instead of once per batch."""
+    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    orders = insert(Order)
+    changing = ("status", "payment_ref", "paid_at", "released_at", "version")
+    orders = orders.on_conflict_do_update(index_elements=[Order.id],
+                                          set_={c: orders.excluded[c] for c in changing},
+                                          where=Order.version < orders.excluded.version)
+    lines = insert(LedgerEntry).on_conflict_do_nothing(index_elements=[LedgerEntry.order_id, LedgerEntry.kind])
+    return orders, lines
 
 
 def _ms(value: Any) -> Any:
@@ -124,12 +135,7 @@ class Persister:
             "pay_by": _ms(r["pay_by"]), "paid_at": _ms(r.get("paid_at")), "released_at": _ms(r.get("released_at")),
             "version": r["v"],
         } for r in records]
-        stmt = _insert(db.get_bind().dialect.name)(Order).values(rows)
-        changing = ("status", "payment_ref", "paid_at", "released_at", "version")
-        stmt = stmt.on_conflict_do_update(index_elements=[Order.id],
-                                          set_={c: stmt.excluded[c] for c in changing},
-                                          where=Order.version < stmt.excluded.version)
-        await db.execute(stmt)
+        await db.execute(_statements(db.get_bind().dialect.name)[0], rows)
 
     async def _ledger(self, db: AsyncSession, sale: Sale, paid: list[dict[str, Any]]) -> None:
         if not paid:
@@ -151,8 +157,7 @@ class Persister:
             if referrer is not None:
                 rows.append({**base, "account_id": referrer, "kind": "referral_share",
                              "amount_cents": s.referral_share})
-        stmt = _insert(db.get_bind().dialect.name)(LedgerEntry).values(rows)
-        await db.execute(stmt.on_conflict_do_nothing(index_elements=[LedgerEntry.order_id, LedgerEntry.kind]))
+        await db.execute(_statements(db.get_bind().dialect.name)[1], rows)
 
     # --- the loop ----------------------------------------------------------------------
     async def drain(self, sale_id: str) -> int:

@@ -1,0 +1,155 @@
+"""The load generator (load/): a small spike against a real server, the setup hint when the server
+rate-limits this address, and the pieces the verdict rests on. No timing assertions."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from load.buyers import assign_styles
+from load.http import Response
+from load.messages import Attempt, BuyerMix, BuyerRecord
+from load.stats import Histogram, percentile, summary
+from load.verify import demand, fold, verdict
+from tests.support import REPO, ServerProcess
+
+SPIKE_TIMEOUT_S = 100  # the generator's own bound; the test waits a little longer
+
+
+def run_load(*args: str, timeout: float = SPIKE_TIMEOUT_S + 15) -> subprocess.CompletedProcess[str]:
+    """`python -m load ...` in its own process group, killed whole (workers included) if it overruns."""
+    proc = subprocess.Popen([sys.executable, "-m", "load", *args], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"load did not finish in {timeout}s:\n{out[-3000:]}\n{err[-3000:]}")
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def test_small_spike_passes_and_writes_its_report(tmp_path: Path, redis_url: str) -> None:
+    out = tmp_path / "report"
+    with ServerProcess(tmp_path / "server", redis_url=redis_url) as srv:
+        done = run_load("spike", "--url", srv.url, "--viewers", "200", "--buyers", "1000", "--stock", "50",
+                        "--procs", "2", "--timeout", str(SPIKE_TIMEOUT_S), "--out", str(out))
+        server_log = srv.log()
+    assert done.returncode == 0, f"{done.stdout[-4000:]}\n{done.stderr[-4000:]}\n{server_log}"
+    assert "verdict: PASS" in done.stdout
+
+    report = json.loads((out / "report.json").read_text())
+    assert report["ok"] is True
+    checks = {c["name"]: c["ok"] for c in report["verdict"]["checks"]}
+    assert checks == {"no_oversell": True, "sold_equals_stock": True, "per_user_limit": True,
+                      "no_duplicate_orders": True, "answers_match_sold": True, "payments_match": True,
+                      "redis_equals_sql": True}
+    facts = report["verdict"]["facts"]
+    assert facts["sold"] == facts["stock"] == 50
+    assert facts["sql_units"] == 50
+    assert report["purchases"]["attempts"] >= 1000
+    assert report["viewers"]["requested"] == 200
+    assert "reserved" in report["purchases"]["latency_ms_by_category"]
+
+    png = (out / "report.png").read_bytes()
+    assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 10_000
+
+
+def test_a_rate_limited_server_gets_a_clear_hint(tmp_path: Path) -> None:
+    # Its own engine: draining the per-address sign-up bucket in the shared one would bother other tests.
+    with ServerProcess(tmp_path / "server", redis_url=None, env={"LIVESALE_RATE_LIMIT_EXEMPT_IPS": ""}) as srv:
+        done = run_load("spike", "--url", srv.url, "--viewers", "10", "--buyers", "40", "--stock", "5",
+                        "--chat-rate", "1", "--like-rate", "1", "--logged-in", "0.5", "--no-chart",
+                        "--timeout", "60", "--out", str(tmp_path / "report"), timeout=90)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "429" in done.stderr
+    assert "LIVESALE_RATE_LIMIT_EXEMPT_IPS=127.0.0.1" in done.stderr
+    assert not (tmp_path / "report" / "report.json").exists()
+
+
+def test_no_server_is_a_setup_error(tmp_path: Path) -> None:
+    done = run_load("spike", "--url", "http://127.0.0.1:9", "--no-chart", "--out", str(tmp_path), timeout=60)
+    assert done.returncode == 2
+    assert "no server answering" in done.stderr
+
+
+def test_percentiles_and_the_mergeable_histogram() -> None:
+    values = [float(v) for v in range(1, 1001)]
+    assert percentile(values, 50) == 500.0
+    assert percentile(values, 99) == 990.0
+    assert summary(values)["max"] == 1000.0
+    a, b = Histogram(), Histogram()
+    rng = random.Random(7)
+    samples = [rng.uniform(0.5, 500) for _ in range(4000)]
+    for i, v in enumerate(samples):
+        (a if i % 2 else b).add(v)
+    a.merge(b)
+    assert a.count == 4000
+    exact = sorted(samples)
+    for q in (50, 95, 99):
+        assert abs(a.percentile(q) - percentile(exact, q)) <= 0.011 * percentile(exact, q)
+
+
+def test_buyer_styles_keep_their_shares() -> None:
+    mix = BuyerMix(greedy=0.2, hammer=0.02, double_click=0.1, bulk=0.1, early=0.02)
+    styles = assign_styles(1000, mix, random.Random(1))
+    assert len(styles) == 1000
+    assert styles.count("greedy") == 200 and styles.count("hammer") == 20 and styles.count("normal") == 560
+
+
+def test_fold_spots_a_key_answered_with_two_orders() -> None:
+    records = [BuyerRecord("usr_a", "t", "double_click"), BuyerRecord("usr_b", "t", "bulk")]
+    attempts = [
+        Attempt(0, "k1", 0, 0.0, 1.0, "reserved", 201, 1, "ord_1"),
+        Attempt(0, "k1", 0, 0.0, 1.0, "duplicate", 200, 1, "ord_1"),
+        Attempt(1, "k2", 0, 0.0, 1.0, "reserved", 201, 2, "ord_2"),
+        Attempt(1, "k2", 1, 0.0, 1.0, "reserved", 201, 2, "ord_3"),  # a retry that reserved again: a bug
+        Attempt(1, "k3", 0, 0.0, 1.0, "sold_out", 409, 1),
+    ]
+    views = fold(records, attempts)
+    assert views[0].orders == {"ord_1": 1} and views[0].keys == {"k1": {"ord_1"}}
+    assert views[1].keys["k2"] == {"ord_2", "ord_3"} and views[1].units == 4
+    assert demand(views, limit=2, greedy_tries=4) == 3
+
+
+class FakeOrders:
+    """Stands in for the server's GET /api/orders: each token's persisted orders."""
+
+    size = 4
+
+    def __init__(self, rows: dict[str, list[dict[str, object]]]) -> None:
+        self.rows = rows
+
+    async def request(self, method: str, path: str, *, token: str | None = None, **_: object) -> Response:
+        assert (method, path) == ("GET", "/api/orders")
+        return Response(200, {}, json.dumps(self.rows.get(token or "", [])).encode())
+
+
+def _order(order_id: str, quantity: int, status: str = "reserved") -> dict[str, object]:
+    return {"order_id": order_id, "sale_id": "sale_x", "status": status, "quantity": quantity}
+
+
+async def test_the_verdict_fails_on_oversell_and_on_sql_drift() -> None:
+    records = [BuyerRecord("usr_a", "ta", "normal"), BuyerRecord("usr_b", "tb", "normal")]
+    attempts = [Attempt(0, "k1", 0, 0.0, 1.0, "reserved", 201, 1, "ord_1"),
+                Attempt(1, "k2", 0, 0.0, 1.0, "reserved", 201, 1, "ord_2")]
+    good_sale = {"id": "sale_x", "stock": 2, "sold": 2, "remaining": 0, "reserved": 2, "paid": 0}
+    pool = FakeOrders({"ta": [_order("ord_1", 1)], "tb": [_order("ord_2", 1)]})
+    checks, _ = await verdict(pool, good_sale, records, attempts, 2, 4, 1.0, [2, 1, 0])  # type: ignore[arg-type]
+    assert all(c.ok for c in checks), checks
+
+    oversold = {**good_sale, "stock": 1, "remaining": -1}
+    checks, _ = await verdict(pool, oversold, records, attempts, 2, 4, 1.0, [1, 0, -1])  # type: ignore[arg-type]
+    assert {c.name for c in checks if not c.ok} >= {"no_oversell"}
+
+    drifted = FakeOrders({"ta": [_order("ord_1", 1)], "tb": []})  # the persister lost ord_2
+    checks, facts = await verdict(drifted, good_sale, records, attempts, 2, 4, 0.6, [0])  # type: ignore[arg-type]
+    assert [c.name for c in checks if not c.ok] == ["redis_equals_sql"]
+    assert facts["sql_units"] == 1

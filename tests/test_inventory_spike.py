@@ -1,0 +1,303 @@
+"""The purchase spike: thousands of concurrent attempts on a small stock, over real HTTP, against a
+real server (one worker; two workers sharing Redis and SQLite; one killed with SIGKILL mid-spike
+and restarted). Nothing is oversold, no buyer passes the limit, no order is made twice, and SQL
+ends up holding exactly Redis's orders."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from collections import Counter, defaultdict
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from server.inventory import keys
+from server.inventory.stock import PERSISTER_GROUP
+from tests.inventory_support import (
+    DB_CRASH,
+    DB_WORKERS2,
+    RECOVERY_TIMEOUT_S,
+    Attempt,
+    ClientPool,
+    api_client,
+    assert_balanced,
+    bought,
+    error_of,
+    fire,
+    get_order,
+    get_sale,
+    idem_key,
+    launch,
+    new_guests,
+    new_shop,
+    pending,
+    redis_db_url,
+    server_backends,
+    settle_tracked,
+    sql_orders,
+    stream_records,
+    wait_persisted,
+    wait_until,
+)
+from tests.support import REPO, ServerProcess
+
+STOCK = 100
+LIMIT = 2
+ATTEMPTS_PER_BUYER = 4  # distinct keys, fired together
+RETRY_EVERY = 5  # every 5th buyer also re-sends its first key at the same moment (a client's retry)
+
+
+@pytest.fixture(scope="module")
+def workers2(tmp_path_factory: pytest.TempPathFactory, redis_url: str) -> Iterator[ServerProcess]:
+    """A private `livesale serve --workers 2` on the session Valkey (a database index of its own)."""
+    srv = ServerProcess(tmp_path_factory.mktemp("workers2"), redis_url=redis_db_url(redis_url, DB_WORKERS2),
+                        workers=2)
+    srv.start()
+    try:
+        yield srv
+    finally:
+        srv.stop(timeout=10)
+
+
+@pytest.fixture(autouse=True)
+async def _settle(server: ServerProcess) -> AsyncIterator[None]:
+    yield
+    await settle_tracked(server.url)
+
+
+def plan(buyers: list[Any]) -> list[Attempt]:
+    attempts: list[Attempt] = []
+    for i, buyer in enumerate(buyers):
+        mine = [Attempt(buyer, idem_key(f"b{i}a{j}")) for j in range(ATTEMPTS_PER_BUYER)]
+        attempts += mine
+        if i % RETRY_EVERY == 0:
+            attempts.append(Attempt(buyer, mine[0].key))  # the same key, at the same moment
+    return attempts
+
+
+def check_answers(attempts: list[Attempt], stock: int, limit: int) -> dict[str, str]:
+    """Every answer is an order or an expected refusal; one order per (buyer, key); nothing oversold.
+    Returns order id -> buyer id."""
+    finals: Counter[Any] = Counter()
+    retried = 0  # tries that got a 503 or no answer at all, then were sent again with the same key
+    for a in attempts:
+        assert a.final is not None, (a.key, a.errors)
+        for r in a.answers[:-1]:
+            assert r.status_code == 503 and error_of(r) == "unavailable", r.text
+        retried += len(a.answers) - 1 + len(a.errors)
+        r = a.final
+        code = error_of(r) if r.status_code >= 400 else ""
+        finals[(r.status_code, code)] += 1
+        if r.status_code in (200, 201):
+            body = r.json()
+            assert body["status"] == "reserved" and body["quantity"] == a.quantity, r.text
+        elif r.status_code == 409:
+            assert code in ("sold_out", "limit_exceeded"), r.text
+        else:
+            assert r.status_code == 429 and code == "rate_limited", r.text
+
+    # One order per (buyer, key), whatever the number of times it was sent.
+    by_key: dict[tuple[str, str], set[str]] = defaultdict(set)
+    created: Counter[str] = Counter()
+    owner: dict[str, str] = {}
+    for a in attempts:
+        for r in a.answers:
+            if r.status_code in (200, 201):
+                order_id = r.json()["order_id"]
+                by_key[(a.buyer.user_id, a.key)].add(order_id)
+                assert owner.setdefault(order_id, a.buyer.user_id) == a.buyer.user_id, "an order for two buyers"
+                if r.status_code == 201:
+                    created[order_id] += 1
+    for key, ids in by_key.items():
+        assert len(ids) == 1, f"key {key} made orders {ids}"
+    assert all(n == 1 for n in created.values()), "an order was created (201) twice"
+    orders = set(owner)
+    assert len(orders) == len(by_key)
+    # Exactly the stock went out, in units of 1. Without retries every order was answered 201 once;
+    # a reservation whose answer was lost (503 or dropped connection) is answered 200 on the retry.
+    assert len(orders) == stock, dict(finals)
+    if retried == 0:
+        assert sum(created.values()) == stock, dict(finals)
+    per_buyer = Counter(owner.values())
+    assert max(per_buyer.values()) <= limit, per_buyer.most_common(3)
+    return owner
+
+
+async def run_spike(srv: ServerProcess, buyers_n: int) -> None:
+    async with api_client(srv.url, connections=64) as client:
+        shop = await new_shop(client)
+        sale = await launch(client, shop, stock=STOCK, per_user_limit=LIMIT, price_cents=2500, duration_s=600)
+        sale_id = sale["id"]
+        buyers = await new_guests(client, buyers_n, "spike")
+        attempts = plan(buyers)
+        assert len(attempts) >= ATTEMPTS_PER_BUYER * buyers_n
+        async with ClientPool(srv.url, clients=25, connections=40) as pool:  # 1000 connections
+            await fire(pool, sale_id, attempts)
+        owner = check_answers(attempts, STOCK, LIMIT)
+
+        # Later retries of some keys that made orders: the same order, 200, no more stock taken.
+        for a in attempts[::97]:
+            if a.order_id is not None:
+                r = await client.post(f"/api/sales/{sale_id}/purchase", json={"quantity": 1},
+                                      headers={**a.buyer.auth, "Idempotency-Key": a.key})
+                assert r.status_code in (200, 429), r.text
+                if r.status_code == 200:
+                    assert r.json()["order_id"] == a.order_id and r.json()["remaining"] == 0
+
+        final = await get_sale(client, sale_id)
+        assert_balanced(final)
+        assert (final["remaining"], final["sold"], final["reserved"], final["paid"]) == (0, STOCK, STOCK, 0), final
+
+    async with server_backends(srv) as (stock, db):
+        assert set(await stock.orders(sale_id)) == set(owner)
+        report = await wait_persisted(stock, db, sale_id)
+        assert report.ok, report.lines()
+        assert (report.redis_orders, report.sql_orders) == (STOCK, STOCK), report.lines()
+        rows = await sql_orders(db, sale_id)
+        assert set(rows) == set(owner)
+        for order_id, row in rows.items():
+            assert (row.status, row.quantity, row.buyer_id, row.version) == ("reserved", 1, owner[order_id], 1)
+
+    if srv.workers == 1:
+        await check_reconcile_cli(srv, sale_id)
+
+
+async def check_reconcile_cli(srv: ServerProcess, sale_id: str) -> None:
+    """`python -m server reconcile SALE_ID` with the server's environment agrees: exit 0, OK."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "server", "reconcile", sale_id, cwd=Path(REPO), env=srv.env,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+    out, _ = await asyncio.wait_for(proc.communicate(), timeout=60)
+    text = out.decode()
+    assert proc.returncode == 0, text
+    assert f"sale {sale_id}: stock {STOCK} = remaining 0 + reserved {STOCK} + paid 0" in text, text
+    assert f"in Redis {STOCK}, in SQL {STOCK}; stream entries not yet persisted 0" in text and "  OK" in text, text
+
+
+async def test_spike_one_worker(server: ServerProcess) -> None:
+    """2,100 attempts from 500 buyers at once on a stock of 100."""
+    await run_spike(server, 500)
+
+
+async def test_spike_two_workers(workers2: ServerProcess) -> None:
+    """The same on two worker processes sharing Redis and the SQLite file (smaller: 250 buyers)."""
+    await run_spike(workers2, 250)
+
+
+async def test_two_sweepers_release_each_order_once(workers2: ServerProcess) -> None:
+    """Both workers run a sweeper over the same sale: every unpaid order is released exactly once."""
+    n = 30
+    async with api_client(workers2.url) as client:
+        shop = await new_shop(client)
+        sale = await launch(client, shop, stock=n, per_user_limit=1, payment_timeout_s=1)
+        buyers = await new_guests(client, n, "late")
+        orders = await asyncio.gather(*(bought(client, b, sale["id"]) for b in buyers))
+
+        async def all_back() -> dict[str, Any] | None:
+            s = await get_sale(client, sale["id"])
+            assert_balanced(s)
+            return s if s["remaining"] == n else None
+
+        final = await wait_until(all_back, what="every order released")
+        assert (final["reserved"], final["paid"]) == (0, 0)
+        assert final["v"] == 1 + 2 * n  # n reservations, n releases: nothing twice
+        for b, o in zip(buyers, orders):
+            assert (await get_order(client, b, o["order_id"]))["status"] == "expired"
+
+    async with server_backends(workers2) as (stock, db):
+        history: dict[str, list[str]] = defaultdict(list)
+        for rec in await stream_records(stock.redis, sale["id"]):
+            history[rec["id"]].append(rec["status"])
+        assert set(history) == {o["order_id"] for o in orders}
+        assert all(h == ["reserved", "expired"] for h in history.values()), history
+        report = await wait_persisted(stock, db, sale["id"])
+        assert report.ok, report.lines()
+        assert {row.status for row in (await sql_orders(db, sale["id"])).values()} == {"expired"}
+
+
+@pytest.mark.slow
+async def test_sigkill_mid_spike_then_restart(tmp_path: Path, redis_url: str) -> None:
+    """Kill the server (SIGKILL, whole process group) while purchases are in flight, restart it on
+    the same data dir, retry every unanswered attempt with the same key: every order a buyer was
+    told about is in SQL once, and Redis and SQL agree.
+
+    What the killed persister read but never acknowledged is claimed by the restarted one once it
+    has been idle for CLAIM_IDLE_MS (30 s), so this test waits that long when the kill lands there."""
+    srv = ServerProcess(tmp_path / "crash", redis_url=redis_db_url(redis_url, DB_CRASH))
+    await asyncio.to_thread(srv.start)
+    try:
+        async with api_client(srv.url, connections=64) as client:
+            shop = await new_shop(client)
+            sale = await launch(client, shop, stock=STOCK, per_user_limit=LIMIT, duration_s=600)
+            sale_id = sale["id"]
+            buyers = await new_guests(client, 120, "crash")
+        attempts = [Attempt(b, idem_key(f"c{i}a{j}")) for i, b in enumerate(buyers) for j in range(ATTEMPTS_PER_BUYER)]
+
+        created_before = [0]
+        enough = asyncio.Event()
+
+        def on_answer(a: Attempt) -> None:
+            if a.final is not None and a.final.status_code == 201:
+                created_before[0] += 1
+                if created_before[0] >= 25:
+                    enough.set()
+
+        async def killer() -> None:
+            try:
+                await asyncio.wait_for(enough.wait(), 60)
+            finally:
+                await asyncio.to_thread(srv.kill)
+
+        async with ClientPool(srv.url, clients=10, connections=40) as pool:
+            await asyncio.gather(fire(pool, sale_id, attempts, crash=True, on_answer=on_answer), killer())
+        told_before = {a.order_id: a for a in attempts
+                       if a.order_id is not None and a.final is not None and a.final.status_code == 201}
+        unanswered = [a for a in attempts if a.final is None]
+        assert told_before and unanswered, (len(told_before), len(unanswered))
+        assert all(a.errors for a in unanswered)
+
+        await asyncio.to_thread(srv.start)
+        async with server_backends(srv) as (stock, db):
+            left_pending = await pending(stock.redis, sale_id)  # read by the dead persister, never acked
+        async with ClientPool(srv.url, clients=4, connections=25) as pool:
+            for round_ in range(20):  # bounded: retry what got no answer, or only 429 / 503, same key
+                todo = [a for a in attempts if a.final is None or a.final.status_code in (429, 503)]
+                if not todo:
+                    break
+                for a in todo:
+                    a.errors.clear()
+                await fire(pool, sale_id, todo)
+                await asyncio.sleep(0.3 * round_)
+        assert all(a.final is not None and a.final.status_code in (200, 201, 409) for a in attempts)
+
+        known: dict[str, str] = {}
+        for a in attempts:
+            ids = {r.json()["order_id"] for r in a.answers if r.status_code in (200, 201)}
+            assert len(ids) <= 1, f"key {a.key} made {ids}"
+            if ids:
+                known[ids.pop()] = a.buyer.user_id
+        assert set(told_before) <= set(known)
+
+        async with server_backends(srv) as (stock, db):
+            state = await stock.state(sale_id)
+            assert state is not None
+            assert state["remaining"] + state["reserved"] + state["paid"] == STOCK
+            assert state["remaining"] == 0  # demand (120 buyers x 2) was over the stock
+            redis_orders = await stock.orders(sale_id)
+            assert set(redis_orders) == set(known), "Redis holds orders no buyer was told about, or lost some"
+            report = await wait_persisted(stock, db, sale_id, timeout=RECOVERY_TIMEOUT_S)
+            assert report.ok, (report.lines(), f"{left_pending} entries were left pending by the kill")
+            rows = await sql_orders(db, sale_id)
+            assert set(rows) == set(known) and len(rows) == STOCK
+            for order_id in told_before:
+                assert rows[order_id].buyer_id == known[order_id]
+            per_buyer = Counter(known.values())
+            assert max(per_buyer.values()) <= LIMIT
+            groups = await stock.redis.xinfo_groups(keys.log(sale_id))
+            group = next(g for g in groups if g["name"] in (PERSISTER_GROUP, PERSISTER_GROUP.encode()))
+            assert group["pending"] == 0
+    finally:
+        srv.stop(timeout=10)

@@ -33,7 +33,7 @@ from server.inventory.sweeper import Sweeper
 from server.loops import stop as stop_loops
 from server.metrics import metrics
 from server.ratelimit import RateLimiter
-from server.redis_pool import make_redis
+from server.redis_pool import make_listener, make_redis
 from server.rooms.broker import Broker
 from server.rooms.connection import room_socket
 from server.rooms.hub import Hub
@@ -89,7 +89,8 @@ def create_app(settings: Settings | None = None) -> Starlette:
                     return None
 
         hub: Hub
-        broker = Broker(redis, lambda room_id, data: hub.on_message(room_id, data), lambda: hub.resync(),
+        listener = make_listener(redis_url)
+        broker = Broker(redis, listener, lambda room_id, data: hub.on_message(room_id, data), lambda: hub.resync(),
                         lambda session_id: hub.end_session(session_id))
         store = RoomStore(redis, broker)
         hub = Hub(store, broker, load_meta)
@@ -115,7 +116,8 @@ def create_app(settings: Settings | None = None) -> Starlette:
             hub.shutdown()
             await asyncio.sleep(0.1)  # let writers send their close frames
             await stop_loops(tasks)
-            await redis.aclose()
+            await listener.aclose(close_connection_pool=True)
+            await redis.aclose(close_connection_pool=True)
             await engine.dispose()
             if embedded is not None:
                 embedded.stop()

@@ -12,6 +12,7 @@ import uvicorn
 from server.config import load_settings
 from server.embedded_redis import EmbeddedRedis
 from server.errors import ConfigError
+from server.logs import log_config
 from server.rooms.protocol import MAX_FRAME_BYTES
 
 
@@ -49,7 +50,8 @@ def serve(host: str, port: int, workers: int, log_level: str) -> None:
 
         asyncio.run(ensure_schema(settings))
         uvicorn.run("server.app:create_app", factory=True, host=host, port=port, workers=workers,
-                    log_level=log_level, proxy_headers=True, server_header=False, lifespan="on",
+                    log_level=log_level, log_config=log_config(), proxy_headers=True, server_header=False,
+                    lifespan="on",
                     # Frames over 4 KiB are closed with 1009; no per-message deflate, whose
                     # zlib state would cost more memory per viewer than everything else.
                     ws_max_size=MAX_FRAME_BYTES, ws_per_message_deflate=False,

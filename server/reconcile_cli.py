@@ -24,5 +24,5 @@ async def run_reconcile(settings: Settings, sale_id: str) -> Report:
     try:
         return await reconcile(Stock(redis), make_sessionmaker(db_engine), sale_id)
     finally:
-        await redis.aclose()
+        await redis.aclose(close_connection_pool=True)
         await db_engine.dispose()

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
-from redis.backoff import ExponentialWithJitterBackoff
+from redis.backoff import ExponentialWithJitterBackoff, NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -23,6 +23,13 @@ CONNECT_TIMEOUT_S = 2.0
 def make_retry() -> Retry:
     return Retry(ExponentialWithJitterBackoff(base=0.05, cap=0.5), retries=2,
                  supported_errors=(RedisConnectionError, RedisTimeoutError))
+
+
+def make_listener(url: str) -> Redis:
+    """For pub/sub: no retries (the broker handles reconnects itself), no socket timeout
+    (it waits for messages), keepalive health checks to notice a dead link."""
+    return Redis.from_url(url, socket_connect_timeout=CONNECT_TIMEOUT_S, socket_timeout=None,
+                          retry=Retry(NoBackoff(), 0), health_check_interval=15)
 
 
 def make_redis(url: str, max_connections: int) -> Redis:

@@ -96,7 +96,7 @@ async def set_lineup(call: Call[LineupIn]) -> list[ProductOut]:
 
 
 @router.endpoint("DELETE", "/api/rooms/{room_id}/chat/{message_id}", auth="host", response=DeletedOut,
-                 errors=(404,))
+                 errors=(404, 409))
 async def delete_chat(call: Call[None]) -> DeletedOut:
     """Delete a danmaku message; viewers get `chat_deleted`."""
     room = await _owned_open_room(call)

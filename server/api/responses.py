@@ -52,9 +52,9 @@ async def on_unavailable(request: Request, exc: Exception) -> Response:
     # Redis or the database is down or too slow: say so at once, never hang.
     if "No connection available" in str(exc):
         # Every pooled Redis connection stayed busy for POOL_WAIT_S: overload, not an outage.
-        log.warning("overloaded: no free Redis connection for %s %s", request.method, request.url.path)
+        log.warning("overloaded: no free Redis connection for %s", request.url.path)
         return error_response(503, "busy", "too busy right now; retry in a moment", headers={"Retry-After": "1"})
-    log.warning("backend unavailable on %s %s: %r", request.method, request.url.path, exc)
+    log.warning("backend unavailable on %s: %r", request.url.path, exc)
     return error_response(503, "unavailable", "a backend service is unavailable, try again shortly",
                           headers={"Retry-After": "1"})
 
@@ -65,7 +65,7 @@ async def on_client_gone(request: Request, exc: Exception) -> Response:
 
 
 async def on_unexpected(request: Request, exc: Exception) -> Response:
-    log.exception("unhandled error on %s %s", request.method, request.url.path)
+    log.exception("unhandled error on %s", request.url.path)
     return error_response(500, "internal", "internal server error")
 
 

@@ -12,7 +12,7 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from server.inventory import keys
-from server.inventory.stock import PERSISTER_GROUP, Stock
+from server.inventory.stock import PERSISTER_GROUP, Stock, parse_orders, parse_state
 from server.inventory.tables import Order, Sale
 
 
@@ -41,15 +41,19 @@ class Report:
 
 async def reconcile(stock: Stock, db: async_sessionmaker[AsyncSession], sale_id: str) -> Report:
     report = Report(sale_id)
-    state = await stock.state(sale_id)
-    async with db() as session:
-        sale = await session.get(Sale, sale_id)
-        rows = {o.id: o for o in (await session.scalars(select(Order).where(Order.sale_id == sale_id))).all()}
+    # One atomic look at Redis first; SQL is read after, and compared only if nothing was in
+    # flight then (a batch committed between two reads would look like a lost order).
+    async with stock.redis.pipeline(transaction=True) as pipe:
+        pipe.hgetall(keys.sale(sale_id))
+        pipe.hgetall(keys.orders(sale_id))
+        pipe.xinfo_groups(keys.log(sale_id))
+        raw_state, raw_orders, groups = await pipe.execute(raise_on_error=False)
+    state, orders = parse_state(raw_state), parse_orders(raw_orders)
+    if isinstance(groups, Exception):  # no stream yet: nothing was ever logged
+        groups = []
     if state is None:
         report.problems.append("sale not in Redis")
         return report
-    if sale is None:
-        report.problems.append("sale not in SQL")
     report.stock, report.remaining = state["stock"], state["remaining"]
     report.reserved, report.paid = state["reserved"], state["paid"]
     if report.remaining < 0:
@@ -57,8 +61,7 @@ async def reconcile(stock: Stock, db: async_sessionmaker[AsyncSession], sale_id:
     if report.remaining + report.reserved + report.paid != report.stock:
         report.problems.append("remaining + reserved + paid != stock")
 
-    orders = await stock.orders(sale_id)
-    report.redis_orders, report.sql_orders = len(orders), len(rows)
+    report.redis_orders = len(orders)
     by_status = {"reserved": 0, "paid": 0}
     per_buyer: dict[str, int] = {}
     for o in orders.values():
@@ -71,11 +74,15 @@ async def reconcile(stock: Stock, db: async_sessionmaker[AsyncSession], sale_id:
         if held > state["limit"]:
             report.problems.append(f"buyer {buyer} holds {held} > limit {state['limit']}")
 
-    groups = await stock.redis.xinfo_groups(keys.log(sale_id))
     group = next((g for g in groups if g["name"] in (PERSISTER_GROUP, PERSISTER_GROUP.encode())), None)
     report.unpersisted = (group["pending"] + (group.get("lag") or 0)) if group else 0
     if report.unpersisted:
         return report  # SQL is behind; comparing order by order would only list what is in flight
+    async with db() as session:
+        if await session.get(Sale, sale_id) is None:
+            report.problems.append("sale not in SQL")
+        rows = {o.id: o for o in (await session.scalars(select(Order).where(Order.sale_id == sale_id))).all()}
+    report.sql_orders = len(rows)
     for order_id, o in orders.items():
         row = rows.get(order_id)
         if row is None:

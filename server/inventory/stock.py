@@ -61,6 +61,24 @@ def _outcome(raw: list[Any]) -> Outcome:
     return Outcome(raw[0].decode(), record, *(int(x) for x in raw[2:]))
 
 
+def parse_state(raw: dict[bytes, bytes]) -> dict[str, Any] | None:
+    """The sale hash with its numbers as ints; None if there is no such sale."""
+    if not raw:
+        return None
+    state: dict[str, Any] = {k.decode(): v for k, v in raw.items()}
+    for name in ("stock", "remaining", "reserved", "paid", "limit", "price", "starts_at", "ends_at",
+                 "ended_at", "timeout_ms", "v"):
+        state[name] = int(state[name])
+    state["room_id"] = state["room_id"].decode()
+    state["info"] = msgspec.json.decode(state["info"])
+    state["end_reason"] = state["end_reason"].decode() if "end_reason" in state else None
+    return state
+
+
+def parse_orders(raw: dict[bytes, bytes]) -> dict[str, dict[str, Any]]:
+    return {k.decode(): msgspec.json.decode(v) for k, v in raw.items()}
+
+
 class Stock:
     def __init__(self, redis: Redis) -> None:
         self.redis = redis
@@ -111,25 +129,14 @@ class Stock:
         return bool(await self._end(keys=[keys.sale(sale_id), keys.log(sale_id)], args=[reason]))
 
     async def state(self, sale_id: str) -> dict[str, Any] | None:
-        raw = await self.redis.hgetall(keys.sale(sale_id))
-        if not raw:
-            return None
-        state: dict[str, Any] = {k.decode(): v for k, v in raw.items()}
-        for name in ("stock", "remaining", "reserved", "paid", "limit", "price", "starts_at", "ends_at",
-                     "ended_at", "timeout_ms", "v"):
-            state[name] = int(state[name])
-        state["room_id"] = state["room_id"].decode()
-        state["info"] = msgspec.json.decode(state["info"])
-        state["end_reason"] = state["end_reason"].decode() if "end_reason" in state else None
-        return state
+        return parse_state(await self.redis.hgetall(keys.sale(sale_id)))
 
     async def order(self, sale_id: str, order_id: str) -> dict[str, Any] | None:
         raw = await self.redis.hget(keys.orders(sale_id), order_id)
         return msgspec.json.decode(raw) if raw else None
 
     async def orders(self, sale_id: str) -> dict[str, dict[str, Any]]:
-        raw = await self.redis.hgetall(keys.orders(sale_id))
-        return {k.decode(): msgspec.json.decode(v) for k, v in raw.items()}
+        return parse_orders(await self.redis.hgetall(keys.orders(sale_id)))
 
     async def due(self, sale_id: str, now_ms: int, limit: int = 500) -> list[str]:
         ids = await self.redis.zrangebyscore(keys.expiry(sale_id), "-inf", now_ms, start=0, num=limit)

@@ -43,9 +43,13 @@ OnReconnect = Callable[[], Awaitable[None]]
 
 
 class Broker:
-    def __init__(self, redis: Redis, on_message: OnMessage, on_reconnect: OnReconnect,
+    def __init__(self, redis: Redis, listen: Redis, on_message: OnMessage, on_reconnect: OnReconnect,
                  on_session_end: Callable[[str], None]) -> None:
-        self._redis = redis
+        self._redis = redis  # publishing: the shared client, with its retries
+        # Listening: a client that never retries, so a dropped link always reaches run(),
+        # which resubscribes and has the hub resend `welcome` (redis-py would otherwise
+        # reconnect inside get_message and the events published meanwhile would vanish unseen).
+        self._listen_client = listen
         self._on_message = on_message
         self._on_session_end = on_session_end
         self._on_reconnect = on_reconnect
@@ -92,7 +96,7 @@ class Broker:
         backoff = 0.1
         first = True
         while running():
-            pubsub = self._redis.pubsub()
+            pubsub = self._listen_client.pubsub()
             try:
                 self._active.clear()
                 await (pubsub.ssubscribe(SESSIONS_CHANNEL) if self.sharded else pubsub.subscribe(SESSIONS_CHANNEL))

@@ -9,6 +9,7 @@ import time
 
 import msgspec
 from redis.exceptions import RedisError
+from sqlalchemy.exc import SQLAlchemyError
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from server.auth import authenticate
@@ -47,8 +48,15 @@ async def room_socket(ws: WebSocket) -> None:
     except ApiError as exc:
         await _refuse(ws, protocol.SESSION_ENDED, exc.code, exc.message)
         return
+    except RedisError:
+        await _refuse(ws, protocol.TRY_AGAIN_LATER, "unavailable", "the room is unavailable, reconnect shortly")
+        return
     hub = services.hub
-    meta = await hub.room_meta(room_id)
+    try:
+        meta = await hub.room_meta(room_id)
+    except SQLAlchemyError:
+        await _refuse(ws, protocol.TRY_AGAIN_LATER, "unavailable", "the room is unavailable, reconnect shortly")
+        return
     if meta is None:
         await _refuse(ws, protocol.ROOM_NOT_FOUND, "room_not_found", "no such room")
         return
@@ -58,7 +66,7 @@ async def room_socket(ws: WebSocket) -> None:
         try:
             await hub.join(conn)
             meta = await hub.welcome(conn)
-        except (asyncio.TimeoutError, OSError, ConnectionError) as exc:
+        except (asyncio.TimeoutError, OSError, ConnectionError, RedisError) as exc:
             log.warning("join failed for room %s: %r", room_id, exc)
             await ws.send_text(protocol.error_frame("unavailable", "the room is unavailable, reconnect shortly"))
             await ws.close(protocol.TRY_AGAIN_LATER)

@@ -96,7 +96,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
         hub = Hub(store, broker, load_meta)
         await broker.detect()
         rooms = RoomService(store, broker)
-        stock = Stock(redis)
+        stock = Stock(redis, settings.deployment)
         notifier = SaleNotifier(redis, rooms)
         sales = SaleService(settings, stock, db, rooms, SimulatedPayments(), notifier)
         hub.load_sale = sales.snapshot

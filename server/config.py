@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import secrets
 from dataclasses import dataclass, field
@@ -104,6 +105,9 @@ class Settings:
     # Addresses exempt from per-IP limits (purchases, logins, sign-ups): a load
     # generator on loopback, or a trusted gateway that limits on its own.
     rate_limit_exempt_ips: tuple[str, ...] = ()
+    # Names this deployment's share of Redis (open sales, persister group): every server that
+    # writes to one database must have the same; by default a digest of DATABASE_URL.
+    deployment: str = "default"
 
     @property
     def embedded_redis(self) -> bool:
@@ -133,4 +137,5 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         redis_server_bin=env.get("LIVESALE_REDIS_SERVER_BIN") or None,
         background_jobs=_bool(env, "LIVESALE_BACKGROUND_JOBS", True),
         rate_limit_exempt_ips=_list(env, "LIVESALE_RATE_LIMIT_EXEMPT_IPS"),
+        deployment=env.get("LIVESALE_DEPLOYMENT") or hashlib.sha256(database_url.encode()).hexdigest()[:12],
     )

@@ -22,7 +22,7 @@ async def run_reconcile(settings: Settings, sale_id: str) -> Report:
     redis = make_redis(url, 4)
     db_engine = make_engine(settings.database_url)
     try:
-        return await reconcile(Stock(redis), make_sessionmaker(db_engine), sale_id)
+        return await reconcile(Stock(redis, settings.deployment), make_sessionmaker(db_engine), sale_id)
     finally:
         await redis.aclose(close_connection_pool=True)
         await db_engine.dispose()

@@ -18,8 +18,8 @@ anything about speed.
 from __future__ import annotations
 
 import asyncio
+import random
 import secrets
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -40,7 +40,7 @@ from server.ids import new_id
 from server.inventory import keys
 from server.inventory.persister import Entry, Persister
 from server.inventory.reconcile import Report, reconcile
-from server.inventory.stock import PERSISTER_GROUP, Outcome, Stock, Terms, new_order_id
+from server.inventory.stock import Outcome, Stock, Terms, new_order_id
 from server.inventory.tables import LedgerEntry, Order, Sale
 from server.models import Product, Room, User
 from server.redis_pool import make_redis
@@ -103,8 +103,7 @@ def error_of(r: httpx.Response) -> str | None:
 
 # Sales and orders the tests made over HTTP, by server URL: `settle_tracked` ends the sales and
 # cancels the reservations at teardown, so that the persister closes them and the server's
-# background loops stop polling them. (Busy loops make the shutdown hang found in this suite more
-# likely to bite the session's shared server when it stops; see test_inventory_ledger.py.)
+# background loops stop polling them: the shared server keeps serving the rest of the session.
 _TRACKED_SALES: dict[str, dict[str, str]] = {}   # base URL -> sale id -> host token
 _TRACKED_ORDERS: dict[str, dict[str, str]] = {}  # base URL -> order id -> buyer token
 
@@ -330,26 +329,30 @@ class Attempt:
         return str(r.json()["order_id"]) if r is not None and r.status_code in (200, 201) else None
 
 
-RETRIES = 8  # a 503 or a dropped connection is retried with the same key, as a client should
+TRANSPORT_RETRIES = 8  # a dropped connection is retried with the same key, as a client should
+BUSY_RETRIES = 40  # so is a 503 (`busy`: the server sheds load; `unavailable`), after Retry-After
 
 
 async def fire(pool: ClientPool, sale_id: str, attempts: list[Attempt], *, crash: bool = False,
                on_answer: Callable[[Attempt], None] | None = None) -> None:
-    """Send every attempt at once (all wait on one gate). A 503 (overloaded) or a transport failure
-    (a dropped keep-alive connection under load) is retried with the same key, as the API asks
-    clients to; with `crash`, a transport failure ends the attempt (the server is gone)."""
+    """Send every attempt at once (all wait on one gate). A 503 (the server sheds load past a
+    number of purchases in flight) is retried after its Retry-After, with a little jitter, and
+    a transport failure (a dropped keep-alive connection under load) at once, both with the same
+    key, as the API asks clients to; with `crash`, a transport failure ends the attempt (the
+    server is gone). Bounded either way."""
     gate = asyncio.Event()
+    rng = random.Random(len(attempts))
 
     async def one(i: int, a: Attempt) -> None:
         client = pool[i]
         await gate.wait()
-        for _ in range(RETRIES):
+        for _ in range(BUSY_RETRIES):
             try:
                 r = await client.post(f"/api/sales/{sale_id}/purchase", json={"quantity": a.quantity},
                                       headers={**a.buyer.auth, "Idempotency-Key": a.key})
             except httpx.TransportError as exc:
                 a.errors.append(exc)
-                if crash:
+                if crash or len(a.errors) >= TRANSPORT_RETRIES:
                     return
                 await asyncio.sleep(0.2)
                 continue
@@ -360,7 +363,7 @@ async def fire(pool: ClientPool, sale_id: str, attempts: list[Attempt], *, crash
                 on_answer(a)
             if r.status_code != 503:
                 return
-            await asyncio.sleep(0.5)
+            await asyncio.sleep(float(r.headers.get("retry-after", "1")) * rng.uniform(0.5, 1.5))
 
     tasks = [asyncio.create_task(one(i, a)) for i, a in enumerate(attempts)]
     await asyncio.sleep(0)
@@ -402,7 +405,7 @@ def server_db_path(srv: ServerProcess) -> Path:
 async def server_backends(srv: ServerProcess) -> AsyncIterator[tuple[Stock, async_sessionmaker[AsyncSession]]]:
     """The Redis and the SQLite file a running test server uses (read side, for checks)."""
     async with open_redis(srv.env["REDIS_URL"], 8) as redis, open_sql(server_db_path(srv)) as db:
-        yield Stock(redis), db
+        yield Stock(redis, srv.deployment), db
 
 
 async def wait_persisted(stock: Stock, db: async_sessionmaker[AsyncSession], sale_id: str, *,
@@ -432,8 +435,8 @@ async def sql_count(db: async_sessionmaker[AsyncSession], model: Any, *where: An
         return int(await session.scalar(select(func.count()).select_from(model).where(*where)) or 0)
 
 
-async def pending(redis: Redis, sale_id: str) -> int:
-    info = await redis.xpending(keys.log(sale_id), PERSISTER_GROUP)
+async def pending(stock: Stock, sale_id: str) -> int:
+    info = await stock.redis.xpending(keys.log(sale_id), stock.group)
     return int(info["pending"])
 
 
@@ -480,7 +483,7 @@ class World:
 
     def __init__(self, redis: Redis, engine: AsyncEngine) -> None:
         self.redis = redis
-        self.stock = Stock(redis)
+        self.stock = Stock(redis, f"world-{secrets.token_hex(4)}")
         self.engine = engine
         self.db = make_sessionmaker(engine)
 
@@ -541,6 +544,3 @@ class World:
 
         await wait_until(past, timeout=10, interval=0.01, what=f"Redis clock past {ms}")
 
-
-def monotonic_deadline(seconds: float) -> float:
-    return time.monotonic() + seconds

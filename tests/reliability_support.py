@@ -72,7 +72,7 @@ async def backends(srv: ServerProcess) -> AsyncIterator[tuple[Stock, async_sessi
     engine = make_engine(f"sqlite+aiosqlite:///{srv.data_dir / 'livesale.db'}")
     try:
         async with open_redis(srv.env["REDIS_URL"]) as redis:
-            yield Stock(redis), make_sessionmaker(engine)
+            yield Stock(redis, srv.deployment), make_sessionmaker(engine)
     finally:
         await engine.dispose()
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import secrets
 import signal
@@ -40,6 +41,10 @@ class ServerProcess:
             "LIVESALE_RATE_LIMIT_EXEMPT_IPS": "127.0.0.1",
             **(env or {}),
         }
+        # Servers on one data dir are one deployment (one SQL database); the tests build
+        # their own Stock for a server with this name.
+        self.deployment = self.env.setdefault(
+            "LIVESALE_DEPLOYMENT", "test-" + hashlib.sha256(str(data_dir.resolve()).encode()).hexdigest()[:10])
         if redis_url is not None:
             self.env["REDIS_URL"] = redis_url
         else:

@@ -158,6 +158,25 @@ async def test_retry_after_sold_out_returns_the_order(api: httpx.AsyncClient, sh
     assert again.json()["remaining"] == 0
 
 
+async def test_longest_key_is_kept_exactly(api: httpx.AsyncClient, server: ServerProcess, shop: Shop) -> None:
+    sale = await launch(api, shop, stock=2, per_user_limit=2)
+    buyer = await new_guest(api)
+    key = ("k:!~ " * 26)[:127] + "z"  # 128 printable characters, a colon and spaces inside
+    assert len(key) == 128
+    first = await buy(api, buyer, sale["id"], key)
+    assert first.status_code == 201, first.text
+    again = await buy(api, buyer, sale["id"], key)
+    assert again.status_code == 200 and again.json()["order_id"] == first.json()["order_id"], again.text
+    other = await buy(api, buyer, sale["id"], key[:-1] + "y")  # one character apart: another attempt
+    assert other.status_code == 201, other.text
+    async with server_backends(server) as (stock, db):
+        report = await wait_persisted(stock, db, sale["id"])
+        assert report.ok, report.lines()
+        rows = await sql_orders(db, sale["id"])
+        assert rows[first.json()["order_id"]].idempotency_key == key
+        assert rows[other.json()["order_id"]].idempotency_key == key[:-1] + "y"
+
+
 # --- expiry -----------------------------------------------------------------------------------
 
 async def test_unpaid_order_expires_and_its_unit_sells_again(api: httpx.AsyncClient, server: ServerProcess,

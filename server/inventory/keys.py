@@ -3,7 +3,9 @@ scripts touch one slot, so they also run on Redis Cluster."""
 
 from __future__ import annotations
 
-OPEN_SALES = "sales:open"  # set of sale ids the background jobs still watch
+def open_sales(deployment: str) -> str:
+    """Set of the sale ids one deployment's background jobs still watch."""
+    return f"sales:open:{deployment}"
 
 
 def tag(sale_id: str) -> str:

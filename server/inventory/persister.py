@@ -29,7 +29,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from server import clock
 from server.inventory import keys, ledger
-from server.inventory.stock import PERSISTER_GROUP, Stock
+from server.inventory.stock import Stock
 from server.inventory.tables import LedgerEntry, Order, Sale
 from server.loops import running
 from server.metrics import PERSISTED
@@ -77,7 +77,7 @@ class Persister:
     async def read(self, sale_id: str, count: int = BATCH, *, mine: bool = False) -> list[Entry]:
         """New entries; or, with mine=True, those this consumer read but has not acknowledged."""
         try:
-            resp = await self.redis.xreadgroup(PERSISTER_GROUP, self.consumer,
+            resp = await self.redis.xreadgroup(self.stock.group, self.consumer,
                                                {keys.log(sale_id): "0" if mine else ">"}, count=count)
         except ResponseError as exc:
             if "NOGROUP" not in str(exc):
@@ -89,7 +89,7 @@ class Persister:
     async def claim(self, sale_id: str, count: int = BATCH) -> list[Entry]:
         """Entries another consumer read but never acknowledged (it crashed)."""
         try:
-            resp = await self.redis.xautoclaim(keys.log(sale_id), PERSISTER_GROUP, self.consumer,
+            resp = await self.redis.xautoclaim(keys.log(sale_id), self.stock.group, self.consumer,
                                                min_idle_time=self.claim_idle_ms, start_id="0-0", count=count)
         except ResponseError as exc:
             if "NOGROUP" not in str(exc):
@@ -99,7 +99,7 @@ class Persister:
 
     async def ack(self, sale_id: str, entries: list[Entry]) -> None:
         if entries:
-            await self.redis.xack(keys.log(sale_id), PERSISTER_GROUP, *[eid for eid, _ in entries])
+            await self.redis.xack(keys.log(sale_id), self.stock.group, *[eid for eid, _ in entries])
 
     # --- writing -----------------------------------------------------------------
     async def apply(self, sale_id: str, entries: list[Entry]) -> None:
@@ -192,7 +192,7 @@ class Persister:
         if state["ended_at"] == 0 or state["reserved"] != 0:
             return False
         groups = await self.redis.xinfo_groups(keys.log(sale_id))
-        group = next((g for g in groups if g["name"] in (PERSISTER_GROUP, PERSISTER_GROUP.encode())), None)
+        group = next((g for g in groups if g["name"] in (self.stock.group, self.stock.group.encode())), None)
         return group is not None and group["pending"] == 0 and group.get("lag") == 0
 
     async def run(self) -> None:

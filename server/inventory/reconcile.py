@@ -12,7 +12,7 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from server.inventory import keys
-from server.inventory.stock import PERSISTER_GROUP, Stock, parse_orders, parse_state
+from server.inventory.stock import Stock, parse_orders, parse_state
 from server.inventory.tables import Order, Sale
 
 
@@ -74,7 +74,7 @@ async def reconcile(stock: Stock, db: async_sessionmaker[AsyncSession], sale_id:
         if held > state["limit"]:
             report.problems.append(f"buyer {buyer} holds {held} > limit {state['limit']}")
 
-    group = next((g for g in groups if g["name"] in (PERSISTER_GROUP, PERSISTER_GROUP.encode())), None)
+    group = next((g for g in groups if g["name"] in (stock.group, stock.group.encode())), None)
     report.unpersisted = (group["pending"] + (group.get("lag") or 0)) if group else 0
     if report.unpersisted:
         return report  # SQL is behind; comparing order by order would only list what is in flight

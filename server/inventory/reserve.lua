@@ -42,11 +42,11 @@ local remaining, limit = tonumber(s[1]), tonumber(s[2])
 local starts_at, ends_at, ended_at = tonumber(s[3]), tonumber(s[4]), tonumber(s[5])
 local timeout_ms, price = tonumber(s[6]), tonumber(s[7])
 
-if now < starts_at then
-  return {'not_started', '', remaining}
-end
 if ended_at > 0 or now >= ends_at then
   return {'ended', '', remaining}
+end
+if now < starts_at then
+  return {'not_started', '', remaining}
 end
 local held = tonumber(redis.call('HGET', buyers, user)) or 0
 if held + qty > limit then

@@ -20,7 +20,6 @@ from redis.exceptions import ResponseError
 from server.inventory import keys
 from server.lua import load_script
 
-PERSISTER_GROUP = "persister"
 _ORDER_ID = re.compile(r"^ord_([a-z2-7]{26})[a-z2-7]{16}$")
 
 
@@ -80,8 +79,12 @@ def parse_orders(raw: dict[bytes, bytes]) -> dict[str, dict[str, Any]]:
 
 
 class Stock:
-    def __init__(self, redis: Redis) -> None:
+    def __init__(self, redis: Redis, deployment: str) -> None:
         self.redis = redis
+        # One deployment = one SQL database. Its open-sales set and its persister group are its
+        # own, so deployments sharing a Redis never take each other's orders.
+        self.open_key = keys.open_sales(deployment)
+        self.group = f"persister:{deployment}"
         self._reserve = load_script(redis, "server.inventory", "reserve.lua")
         self._pay = load_script(redis, "server.inventory", "pay.lua")
         self._release = load_script(redis, "server.inventory", "release.lua")
@@ -96,13 +99,13 @@ class Stock:
                 "ends_at": t.ends_at_ms, "ended_at": 0, "timeout_ms": t.payment_timeout_ms, "v": 1,
                 "info": msgspec.json.encode(t.info),
             })
-            pipe.sadd(keys.OPEN_SALES, t.sale_id)
+            pipe.sadd(self.open_key, t.sale_id)
             await pipe.execute()
         await self.ensure_group(t.sale_id)
 
     async def ensure_group(self, sale_id: str) -> None:
         try:
-            await self.redis.xgroup_create(keys.log(sale_id), PERSISTER_GROUP, id="0", mkstream=True)
+            await self.redis.xgroup_create(keys.log(sale_id), self.group, id="0", mkstream=True)
         except ResponseError as exc:
             if "BUSYGROUP" not in str(exc):
                 raise
@@ -143,11 +146,11 @@ class Stock:
         return [i.decode() for i in ids]
 
     async def open_sales(self) -> list[str]:
-        return sorted(s.decode() for s in await self.redis.smembers(keys.OPEN_SALES))
+        return sorted(s.decode() for s in await self.redis.smembers(self.open_key))
 
     async def close(self, sale_id: str) -> None:
         """Stop watching a sale whose every change is settled and persisted."""
-        await self.redis.srem(keys.OPEN_SALES, sale_id)
+        await self.redis.srem(self.open_key, sale_id)
 
     async def mark_started(self, sale_id: str) -> bool:
         """True for the one caller (of all processes) that gets to announce the start."""

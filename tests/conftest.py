@@ -1,13 +1,13 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import AsyncIterator, Iterator
+from typing import Any, AsyncIterator, Iterator
 
 import httpx
 import pytest
 
 from server.embedded_redis import EmbeddedRedis
-from tests.support import ServerProcess, free_port
+from tests.support import ServerProcess, cookieless_client, free_port, guest, register
 
 
 @pytest.fixture(scope="session")
@@ -35,3 +35,32 @@ async def client(server: ServerProcess) -> AsyncIterator[httpx.AsyncClient]:
 @pytest.fixture
 def data_dir(tmp_path: Path) -> Path:
     return tmp_path / "data"
+
+
+@pytest.fixture(scope="module")
+async def api(server: ServerProcess) -> AsyncIterator[httpx.AsyncClient]:
+    """A cookieless client on the shared server, one per module."""
+    async with cookieless_client(server.url) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+async def hosts(server: ServerProcess) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Two registered hosts per module (registering hashes a password: slow on purpose)."""
+    async with httpx.AsyncClient(base_url=server.url, timeout=30) as c:
+        return await register(c, "host"), await register(c, "host")
+
+
+@pytest.fixture
+def host(hosts: tuple[dict[str, Any], dict[str, Any]]) -> dict[str, Any]:
+    return hosts[0]
+
+
+@pytest.fixture
+def other_host(hosts: tuple[dict[str, Any], dict[str, Any]]) -> dict[str, Any]:
+    return hosts[1]
+
+
+@pytest.fixture
+async def viewer(api: httpx.AsyncClient) -> dict[str, Any]:
+    return await guest(api, "Vera")

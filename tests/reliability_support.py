@@ -26,7 +26,6 @@ from typing import Any, AsyncIterator, Iterable
 
 import httpx
 from itsdangerous import TimestampSigner, URLSafeTimedSerializer
-
 from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 

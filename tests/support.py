@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+from http.cookiejar import CookieJar, DefaultCookiePolicy
 from pathlib import Path
 from typing import Any
 
@@ -138,3 +139,22 @@ async def create_room(client: httpx.AsyncClient, token: str, **fields: Any) -> d
     r = await client.post("/api/rooms", json={"title": "Live", **fields}, headers=bearer(token))
     assert r.status_code == 201, r.text
     return dict(r.json())
+
+
+def assert_error(r: httpx.Response, status: int, code: str | None = None, field: str | None = None) -> dict[str, Any]:
+    assert r.status_code == status, r.text
+    assert r.headers["content-type"].startswith("application/json")
+    body: dict[str, Any] = r.json()
+    assert set(body) <= {"error", "message", "field"}
+    assert isinstance(body["error"], str) and body["error"]
+    assert isinstance(body["message"], str) and body["message"]
+    if code is not None:
+        assert body["error"] == code, body
+    if field is not None:
+        assert body.get("field") == field, body
+    return body
+
+
+def cookieless_client(url: str) -> httpx.AsyncClient:
+    """A client that never stores cookies: each request carries only what the test gives it."""
+    return httpx.AsyncClient(base_url=url, timeout=30, cookies=CookieJar(DefaultCookiePolicy(allowed_domains=[])))

@@ -3,37 +3,14 @@
 from __future__ import annotations
 
 from datetime import datetime, timedelta, timezone
-from http.cookiejar import CookieJar, DefaultCookiePolicy
 from typing import Any, AsyncIterator
 
 import httpx
 import pytest
 
-from tests.support import ServerProcess, bearer, guest, register, unique
+from tests.support import assert_error, bearer, guest, register, unique
 
 PASSWORD = "correct horse battery"
-
-
-@pytest.fixture(scope="module")
-async def api(server: ServerProcess) -> AsyncIterator[httpx.AsyncClient]:
-    """A client that never stores cookies: each request carries only what the test gives it."""
-    jar = CookieJar(DefaultCookiePolicy(allowed_domains=[]))
-    async with httpx.AsyncClient(base_url=server.url, timeout=30, cookies=jar) as c:
-        yield c
-
-
-def assert_error(r: httpx.Response, status: int, code: str | None = None, field: str | None = None) -> dict[str, Any]:
-    assert r.status_code == status, r.text
-    assert r.headers["content-type"].startswith("application/json")
-    body: dict[str, Any] = r.json()
-    assert set(body) <= {"error", "message", "field"}
-    assert isinstance(body["error"], str) and body["error"]
-    assert isinstance(body["message"], str) and body["message"]
-    if code is not None:
-        assert body["error"] == code, body
-    if field is not None:
-        assert body.get("field") == field, body
-    return body
 
 
 def parse_time(value: str) -> datetime:

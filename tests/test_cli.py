@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 import httpx
-import pytest
 
 from server.demo import PRODUCTS
 from tests.support import REPO, ServerProcess, bearer

@@ -40,7 +40,7 @@ from tests.inventory_support import (
     settle_tracked,
     wait_until,
 )
-from tests.support import ServerProcess, bearer
+from tests.support import ServerProcess, assert_error, bearer
 
 
 @pytest.fixture
@@ -75,15 +75,6 @@ def other(hosts: tuple[Actor, Actor]) -> Actor:
 def final_ended_iso(sale: dict[str, Any]) -> str:
     """An end by time is dated at the sale's ends_at."""
     return iso(from_ms(sale["ends_at_ms"])) or ""
-
-
-def assert_error(r: httpx.Response, status: int, code: str, field: str | None = None) -> None:
-    assert r.status_code == status, r.text
-    body = r.json()
-    assert body["error"] == code, r.text
-    assert isinstance(body["message"], str) and body["message"], r.text
-    if field is not None:
-        assert body.get("field") == field, r.text
 
 
 # --- the sale's window -------------------------------------------------------------------------

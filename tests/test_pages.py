@@ -181,7 +181,7 @@ async def test_moderation_from_the_console(browser: Browser, server: ServerProce
     await console.fill("#login-user", host["username"])
     await console.fill("#login-pass", password)
     await console.click("#login-form button[type=submit]")
-    await console.click(f"#room-list button:has-text('Moderated')")
+    await console.click("#room-list button:has-text('Moderated')")
     await expect(console.locator("#rv-title")).to_have_text("Moderated")
 
     viewer = await new_page(browser, 390, 844)

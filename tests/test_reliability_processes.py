@@ -20,10 +20,30 @@ import httpx
 import pytest
 from websockets.exceptions import ConnectionClosed
 
-from tests.inventory_support import (assert_balanced, bought, buy, get_sale, idem_key, launch, new_guest,
-                                     new_shop, paid, redis_now_ms)
-from tests.reliability_support import (DB_PAIR, PASSWORD, LogWindow, api_client, backends, clients, open_redis,
-                                       poll, redis_db_url, wait_reconciled)
+from tests.inventory_support import (
+    assert_balanced,
+    bought,
+    buy,
+    get_sale,
+    idem_key,
+    launch,
+    new_guest,
+    new_shop,
+    paid,
+    redis_now_ms,
+)
+from tests.reliability_support import (
+    DB_PAIR,
+    PASSWORD,
+    LogWindow,
+    api_client,
+    backends,
+    clients,
+    open_redis,
+    poll,
+    redis_db_url,
+    wait_reconciled,
+)
 from tests.support import ServerProcess, bearer, register
 from tests.ws_support import Viewer, chat_text, open_viewer, pin, stats, tag
 

@@ -13,10 +13,30 @@ import httpx
 import pytest
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from tests.inventory_support import (Actor, Shop, assert_balanced, bought, buy, get_order, get_sale, idem_key,
-                                     launch, new_guest, new_shop, paid)
-from tests.reliability_support import (Engine, LogWindow, api_client, backends, open_redis, poll, wait_health,
-                                       wait_reconciled)
+from tests.inventory_support import (
+    Actor,
+    Shop,
+    assert_balanced,
+    bought,
+    buy,
+    get_order,
+    get_sale,
+    idem_key,
+    launch,
+    new_guest,
+    new_shop,
+    paid,
+)
+from tests.reliability_support import (
+    Engine,
+    LogWindow,
+    api_client,
+    backends,
+    open_redis,
+    poll,
+    wait_health,
+    wait_reconciled,
+)
 from tests.support import ServerProcess
 from tests.ws_support import Viewer, chat_text, of_type, open_viewer, pin, tag
 

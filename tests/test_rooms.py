@@ -3,56 +3,20 @@
 from __future__ import annotations
 
 from datetime import datetime
-from http.cookiejar import CookieJar, DefaultCookiePolicy
-from typing import Any, AsyncIterator
+from typing import Any
 
 import httpx
 import pytest
 
 from server.ids import new_id
-from tests.support import ServerProcess, bearer, create_room, guest, register
+from tests.support import (
+    assert_error,
+    bearer,
+    create_room,
+    register,
+)
 
 RANK = {"live": 0, "scheduled": 1, "ended": 2}
-
-
-@pytest.fixture(scope="module")
-async def api(server: ServerProcess) -> AsyncIterator[httpx.AsyncClient]:
-    """A client that never stores cookies: each request carries only what the test gives it."""
-    jar = CookieJar(DefaultCookiePolicy(allowed_domains=[]))
-    async with httpx.AsyncClient(base_url=server.url, timeout=30, cookies=jar) as c:
-        yield c
-
-
-@pytest.fixture(scope="module")
-async def hosts(server: ServerProcess) -> tuple[dict[str, Any], dict[str, Any]]:
-    async with httpx.AsyncClient(base_url=server.url, timeout=30) as c:
-        return await register(c, "host"), await register(c, "host")
-
-
-@pytest.fixture
-def host(hosts: tuple[dict[str, Any], dict[str, Any]]) -> dict[str, Any]:
-    return hosts[0]
-
-
-@pytest.fixture
-def other_host(hosts: tuple[dict[str, Any], dict[str, Any]]) -> dict[str, Any]:
-    return hosts[1]
-
-
-@pytest.fixture
-async def viewer(api: httpx.AsyncClient) -> dict[str, Any]:
-    return await guest(api, "Vic")
-
-
-def assert_error(r: httpx.Response, status: int, code: str | None = None, field: str | None = None) -> None:
-    assert r.status_code == status, r.text
-    assert r.headers["content-type"].startswith("application/json")
-    body = r.json()
-    assert set(body) <= {"error", "message", "field"} and body["message"]
-    if code is not None:
-        assert body["error"] == code, body
-    if field is not None:
-        assert body.get("field") == field, body
 
 
 async def transition(api: httpx.AsyncClient, room: dict[str, Any], action: str, token: str) -> dict[str, Any]:

@@ -22,8 +22,21 @@ from server.api import openapi
 from server.app import ROUTERS
 from server.ids import new_id
 from tests.inventory_support import Actor, Shop, bought, idem_key, launch_raw
-from tests.reliability_support import DB_HTTP, LogWindow, api_client, craft_token, redis_db_url
-from tests.support import ServerProcess, bearer, create_product, create_room, guest, register
+from tests.reliability_support import (
+    DB_HTTP,
+    LogWindow,
+    api_client,
+    craft_token,
+    redis_db_url,
+)
+from tests.support import (
+    ServerProcess,
+    bearer,
+    create_product,
+    create_room,
+    guest,
+    register,
+)
 from tests.ws_support import chat_text, open_viewer
 
 pytestmark = pytest.mark.reliability

@@ -14,8 +14,18 @@ import httpx
 import pytest
 from websockets.exceptions import InvalidStatus
 
-from tests.reliability_support import (DB_SESSIONS, LogWindow, LoggingServer, access_lines, api_client, craft_token,
-                                       payload_of, poll, redis_db_url, tokens_in)
+from tests.reliability_support import (
+    DB_SESSIONS,
+    LoggingServer,
+    LogWindow,
+    access_lines,
+    api_client,
+    craft_token,
+    payload_of,
+    poll,
+    redis_db_url,
+    tokens_in,
+)
 from tests.support import bearer, create_room, guest, register
 from tests.ws_support import chat_text, open_viewer
 

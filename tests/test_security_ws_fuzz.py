@@ -24,8 +24,17 @@ from websockets.exceptions import ConnectionClosed
 
 from server.rooms import protocol
 from server.text import clean
-from tests.reliability_support import (OP_BINARY, OP_CLOSE, OP_CONT, OP_PING, OP_TEXT, LogWindow, RawSocket,
-                                       api_client, frame)
+from tests.reliability_support import (
+    OP_BINARY,
+    OP_CLOSE,
+    OP_CONT,
+    OP_PING,
+    OP_TEXT,
+    LogWindow,
+    RawSocket,
+    api_client,
+    frame,
+)
 from tests.support import ServerProcess, create_room, guest, register
 from tests.ws_support import Event, Viewer, chat_text, open_viewer, tag
 

@@ -5,14 +5,20 @@ from __future__ import annotations
 import base64
 import json
 import time
-from http.cookiejar import CookieJar, DefaultCookiePolicy
-from typing import Any, AsyncIterator
+from typing import Any
 
 import httpx
 import pytest
 from itsdangerous import TimestampSigner, URLSafeTimedSerializer
 
-from tests.support import ServerProcess, bearer, create_room, guest, register
+from tests.support import (
+    ServerProcess,
+    assert_error,
+    bearer,
+    create_room,
+    guest,
+    register,
+)
 
 SERVER_KEY = "test-secret-" + "k" * 40
 SALT = "livesale.session.v1"
@@ -21,26 +27,9 @@ PRODUCT = {"name": "Tea", "price_cents": 1999, "commission_rate_bp": 2000}
 
 
 @pytest.fixture(scope="module")
-async def api(server: ServerProcess) -> AsyncIterator[httpx.AsyncClient]:
-    """A client that never stores cookies: each request carries only what the test gives it."""
-    jar = CookieJar(DefaultCookiePolicy(allowed_domains=[]))
-    async with httpx.AsyncClient(base_url=server.url, timeout=30, cookies=jar) as c:
-        yield c
-
-
-@pytest.fixture(scope="module")
 async def host(server: ServerProcess) -> dict[str, Any]:
     async with httpx.AsyncClient(base_url=server.url, timeout=30) as c:
         return await register(c, "host")
-
-
-def assert_error(r: httpx.Response, status: int, code: str | None = None) -> None:
-    assert r.status_code == status, r.text
-    assert r.headers["content-type"].startswith("application/json")
-    body = r.json()
-    assert set(body) <= {"error", "message", "field"} and body["message"]
-    if code is not None:
-        assert body["error"] == code, body
 
 
 def cookie(token: str) -> dict[str, str]:

@@ -17,9 +17,27 @@ import httpx
 import pytest
 from websockets.frames import Close
 
-from tests.support import ServerProcess, bearer, create_product, create_room, guest, register
-from tests.ws_support import (Event, Viewer, api_client, chat_text, errors_in, eventually, guests, open_viewer, pin,
-                              stats, sync_point)
+from tests.support import (
+    ServerProcess,
+    bearer,
+    create_product,
+    create_room,
+    guest,
+    register,
+)
+from tests.ws_support import (
+    Event,
+    Viewer,
+    api_client,
+    chat_text,
+    errors_in,
+    eventually,
+    guests,
+    open_viewer,
+    pin,
+    stats,
+    sync_point,
+)
 
 # --- 11. slow consumer ------------------------------------------------------------------------------------
 #

@@ -15,8 +15,17 @@ from websockets.exceptions import InvalidStatus
 
 from server.ids import new_id
 from tests.support import ServerProcess, bearer, create_room, guest, register
-from tests.ws_support import (Viewer, api_client, chat_text, chats_in, errors_in, of_type, open_viewer, sync_point,
-                              ws_url)
+from tests.ws_support import (
+    Viewer,
+    api_client,
+    chat_text,
+    chats_in,
+    errors_in,
+    of_type,
+    open_viewer,
+    sync_point,
+    ws_url,
+)
 
 
 @pytest.fixture(scope="module")

@@ -13,9 +13,27 @@ import pytest
 import redis.asyncio as aioredis
 
 from server.ids import new_id
-from tests.support import ServerProcess, bearer, create_product, create_room, guest, register
-from tests.ws_support import (api_client, chat_text, chats_in, errors_in, eventually, guests, open_viewer,
-                              open_viewers, pin, stats, sync_point)
+from tests.support import (
+    ServerProcess,
+    bearer,
+    create_product,
+    create_room,
+    guest,
+    register,
+)
+from tests.ws_support import (
+    api_client,
+    chat_text,
+    chats_in,
+    errors_in,
+    eventually,
+    guests,
+    open_viewer,
+    open_viewers,
+    pin,
+    stats,
+    sync_point,
+)
 
 ROOM_KEYS = {"id", "title", "stream_url", "status", "host", "url", "created_at", "started_at", "ended_at"}
 WELCOME_KEYS = {"type", "room", "you", "pinned_product", "sale", "likes", "viewers", "history", "server_time"}

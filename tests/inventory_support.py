@@ -44,7 +44,7 @@ from server.inventory.stock import Outcome, Stock, Terms, new_order_id
 from server.inventory.tables import LedgerEntry, Order, Sale
 from server.models import Product, Room, User
 from server.redis_pool import make_redis
-from tests.support import ServerProcess, bearer
+from tests.support import ServerProcess, bearer, eventually
 
 # Redis database indexes (the session Valkey has the default 16). 0 is the shared `server`'s.
 DB_IN_PROCESS = 9
@@ -67,16 +67,7 @@ def redis_db_url(redis_url: str, db: int) -> str:
 
 async def wait_until(check: Callable[[], Awaitable[Any]], *, timeout: float = PERSIST_TIMEOUT_S,
                      interval: float = 0.1, what: str = "condition") -> Any:
-    """Poll `check` until it returns something truthy (returned), at most `timeout` seconds."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while True:
-        last = await check()
-        if last:
-            return last
-        if loop.time() >= deadline:
-            raise AssertionError(f"{what} not reached within {timeout}s (last: {last!r})")
-        await asyncio.sleep(interval)
+    return await eventually(check, timeout=timeout, interval=interval, what=what)
 
 
 def api_client(base_url: str, *, connections: int = 100, timeout: float = 60.0) -> httpx.AsyncClient:

@@ -17,8 +17,6 @@ import base64
 import re
 import secrets
 import struct
-import subprocess
-import sys
 import time
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -35,7 +33,7 @@ from server.inventory.reconcile import Report, reconcile
 from server.inventory.stock import Stock
 from server.redis_pool import make_redis
 from tests.inventory_support import api_client, redis_db_url
-from tests.support import REPO, ServerProcess, free_port
+from tests.support import ServerProcess, eventually, free_port
 
 DB_PAIR = 13       # test_reliability_processes: two processes on one data dir
 DB_SESSIONS = 14   # test_security_sessions
@@ -83,29 +81,7 @@ class LoggingServer(ServerProcess):
     turns on the access log."""
 
     def __init__(self, data_dir: Path, *, log_level: str = "info", **kwargs: Any) -> None:
-        super().__init__(data_dir, **kwargs)
-        self.log_level = log_level
-
-    def start(self, timeout: float = 60.0) -> "LoggingServer":
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "server", "serve", "--port", str(self.port), "--workers", str(self.workers),
-             "--log-level", self.log_level],
-            cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        log.close()
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log()}")
-            try:
-                if httpx.get(self.url + "/healthz", timeout=1).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
-        self.stop()
-        raise RuntimeError(f"server did not become healthy in {timeout}s:\n{self.log()}")
+        super().__init__(data_dir, log_level=log_level, **kwargs)
 
     def __enter__(self) -> "LoggingServer":
         return self.start()
@@ -174,17 +150,7 @@ class Engine:
 # --- waiting --------------------------------------------------------------------------------------
 
 async def poll(check: Any, *, timeout: float = 15.0, interval: float = 0.1, what: str = "condition") -> Any:
-    """Call `check` (async) until it returns something truthy (returned); at most `timeout` seconds."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    last: Any = None
-    while True:
-        last = await check()
-        if last:
-            return last
-        if loop.time() >= deadline:
-            raise AssertionError(f"{what} not reached within {timeout}s (last: {last!r})")
-        await asyncio.sleep(interval)
+    return await eventually(check, timeout=timeout, interval=interval, what=what)
 
 
 async def wait_health(client: httpx.AsyncClient, status: int, *, timeout: float = 30.0) -> httpx.Response:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 import secrets
@@ -12,7 +13,7 @@ import sys
 import time
 from http.cookiejar import CookieJar, DefaultCookiePolicy
 from pathlib import Path
-from typing import Any
+from typing import Any, Awaitable, Callable
 
 import httpx
 
@@ -29,10 +30,12 @@ class ServerProcess:
     """`livesale serve` on a free loopback port, stopped by the test that started it."""
 
     def __init__(self, data_dir: Path, *, redis_url: str | None, env: dict[str, str] | None = None,
-                 workers: int = 1, port: int | None = None, secret_key: str | None = None) -> None:
+                 workers: int = 1, port: int | None = None, secret_key: str | None = None,
+                 log_level: str = "warning") -> None:
         self.data_dir = data_dir
         self.port = port or free_port()
         self.workers = workers
+        self.log_level = log_level
         self.env = {
             **os.environ,
             "LIVESALE_DATA_DIR": str(data_dir),
@@ -62,7 +65,7 @@ class ServerProcess:
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "server", "serve", "--port", str(self.port), "--workers", str(self.workers),
-             "--log-level", "warning"],
+             "--log-level", self.log_level],
             cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         log.close()
         deadline = time.monotonic() + timeout
@@ -158,3 +161,18 @@ def assert_error(r: httpx.Response, status: int, code: str | None = None, field:
 def cookieless_client(url: str) -> httpx.AsyncClient:
     """A client that never stores cookies: each request carries only what the test gives it."""
     return httpx.AsyncClient(base_url=url, timeout=30, cookies=CookieJar(DefaultCookiePolicy(allowed_domains=[])))
+
+
+async def eventually(check: Callable[[], Awaitable[Any]], *, timeout: float = 10.0, interval: float = 0.1,
+                     what: str = "condition") -> Any:
+    """Poll `check` until it returns something truthy (returned); at most `timeout` seconds."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    last: Any = None
+    while True:
+        last = await check()
+        if last:
+            return last
+        if loop.time() >= deadline:
+            raise AssertionError(f"{what} not reached within {timeout}s (last: {last!r})")
+        await asyncio.sleep(interval)

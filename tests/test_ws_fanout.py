@@ -22,6 +22,7 @@ from tests.support import (
     bearer,
     create_product,
     create_room,
+    eventually,
     guest,
     register,
 )
@@ -31,7 +32,6 @@ from tests.ws_support import (
     api_client,
     chat_text,
     errors_in,
-    eventually,
     guests,
     open_viewer,
     pin,

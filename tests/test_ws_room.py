@@ -18,15 +18,14 @@ from tests.support import (
     bearer,
     create_product,
     create_room,
+    eventually,
     guest,
-    register,
 )
 from tests.ws_support import (
     api_client,
     chat_text,
     chats_in,
     errors_in,
-    eventually,
     guests,
     open_viewer,
     open_viewers,
@@ -44,21 +43,6 @@ CHAT_KEYS = {"type", "id", "user", "text", "ts"}
 async def api(server: ServerProcess) -> AsyncIterator[httpx.AsyncClient]:
     async with api_client(server.url) as c:
         yield c
-
-
-@pytest.fixture(scope="module")
-async def hosts(api: httpx.AsyncClient) -> tuple[dict[str, Any], dict[str, Any]]:
-    return await register(api, "host"), await register(api, "host")
-
-
-@pytest.fixture
-def host(hosts: tuple[dict[str, Any], dict[str, Any]]) -> dict[str, Any]:
-    return hosts[0]
-
-
-@pytest.fixture
-def other_host(hosts: tuple[dict[str, Any], dict[str, Any]]) -> dict[str, Any]:
-    return hosts[1]
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ import secrets
 from collections import deque
 from contextlib import AsyncExitStack, asynccontextmanager
 from http.cookiejar import CookieJar, DefaultCookiePolicy
-from typing import Any, AsyncIterator, Awaitable, Callable, Iterable
+from typing import Any, AsyncIterator, Callable, Iterable
 
 import httpx
 from websockets.asyncio.client import ClientConnection, connect
@@ -200,21 +200,6 @@ async def sync_point(sender: Viewer, viewers: Iterable[Viewer], timeout: float =
     marker = tag("sync")
     await sender.chat(marker)
     return [await v.collect_until(chat_text(marker), timeout, what=f"marker {marker}") for v in viewers]
-
-
-async def eventually(check: Callable[[], Awaitable[Any]], timeout: float = 10.0, interval: float = 0.1,
-                     what: str = "condition") -> Any:
-    """Poll `check` until it returns a truthy value (which is returned), bounded by `timeout`."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    last: Any = None
-    while True:
-        last = await check()
-        if last:
-            return last
-        if loop.time() >= deadline:
-            raise AssertionError(f"{what} not reached within {timeout}s (last: {last!r})")
-        await asyncio.sleep(interval)
 
 
 async def guests(api: httpx.AsyncClient, n: int, prefix: str = "g") -> list[dict[str, Any]]:

@@ -4,11 +4,18 @@ A token is an itsdangerous-signed payload {user id, session id, role, name}
 with its signing time; it expires after LIVESALE_TOKEN_TTL_S. Carrying the
 role and name in the token keeps the hot paths (purchase, chat) free of a
 database read; logging out revokes the session id in Redis.
+
+Checking revocation must not cost a Redis round trip per request either. Each
+process keeps the set of revoked sessions in memory: loaded once its pub/sub
+link has subscribed to the sessions channel, then kept current by the
+channel's messages (a logout adds to the Redis set first, then publishes).
+Whenever that link is down, or before it is up, requests ask Redis instead.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import secrets
 import time
 from dataclasses import dataclass, replace
@@ -58,8 +65,9 @@ class Principal:
         return self.role == "host"
 
 
-def _revoked_key(session_id: str) -> str:
-    return f"session:revoked:{session_id}"
+# Sorted set: revoked session id -> when its token expires anyway (epoch s), after which it is dropped.
+REVOKED_KEY = "sessions:revoked"
+DECODED_CACHE = 16_384  # tokens whose signature was checked, per process
 
 
 class Sessions:
@@ -67,6 +75,12 @@ class Sessions:
         self._serializer = URLSafeTimedSerializer(secret_key, salt="livesale.session.v1")
         self.ttl_s = ttl_s
         self._redis = redis
+        # Checking a signature costs more than the rest of a purchase's Python; a token's
+        # contents never change, so the check is done once per token (expiry is re-checked).
+        self._decoded = functools.lru_cache(maxsize=DECODED_CACHE)(self._decode)
+        self._revoked: dict[str, float] = {}  # session id -> expiry; complete while in_sync
+        self._prune_at = 1024
+        self.in_sync = False
 
     def issue(self, user_id: str, role: Role, name: str) -> str:
         payload = {"u": user_id, "s": secrets.token_urlsafe(12), "r": role, "n": name}
@@ -86,14 +100,49 @@ class Sessions:
                          session_id=str(payload["s"]), expires_at=signed_at.timestamp() + self.ttl_s)
 
     async def verify(self, token: str) -> Principal:
-        principal = self._decode(token)
-        if await self._redis.exists(_revoked_key(principal.session_id)):
+        principal = self._decoded(token)
+        if time.time() > principal.expires_at:
+            raise Unauthorized("session expired, log in again", code="session_expired")
+        if self.in_sync:
+            revoked = principal.session_id in self._revoked
+        else:
+            revoked = await self._redis.zscore(REVOKED_KEY, principal.session_id) is not None
+        if revoked:
             raise Unauthorized("session has been logged out", code="session_revoked")
         return principal
 
     async def revoke(self, principal: Principal) -> None:
-        ttl = max(1, int(principal.expires_at - time.time()) + 1)
-        await self._redis.set(_revoked_key(principal.session_id), 1, ex=ttl)
+        """Revoke in Redis; the caller then publishes the session id to the other processes."""
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.zadd(REVOKED_KEY, {principal.session_id: principal.expires_at})
+            pipe.zremrangebyscore(REVOKED_KEY, "-inf", time.time())
+            await pipe.execute()
+        self._revoked[principal.session_id] = principal.expires_at
+
+    # --- the in-memory copy, fed by the broker's sessions channel ---------------------------
+    async def sync(self) -> None:
+        """The sessions channel is subscribed: load every revocation made before, and trust
+        the copy from now on (later ones arrive as messages)."""
+        now = time.time()
+        rows = await self._redis.zrangebyscore(REVOKED_KEY, now, "+inf", withscores=True)
+        self._prune(now)
+        self._revoked.update((sid.decode(), float(exp)) for sid, exp in rows)
+        self.in_sync = True
+
+    def lost(self) -> None:
+        """The channel's link is down: messages may be missed, so ask Redis until the next sync."""
+        self.in_sync = False
+
+    def revoked(self, session_id: str) -> None:
+        """A revocation announced on the channel (its expiry is at most one token lifetime away)."""
+        now = time.time()
+        self._revoked.setdefault(session_id, now + self.ttl_s)
+        if len(self._revoked) >= self._prune_at:
+            self._prune(now)
+
+    def _prune(self, now: float) -> None:
+        self._revoked = {sid: exp for sid, exp in self._revoked.items() if exp > now}
+        self._prune_at = max(1024, 2 * len(self._revoked))
 
 
 def token_from(headers: Mapping[str, str], cookies: Mapping[str, str]) -> tuple[str | None, bool]:

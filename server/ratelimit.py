@@ -9,7 +9,7 @@ from typing import Iterator
 from redis.asyncio import Redis
 
 from server.errors import TooManyRequests, Unavailable
-from server.lua import load_script
+from server.lua import GCRA, load_script
 
 
 @dataclass(frozen=True)
@@ -53,7 +53,7 @@ class Gate:
 
 class RateLimiter:
     def __init__(self, redis: Redis) -> None:
-        self._script = load_script(redis, "server", "ratelimit.lua")
+        self._script = load_script(redis, "server", "ratelimit.lua", prelude=GCRA)
 
     async def hit(self, limit: Limit, subject: str, cost: int = 1) -> float:
         """Spend `cost` units; return 0 if allowed, else the seconds to wait."""

@@ -9,15 +9,52 @@ or a timeout are kept short and few, so a dead Redis fails a request fast
 
 from __future__ import annotations
 
+from typing import Any
+
 from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.connection import AbstractConnection, Connection, SSLConnection, UnixDomainSocketConnection
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff, NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+try:
+    from redis.connection import HiredisRespSerializer
+except ImportError:  # pragma: no cover - hiredis is a dependency; keep redis-py's packing without it
+    HiredisRespSerializer = None  # type: ignore[assignment,misc]
+
 POOL_WAIT_S = 5.0
 SOCKET_TIMEOUT_S = 5.0
 CONNECT_TIMEOUT_S = 2.0
+
+
+class _HiredisPacking:
+    """redis-py's asyncio connections build each command in Python (its sync ones use hiredis):
+    for the reserve script's 19 arguments that was an eighth of a purchase's CPU. hiredis
+    builds the same bytes in C."""
+
+    _packer = HiredisRespSerializer() if HiredisRespSerializer is not None else None
+
+    def pack_command(self, *args: Any) -> list[bytes]:
+        if self._packer is None:
+            return super().pack_command(*args)  # type: ignore[misc, no-any-return]
+        return self._packer.pack(*args)  # type: ignore[no-any-return]
+
+
+class _TcpConnection(_HiredisPacking, Connection):
+    pass
+
+
+class _UnixConnection(_HiredisPacking, UnixDomainSocketConnection):
+    pass
+
+
+class _SslConnection(_HiredisPacking, SSLConnection):
+    pass
+
+
+_FASTER: dict[type[AbstractConnection], type[AbstractConnection]] = {
+    Connection: _TcpConnection, UnixDomainSocketConnection: _UnixConnection, SSLConnection: _SslConnection}
 
 
 def make_retry() -> Retry:
@@ -42,4 +79,5 @@ def make_redis(url: str, max_connections: int) -> Redis:
         retry=make_retry(),
         health_check_interval=30,
     )
+    pool.connection_class = _FASTER.get(pool.connection_class, pool.connection_class)
     return Redis(connection_pool=pool)

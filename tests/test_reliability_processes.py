@@ -20,6 +20,8 @@ import httpx
 import pytest
 from websockets.exceptions import ConnectionClosed
 
+from server.inventory.keys import limit as limit_key
+from server.ratelimit import PURCHASE_PER_IP
 from tests.inventory_support import (
     assert_balanced,
     bought,
@@ -287,7 +289,8 @@ async def test_purchases_are_limited_per_address_where_not_exempt(
     buyer = await new_guest(apis[0], "behind a NAT")
     async with open_redis(a.env["REDIS_URL"]) as redis:
         now = await redis_now_ms(redis)
-        await redis.set("rl:buy-ip:127.0.0.1", now + 60_000, px=60_000)
+        bucket = limit_key(sale["id"], PURCHASE_PER_IP.name, "127.0.0.1")
+        await redis.set(bucket, now + 60_000, px=60_000)
         try:
             r = await buy(apis[1], buyer, sale["id"])
             assert r.status_code == 429 and r.json()["error"] == "rate_limited", r.text
@@ -295,7 +298,7 @@ async def test_purchases_are_limited_per_address_where_not_exempt(
             r = await buy(apis[0], buyer, sale["id"])
             assert r.status_code == 201, r.text
         finally:
-            await redis.delete("rl:buy-ip:127.0.0.1")
+            await redis.delete(bucket)
     r = await buy(apis[1], buyer, sale["id"])
     assert r.status_code == 201, r.text
 

@@ -135,8 +135,9 @@ def _asgi(spec: Spec, fn: Handler) -> Callable[[Request], Awaitable[Response]]:
                 raise Unauthorized("log in first")
             if spec.auth == "host" and user is not None and not user.is_host:
                 raise Forbidden("only hosts can do this", code="host_only")
-            check_csrf(user, request.method, request.headers,
-                       own_origin(request.url.scheme, request.headers), services.settings.allowed_origins)
+            if user is not None and user.via_cookie:
+                check_csrf(user, request.method, request.headers,
+                           own_origin(request.scope["scheme"], request.headers), services.settings.allowed_origins)
         body = await read_body(request, spec.body) if spec.body is not None else None
         result = await fn(Call(request, services, user, body))
         if isinstance(result, Response):

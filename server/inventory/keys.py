@@ -42,5 +42,10 @@ def log(sale_id: str) -> str:
     return tag(sale_id) + ":log"
 
 
+def limit(sale_id: str, name: str, subject: str) -> str:
+    """String: a rate-limit bucket for purchases in this sale (GCRA, ms)."""
+    return tag(sale_id) + f":rl:{name}:{subject}"
+
+
 def all_keys(sale_id: str) -> list[str]:
     return [sale(sale_id), buyers(sale_id), idempotency(sale_id), orders(sale_id), expiry(sale_id), log(sale_id)]

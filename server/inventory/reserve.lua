@@ -1,44 +1,63 @@
--- Reserve flash-sale stock for a buyer: the one atomic step of a purchase.
--- Every check comes before the first write, so a refusal changes nothing; the
--- idempotency check comes first of all, so a retried call (redis-py retries after
--- a timeout or a dropped connection) returns the order it already made.
--- Times in milliseconds, from the Redis server's clock.
+-- Reserve flash-sale stock for a buyer: the one atomic step of a purchase, and its only
+-- Redis round trip (the buyer's rate limits are checked here too).
+-- Every check comes before the first write, so a refusal changes nothing (but a rate-limit
+-- bucket, once the rate limits let the attempt through). The idempotency check comes before
+-- all but the sale's existence, so a retried call (redis-py retries after a timeout or a
+-- dropped connection; buyers retry with the same key) returns the order it already made,
+-- without spending from the rate limits.
+-- Times in milliseconds, from the Redis server's clock. Loaded after the gcra.lua prelude.
 -- KEYS[1]  sale hash: stock, remaining, reserved, paid, limit, starts_at, ends_at, ended_at, timeout_ms, price, v
 -- KEYS[2]  buyers hash: user id -> units held (reserved + paid)
 -- KEYS[3]  idempotency hash: '<user id>:<key>' -> order id
 -- KEYS[4]  orders hash: order id -> order record (JSON)
 -- KEYS[5]  expiry sorted set: order id -> pay-by time
 -- KEYS[6]  log stream, read by the persister
+-- KEYS[7..] rate-limit buckets (may be none), each with two ARGV from ARGV[6] on: interval ms, burst
 -- ARGV[1]  buyer's user id
 -- ARGV[2]  Idempotency-Key
 -- ARGV[3]  id for the new order
 -- ARGV[4]  quantity
 -- ARGV[5]  referrer's user id, or ''
--- Returns {status, order JSON or '', remaining, v (the sale's version)}; status is one of
+-- Returns {status, order JSON or '', remaining, v (the sale's version), retry_after_ms}; status is one of
 --   'reserved', 'duplicate' (the key was used: its order is returned), 'key_reused' (same key,
---   other quantity), 'no_sale', 'not_started', 'ended', 'limit_exceeded', 'sold_out', 'not_enough'
+--   other quantity), 'no_sale', 'rate_limited', 'not_started', 'ended', 'limit_exceeded', 'sold_out',
+--   'not_enough'
 local sale, buyers, idem, orders, expiry, log = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
 local user, key, order_id, qty, ref = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4]), ARGV[5]
 
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 
+local s = redis.call('HMGET', sale, 'remaining', 'limit', 'starts_at', 'ends_at', 'ended_at', 'timeout_ms', 'price')
+if not s[1] then
+  return {'no_sale', '', 0}
+end
+local remaining, limit = tonumber(s[1]), tonumber(s[2])
+
 local idem_field = user .. ':' .. key
 local existing = redis.call('HGET', idem, idem_field)
 if existing then
   local record = redis.call('HGET', orders, existing)
-  local remaining = tonumber(redis.call('HGET', sale, 'remaining')) or 0
   if cjson.decode(record).quantity ~= qty then
     return {'key_reused', record, remaining}
   end
   return {'duplicate', record, remaining}
 end
 
-local s = redis.call('HMGET', sale, 'remaining', 'limit', 'starts_at', 'ends_at', 'ended_at', 'timeout_ms', 'price')
-if not s[1] then
-  return {'no_sale', '', 0}
+-- Every bucket is checked before any is spent: a refusal by one costs nothing from the others.
+local spend = {}
+for i = 7, #KEYS do
+  local a = 6 + (i - 7) * 2
+  local new_tat, wait = gcra(KEYS[i], tonumber(ARGV[a]), tonumber(ARGV[a + 1]), 1, now)
+  if wait > 0 then
+    return {'rate_limited', '', remaining, 0, wait}
+  end
+  spend[#spend + 1] = {KEYS[i], new_tat}
 end
-local remaining, limit = tonumber(s[1]), tonumber(s[2])
+for _, b in ipairs(spend) do
+  gcra_spend(b[1], b[2], now)
+end
+
 local starts_at, ends_at, ended_at = tonumber(s[3]), tonumber(s[4]), tonumber(s[5])
 local timeout_ms, price = tonumber(s[6]), tonumber(s[7])
 

@@ -1,7 +1,7 @@
 """Flash sales: launch, buy, pay, cancel, end. Orchestrates the Redis stock,
 SQL, the payment provider and the room's events.
 
-The purchase path touches only Redis (one script call, plus the rate limit):
+The purchase path touches only Redis (one script call, rate limits included):
 orders reach SQL through the persister, never on the buyer's clock.
 """
 
@@ -19,7 +19,7 @@ from server import clock
 from server.auth import Principal
 from server.catalog import get_owned_product, get_owned_room
 from server.config import Settings
-from server.errors import ApiError, Conflict, Forbidden, NotFound, Unprocessable
+from server.errors import ApiError, Conflict, Forbidden, NotFound, TooManyRequests, Unprocessable
 from server.ids import looks_like_id, new_id
 from server.inventory.notifier import SaleNotifier
 from server.inventory.payments import PaymentDeclined, PaymentProvider
@@ -27,6 +27,7 @@ from server.inventory.schemas import OrderOut, PurchaseIn, SaleIn, SaleOut, Sale
 from server.inventory.stock import Outcome, Stock, Terms, new_order_id, sale_of
 from server.inventory.tables import Order, Sale
 from server.metrics import PURCHASE_SECONDS, PURCHASES
+from server.ratelimit import PURCHASE_PER_IP, PURCHASE_PER_USER
 from server.rooms import protocol
 from server.rooms.service import RoomService
 
@@ -160,18 +161,25 @@ class SaleService:
             await self.rooms.tell(state["room_id"], protocol.SaleEnded(id=sale_id, reason="host", v=state["v"]))
         return sale_out(sale_id, state)
 
-    async def purchase(self, me: Principal, sale_id: str, idem_key: str, body: PurchaseIn) -> tuple[int, OrderOut]:
+    async def purchase(self, me: Principal, sale_id: str, idem_key: str, body: PurchaseIn,
+                       ip: str | None) -> tuple[int, OrderOut]:
+        """Reserve, within the buyer's purchase rate limits: per user, and per address unless `ip`
+        is None (an exempt address)."""
         ref = body.ref
         if ref is not None and (ref == me.user_id or not looks_like_id(ref, "usr")):
             ref = None  # a self-referral or a malformed one earns nothing; the purchase still goes through
         if not looks_like_id(sale_id, "sale"):
             raise NotFound("no such sale", code="sale_not_found")
+        limits = [(PURCHASE_PER_USER, me.user_id)] + ([(PURCHASE_PER_IP, ip)] if ip is not None else [])
         with PURCHASE_SECONDS.time():
             outcome = await self.stock.reserve(sale_id, me.user_id, idem_key, new_order_id(sale_id), body.quantity,
-                                               ref)
+                                               ref, limits)
         PURCHASES.labels(outcome.status).inc()
         if outcome.status == "no_sale":
             raise NotFound("no such sale", code="sale_not_found")
+        if outcome.status == "rate_limited":
+            wait = outcome.retry_after_ms / 1000
+            raise TooManyRequests(f"too many purchase attempts; retry in {wait:.1f}s", retry_after_s=wait)
         if outcome.status == "key_reused":
             raise Unprocessable("this Idempotency-Key was used for a different quantity", code="key_reused",
                                 field="Idempotency-Key")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import re
 import secrets
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,8 +18,10 @@ import msgspec
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
+from server.autopipeline import AutoPipeline
 from server.inventory import keys
-from server.lua import load_script
+from server.lua import GCRA, load_script
+from server.ratelimit import Limit
 
 _ORDER_ID = re.compile(r"^ord_([a-z2-7]{26})[a-z2-7]{16}$")
 
@@ -53,6 +56,7 @@ class Outcome:
     order: dict[str, Any] | None
     remaining: int = 0
     v: int = 0  # the sale's version after the change
+    retry_after_ms: int = 0  # when rate_limited
 
 
 def _outcome(raw: list[Any]) -> Outcome:
@@ -85,10 +89,11 @@ class Stock:
         # own, so deployments sharing a Redis never take each other's orders.
         self.open_key = keys.open_sales(deployment)
         self.group = f"persister:{deployment}"
-        self._reserve = load_script(redis, "server.inventory", "reserve.lua")
+        self._reserve = load_script(redis, "server.inventory", "reserve.lua", prelude=GCRA)
         self._pay = load_script(redis, "server.inventory", "pay.lua")
         self._release = load_script(redis, "server.inventory", "release.lua")
         self._end = load_script(redis, "server.inventory", "end_sale.lua")
+        self._batched = AutoPipeline(redis)
 
     async def create(self, t: Terms) -> None:
         sale_key = keys.sale(t.sale_id)
@@ -111,22 +116,26 @@ class Stock:
                 raise
 
     async def reserve(self, sale_id: str, user_id: str, idem_key: str, order_id: str, quantity: int,
-                      ref: str | None) -> Outcome:
-        return _outcome(await self._reserve(
-            keys=[keys.sale(sale_id), keys.buyers(sale_id), keys.idempotency(sale_id), keys.orders(sale_id),
-                  keys.expiry(sale_id), keys.log(sale_id)],
-            args=[user_id, idem_key, order_id, quantity, ref or ""]))
+                      ref: str | None, limits: Sequence[tuple[Limit, str]] = ()) -> Outcome:
+        """Reserve units, after spending one attempt from each (limit, subject) rate-limit bucket.
+        The buckets are the sale's own, so the script touches one slot."""
+        script_keys = [keys.sale(sale_id), keys.buyers(sale_id), keys.idempotency(sale_id), keys.orders(sale_id),
+                       keys.expiry(sale_id), keys.log(sale_id)]
+        args: list[Any] = [user_id, idem_key, order_id, quantity, ref or ""]
+        for limit, subject in limits:
+            script_keys.append(keys.limit(sale_id, limit.name, subject))
+            args += [limit.interval_ms, limit.burst]
+        return _outcome(await self._batched.script(self._reserve, script_keys, args))
 
     async def pay(self, sale_id: str, order_id: str, user_id: str, payment_ref: str) -> Outcome:
-        return _outcome(await self._pay(
-            keys=[keys.sale(sale_id), keys.orders(sale_id), keys.expiry(sale_id), keys.log(sale_id)],
-            args=[order_id, user_id, payment_ref]))
+        return _outcome(await self._batched.script(self._pay,
+            [keys.sale(sale_id), keys.orders(sale_id), keys.expiry(sale_id), keys.log(sale_id)],
+            [order_id, user_id, payment_ref]))
 
     async def release(self, sale_id: str, order_id: str, reason: str, user_id: str = "") -> Outcome:
-        return _outcome(await self._release(
-            keys=[keys.sale(sale_id), keys.buyers(sale_id), keys.orders(sale_id), keys.expiry(sale_id),
-                  keys.log(sale_id)],
-            args=[order_id, reason, user_id]))
+        return _outcome(await self._batched.script(self._release,
+            [keys.sale(sale_id), keys.buyers(sale_id), keys.orders(sale_id), keys.expiry(sale_id), keys.log(sale_id)],
+            [order_id, reason, user_id]))
 
     async def end(self, sale_id: str, reason: str) -> bool:
         return bool(await self._end(keys=[keys.sale(sale_id), keys.log(sale_id)], args=[reason]))

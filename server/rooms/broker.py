@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from typing import Awaitable, Callable
+from typing import Awaitable, Callable, Protocol
 
 from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
@@ -42,9 +42,19 @@ OnMessage = Callable[[str, bytes], None]
 OnReconnect = Callable[[], Awaitable[None]]
 
 
+class SessionFeed(Protocol):
+    """Who follows the sessions channel (server.auth.Sessions): told when the channel is
+    subscribed (so nothing published from then on is missed), of each logout, and when the
+    link is lost."""
+
+    async def sync(self) -> None: ...
+    def revoked(self, session_id: str) -> None: ...
+    def lost(self) -> None: ...
+
+
 class Broker:
     def __init__(self, redis: Redis, listen: Redis, on_message: OnMessage, on_reconnect: OnReconnect,
-                 on_session_end: Callable[[str], None]) -> None:
+                 on_session_end: Callable[[str], None], sessions: SessionFeed) -> None:
         self._redis = redis  # publishing: the shared client, with its retries
         # Listening: a client that never retries, so a dropped link always reaches run(),
         # which resubscribes and has the hub resend `welcome` (redis-py would otherwise
@@ -52,6 +62,7 @@ class Broker:
         self._listen_client = listen
         self._on_message = on_message
         self._on_session_end = on_session_end
+        self._sessions = sessions
         self._on_reconnect = on_reconnect
         self.sharded = True
         self._wanted: set[str] = set()        # rooms that should be subscribed
@@ -112,10 +123,12 @@ class Broker:
                 raise
             except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
                 self.connected.clear()
+                self._sessions.lost()  # now, not after the backoff
                 log.warning("pub/sub connection lost (%r); retrying in %.1fs", exc, backoff)
                 await asyncio.sleep(backoff * (0.5 + random.random()))
                 backoff = min(backoff * 2, 5.0)
             finally:
+                self._sessions.lost()  # however the link ended
                 try:
                     await pubsub.aclose()
                 except Exception:  # the connection is already broken; nothing to clean
@@ -151,7 +164,11 @@ class Broker:
             channel = msg["channel"].decode() if isinstance(msg["channel"], bytes) else str(msg["channel"])
             if channel == SESSIONS_CHANNEL:
                 if kind in ("message", "smessage"):
-                    self._on_session_end(msg["data"].decode())
+                    session_id = msg["data"].decode()
+                    self._sessions.revoked(session_id)
+                    self._on_session_end(session_id)
+                elif kind in ("subscribe", "ssubscribe"):
+                    await self._sessions.sync()
                 continue
             room_id = channel[len("{room:"):channel.index("}")]
             if kind in ("message", "smessage"):

@@ -1,0 +1,89 @@
+"""Automatic pipelining: script calls made in one event-loop turn go to Redis as one pipeline.
+
+Under a purchase spike hundreds of requests each run one script. Sent one by one,
+each pays redis-py's whole per-command cost (a pool checkout, a timeout, a socket
+write, a wake-up): measured at ~150 µs of CPU per call, more than the rest of the
+request. Batched, they share one checkout, one write and one read loop (~40 µs
+each), and Redis serves the batch with one read and one write. Nothing waits for
+a batch to fill: the first call of a turn schedules the flush for the end of that
+turn, so a lone call goes out at once.
+
+Every call still gets its own answer or its own error. Like the single calls, a
+batch is re-sent after a dropped connection (redis-py's retry), which is safe
+because every script we send is idempotent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.commands.core import AsyncScript
+from redis.exceptions import NoScriptError
+
+Call = tuple[AsyncScript, tuple[Any, ...], "asyncio.Future[Any]"]
+
+
+class AutoPipeline:
+    def __init__(self, redis: Redis, max_batch: int = 256) -> None:
+        self._redis = redis
+        self._max_batch = max_batch
+        self._pending: list[Call] = []
+        self._sending: set[asyncio.Task[None]] = set()  # strong references until done
+
+    async def script(self, script: AsyncScript, keys: Sequence[Any], args: Sequence[Any]) -> Any:
+        """Run a registered script (by SHA; loaded again if Redis forgot it, after a restart)."""
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[Any] = loop.create_future()
+        if not self._pending:
+            loop.call_soon(self._flush)
+        self._pending.append((script, (len(keys), *keys, *args), fut))
+        if len(self._pending) >= self._max_batch:
+            self._flush()
+        return await fut
+
+    def _flush(self) -> None:
+        batch, self._pending = self._pending, []
+        if batch:
+            task = asyncio.create_task(self._send(batch), name="redis-autopipeline")
+            self._sending.add(task)
+            task.add_done_callback(self._sending.discard)
+
+    async def _send(self, batch: list[Call]) -> None:
+        try:
+            results = await self._execute(batch)
+            missing = [(call, i) for i, call in enumerate(batch) if isinstance(results[i], NoScriptError)]
+            if missing:
+                # A restarted Redis has no scripts: load them and send again what it refused
+                # (a refused EVALSHA ran nothing).
+                for script in {id(c[0]): c[0] for c, _ in missing}.values():
+                    await self._redis.script_load(script.script)
+                again = await self._execute([c for c, _ in missing])
+                for (_, i), result in zip(missing, again):
+                    results[i] = result
+        except BaseException as exc:  # every caller must hear of it, even on cancellation
+            for _, _, fut in batch:
+                if fut.done():
+                    continue
+                if isinstance(exc, asyncio.CancelledError):
+                    fut.cancel()
+                else:
+                    fut.set_exception(exc)
+            if not isinstance(exc, Exception):
+                raise
+            return
+        for (_, _, fut), result in zip(batch, results):
+            if fut.done():  # the caller was cancelled; the script ran all the same
+                continue
+            if isinstance(result, Exception):
+                fut.set_exception(result)
+            else:
+                fut.set_result(result)
+
+    async def _execute(self, batch: list[Call]) -> list[Any]:
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for script, args, _ in batch:
+                pipe.execute_command("EVALSHA", script.sha, *args)
+            return list(await pipe.execute(raise_on_error=False))

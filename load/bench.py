@@ -110,19 +110,22 @@ async def _purchase_setup(srv: Served, cfg: BenchConfig) -> Purchase:
 async def _measured(srv: Served, make: RequestMaker, cfg: BenchConfig) -> dict[str, Any]:
     """Throughput and latency, plus the server's CPU time per request: on a shared machine the
     server may not get a whole core, and CPU per request does not depend on that."""
-    cpu0, engine0 = srv.cpu_s()
+    cpu0, engine0, jobs0 = srv.cpu_s()
     wait0 = srv.cpu_wait_s()
     t0, client0 = time.monotonic(), time.process_time()
     tally = await measure(srv.url, make, concurrency=cfg.concurrency, seconds=cfg.seconds, warmup_s=cfg.warmup_s,
                           procs=cfg.procs)
     wall, client_cpu = time.monotonic() - t0, time.process_time() - client0
-    cpu1, engine1 = srv.cpu_s()
+    cpu1, engine1, jobs1 = srv.cpu_s()
     out = tally.figures()
     n = max(1, tally.answered)
     out["server_cpu_us_per_request"] = round((cpu1 - cpu0) / n * 1e6, 1)
     out["engine_cpu_us_per_request"] = round((engine1 - engine0) / n * 1e6, 1)
+    # The persister's share of the work, in livesale's background-jobs process.
+    out["jobs_cpu_us_per_request"] = round((jobs1 - jobs0) / n * 1e6, 1)
     out["server_cpu_share"] = round((cpu1 - cpu0) / wall, 2)  # 1.0 = one whole core
     out["engine_cpu_share"] = round((engine1 - engine0) / wall, 2)
+    out["jobs_cpu_share"] = round((jobs1 - jobs0) / wall, 2)
     # Ready to run but waiting for a CPU: how much the machine's other load held the server back.
     out["server_cpu_wait_share"] = round((srv.cpu_wait_s() - wait0) / wall, 2)
     # Near 1.0 the client was the limit (only measured when it runs in this process).
@@ -195,14 +198,14 @@ async def broadcast_run(srv: Served, cfg: BenchConfig, n: int) -> dict[str, Any]
         await asyncio.sleep(2.0)  # let allocations settle before reading RSS
         rss_after, engine_after = srv.rss_kib(), rss_kib(engine) if engine else 0
         fleet.phase = "chat"
-        cpu0, engine_cpu0 = srv.cpu_s()
+        cpu0, engine_cpu0, _ = srv.cpu_s()
         fleet.broadcast(Go("sale_none", 0, 1))
         t0, t0_wall_ms = time.monotonic(), time.time() * 1000
         await fleet.collect(BuyersDone, 30)
         await asyncio.sleep(max(0.0, cfg.seconds - (time.monotonic() - t0)))
         fleet.broadcast(Stop())
         chat_s = time.monotonic() - t0
-        cpu1, engine_cpu1 = srv.cpu_s()
+        cpu1, engine_cpu1, _ = srv.cpu_s()
         results = await fleet.collect(WorkerResult, 120)
     finally:
         fleet.broadcast(Stop())

@@ -77,7 +77,8 @@ class Served:
         """The processes serving requests: uvicorn's workers when there are several, else the main one."""
         if self.proc is None:
             return []
-        kids = [p for p in children(self.proc.pid) if "valkey" not in cmdline(p) and "redis" not in cmdline(p)]
+        kids = [p for p in children(self.proc.pid)
+                if not any(name in cmdline(p) for name in ("valkey", "redis", "server jobs"))]
         return kids or [self.proc.pid]
 
     def engine_pid(self) -> int | None:
@@ -85,10 +86,17 @@ class Served:
             return None
         return next((p for p in children(self.proc.pid) if "valkey" in cmdline(p)), None)
 
-    def cpu_s(self) -> tuple[float, float]:
-        """CPU seconds used so far by the app processes, and by the embedded engine."""
-        engine = self.engine_pid()
-        return sum(cpu_s(p) for p in self.app_pids()), cpu_s(engine) if engine else 0.0
+    def jobs_pid(self) -> int | None:
+        """livesale's background-jobs process (persister, sweeper), if it has one."""
+        if self.proc is None:
+            return None
+        return next((p for p in children(self.proc.pid) if "server jobs" in cmdline(p)), None)
+
+    def cpu_s(self) -> tuple[float, float, float]:
+        """CPU seconds used so far by the app processes, the embedded engine and the jobs process."""
+        engine, jobs = self.engine_pid(), self.jobs_pid()
+        return (sum(cpu_s(p) for p in self.app_pids()), cpu_s(engine) if engine else 0.0,
+                cpu_s(jobs) if jobs else 0.0)
 
     def cpu_wait_s(self) -> float:
         """Seconds the app processes' main threads were ready to run but waited for a CPU."""

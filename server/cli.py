@@ -1,8 +1,9 @@
-"""The `livesale` command: serve, demo."""
+"""The `livesale` command: serve, jobs, demo, reconcile."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import secrets
 
@@ -12,6 +13,7 @@ import uvicorn
 from server.config import load_settings
 from server.embedded_redis import EmbeddedRedis
 from server.errors import ConfigError
+from server.jobs import JobsProcess
 from server.logs import log_config
 from server.rooms.protocol import MAX_FRAME_BYTES
 
@@ -37,9 +39,10 @@ def main() -> None:
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["critical", "error", "warning", "info", "debug"]), help="Log level.")
 def serve(host: str, port: int, workers: int, log_level: str) -> None:
-    """Run the HTTP and WebSocket server."""
+    """Run the HTTP and WebSocket server, and its background jobs in a process of their own."""
     settings = load_settings()  # also creates the data dir and the secret key before workers race for them
     embedded: EmbeddedRedis | None = None
+    jobs: JobsProcess | None = None
     if settings.redis_url is None:
         # One engine for all workers, owned by this parent process.
         embedded = EmbeddedRedis(settings.data_dir, binary=settings.redis_server_bin)
@@ -49,6 +52,10 @@ def serve(host: str, port: int, workers: int, log_level: str) -> None:
         from server.app import ensure_schema
 
         asyncio.run(ensure_schema(settings))
+        if settings.background_jobs:
+            jobs = JobsProcess({**os.environ, "LIVESALE_LOG_LEVEL": log_level})
+            jobs.start()
+        os.environ["LIVESALE_BACKGROUND_JOBS"] = "0"  # the web workers answer requests only
         uvicorn.run("server.app:create_app", factory=True, host=host, port=port, workers=workers,
                     log_level=log_level, log_config=log_config(), proxy_headers=True, server_header=False,
                     lifespan="on",
@@ -57,8 +64,28 @@ def serve(host: str, port: int, workers: int, log_level: str) -> None:
                     ws_max_size=MAX_FRAME_BYTES, ws_per_message_deflate=False,
                     ws_ping_interval=20, ws_ping_timeout=20, timeout_graceful_shutdown=5)
     finally:
+        if jobs is not None:
+            jobs.stop()
         if embedded is not None:
             embedded.stop()
+
+
+@main.command("jobs")
+@click.option("--log-level", default="info", show_default=True, envvar="LIVESALE_LOG_LEVEL",
+              type=click.Choice(["critical", "error", "warning", "info", "debug"]), help="Log level.")
+def jobs_command(log_level: str) -> None:
+    """Run the background jobs (orders to SQL, order expiry, sale start and end) without serving.
+
+    `serve` starts them itself; run this where LIVESALE_BACKGROUND_JOBS=0 is set on the
+    servers. Needs REDIS_URL: the servers' engine.
+    """
+    from server.jobs import run_jobs
+
+    logging.basicConfig(level=log_level.upper(), format="%(levelname)s:     %(name)s: %(message)s")
+    settings = load_settings()
+    if settings.redis_url is None:
+        raise click.ClickException("set REDIS_URL to the servers' Redis (the jobs process never starts an engine)")
+    asyncio.run(run_jobs(settings, settings.redis_url))
 
 
 @main.command()

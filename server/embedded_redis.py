@@ -41,7 +41,7 @@ def default_binary() -> str:
     return str(path)
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     # Linux only: if the app is killed, the engine gets SIGTERM and shuts down
     # cleanly (flushing its AOF) instead of lingering as an orphan.
     if sys.platform.startswith("linux"):
@@ -163,7 +163,7 @@ class EmbeddedRedis:
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
             # Own session: a Ctrl-C in the terminal reaches the app, which then stops the
             # engine in order, rather than killing the engine under a running app.
-            preexec_fn=_die_with_parent, close_fds=True, start_new_session=True,
+            preexec_fn=die_with_parent, close_fds=True, start_new_session=True,
         )
         self._wait_ready()
 

@@ -41,7 +41,7 @@ _REFUSALS = {
 
 
 def _iso_ms(ms: int | None) -> str | None:
-    return clock.iso(clock.from_ms(ms)) if ms else None
+    return clock.iso_ms(ms) if ms else None
 
 
 def sale_out(sale_id: str, state: dict[str, Any], now_ms: int | None = None) -> SaleOut:

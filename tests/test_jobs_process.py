@@ -1,0 +1,135 @@
+"""`livesale serve` runs the background jobs (persister, sweeper) in a child process of its
+own: started with the server, restarted if it dies, stopped with it; and `livesale jobs`."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.inventory_support import bought, get_sale, launch, new_guest, new_shop
+from tests.support import REPO, ServerProcess, bearer, eventually
+
+
+def children(pid: int) -> list[int]:
+    """Every direct child (any thread's), from /proc."""
+    out = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat[stat.rindex(")") + 2:].split()[1]) == pid:
+                out.append(int(entry.name))
+    return out
+
+
+def cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
+def jobs_pids(server: ServerProcess) -> list[int]:
+    assert server.proc is not None
+    return [p for p in children(server.proc.pid) if "server jobs" in cmdline(p)]
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return "server jobs" in cmdline(pid)  # not a reused pid
+
+
+@pytest.fixture
+async def served(data_dir: Path, redis_url: str) -> AsyncIterator[tuple[ServerProcess, httpx.AsyncClient]]:
+    with ServerProcess(data_dir, redis_url=redis_url) as srv:
+        async with httpx.AsyncClient(base_url=srv.url, timeout=30) as api:
+            yield srv, api
+
+
+async def persisted(api: httpx.AsyncClient, token: str, order_id: str) -> bool:
+    r = await api.get("/api/orders", headers=bearer(token))
+    return r.status_code == 200 and any(o["order_id"] == order_id for o in r.json())
+
+
+async def test_serve_runs_one_jobs_process_that_persists_orders(
+        served: tuple[ServerProcess, httpx.AsyncClient]) -> None:
+    srv, api = served
+    assert len(jobs_pids(srv)) == 1
+    shop = await new_shop(api)
+    sale = await launch(api, shop, stock=5)
+    buyer = await new_guest(api)
+    order = await bought(api, buyer, sale["id"])
+    await eventually(lambda: persisted(api, buyer.token, order["order_id"]), what="the order in SQL")
+
+
+async def test_a_killed_jobs_process_is_restarted_and_catches_up(
+        served: tuple[ServerProcess, httpx.AsyncClient]) -> None:
+    srv, api = served
+    [first] = jobs_pids(srv)
+    shop = await new_shop(api)
+    sale = await launch(api, shop, stock=5)
+    os.kill(first, signal.SIGKILL)
+    # Purchases do not need the jobs process: they are answered from Redis meanwhile.
+    buyer = await new_guest(api)
+    order = await bought(api, buyer, sale["id"])
+    assert (await get_sale(api, sale["id"]))["reserved"] == 1
+
+    async def restarted() -> list[int]:
+        return [p for p in jobs_pids(srv) if p != first and alive(p)]
+
+    await eventually(restarted, timeout=20, what="a new jobs process")
+    await eventually(lambda: persisted(api, buyer.token, order["order_id"]), timeout=20,
+                     what="the order made while the jobs were down, in SQL")
+    assert "background jobs exited" in srv.log()
+
+
+async def test_stopping_serve_stops_its_jobs_process(data_dir: Path, redis_url: str) -> None:
+    srv = ServerProcess(data_dir, redis_url=redis_url).start()
+    try:
+        [jobs] = jobs_pids(srv)
+    finally:
+        srv.stop()
+    assert not alive(jobs)
+
+
+async def test_a_killed_serve_takes_its_jobs_process_along(data_dir: Path, redis_url: str) -> None:
+    srv = ServerProcess(data_dir, redis_url=redis_url).start()
+    [jobs] = jobs_pids(srv)
+    assert srv.proc is not None
+    os.kill(srv.proc.pid, signal.SIGKILL)  # only serve itself: its child gets the parent-death signal
+    srv.proc.wait()
+    srv.proc = None
+
+    async def gone() -> bool:
+        return not alive(jobs)
+
+    try:
+        await eventually(gone, timeout=20, what="the orphaned jobs process to exit")
+    finally:
+        if alive(jobs):
+            os.kill(jobs, signal.SIGKILL)
+
+
+async def test_no_jobs_process_when_background_jobs_are_off(data_dir: Path, redis_url: str) -> None:
+    with ServerProcess(data_dir, redis_url=redis_url, env={"LIVESALE_BACKGROUND_JOBS": "0"}) as srv:
+        assert jobs_pids(srv) == []
+
+
+def test_jobs_command_needs_the_servers_redis(data_dir: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "REDIS_URL"}
+    out = subprocess.run([sys.executable, "-m", "server", "jobs"], cwd=REPO, capture_output=True, text=True,
+                         timeout=60, env={**env, "LIVESALE_DATA_DIR": str(data_dir)})
+    assert out.returncode != 0
+    assert "REDIS_URL" in out.stderr

@@ -130,6 +130,12 @@ async def _measured(srv: Served, make: RequestMaker, cfg: BenchConfig) -> dict[s
     out["server_cpu_wait_share"] = round((srv.cpu_wait_s() - wait0) / wall, 2)
     # Near 1.0 the client was the limit (only measured when it runs in this process).
     out["client_cpu_share"] = round(client_cpu / wall, 2) if cfg.procs <= 1 else None
+    out["client_cpu_us_per_request"] = round(client_cpu / n * 1e6, 1) if cfg.procs <= 1 else None
+    # Everything one request cost the machine: on a machine with few cores the processes
+    # besides the server (engine, jobs, client) compete with it for them.
+    out["all_cpu_us_per_request"] = round(sum(out[k] or 0.0 for k in (
+        "server_cpu_us_per_request", "engine_cpu_us_per_request", "jobs_cpu_us_per_request",
+        "client_cpu_us_per_request")), 1)
     return out
 
 
@@ -283,6 +289,11 @@ def table(res: dict[str, Any]) -> str:
         rows.append((f"purchase, {w} worker(s): server CPU us/req", _fmt(buy_cpu), f"bare {_fmt(bare_cpu)}",
                      _fmt(h["ratio_cpu"], ".2f"), ""))
         p, b = h["purchase"], h["baseline"]
+        rows.append((f"purchase, {w} worker(s): engine/jobs CPU us/req",
+                     f"{_fmt(p['engine_cpu_us_per_request'])}/{_fmt(p['jobs_cpu_us_per_request'])}", "bare -/-", "", ""))
+        rows.append((f"purchase, {w} worker(s): all processes CPU us/req", _fmt(p["all_cpu_us_per_request"]),
+                     f"bare {_fmt(b['all_cpu_us_per_request'])}",
+                     _fmt(_ratio(b["all_cpu_us_per_request"], p["all_cpu_us_per_request"]), ".2f"), ""))
         rows.append((f"purchase, {w} worker(s): CPU share srv/client",
                      f"{p['server_cpu_share']}/{p['client_cpu_share']}",
                      f"bare {b['server_cpu_share']}/{b['client_cpu_share']}", "", ""))

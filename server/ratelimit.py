@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
-from typing import Iterator
 
 from redis.asyncio import Redis
 
@@ -40,15 +38,13 @@ class Gate:
         self.limit = limit
         self.inflight = 0
 
-    @contextlib.contextmanager
-    def enter(self) -> Iterator[None]:
+    def __enter__(self) -> None:
         if self.inflight >= self.limit:
             raise Unavailable("too busy right now; retry in a moment", code="busy", headers={"Retry-After": "1"})
         self.inflight += 1
-        try:
-            yield
-        finally:
-            self.inflight -= 1
+
+    def __exit__(self, *exc: object) -> None:
+        self.inflight -= 1
 
 
 class RateLimiter:

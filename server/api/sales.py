@@ -62,7 +62,7 @@ async def purchase(call: Call[PurchaseIn]) -> tuple[int, OrderOut]:
         raise BadRequest(f"send a unique Idempotency-Key header (1-{MAX_KEY_LEN} printable characters) and "
                          "reuse it when you retry", code="idempotency_key_required", field="Idempotency-Key")
     ip = call.request.client.host if call.request.client else "unknown"
-    with PURCHASE_GATE.enter():
+    with PURCHASE_GATE:
         return await call.services.sales.purchase(
             call.me, call.param("sale_id"), key, call.body,
             None if ip in call.services.settings.rate_limit_exempt_ips else ip)

@@ -19,7 +19,7 @@ import functools
 import secrets
 import time
 from dataclasses import dataclass, replace
-from typing import Literal, Mapping
+from typing import Literal, Mapping, cast
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
@@ -124,7 +124,8 @@ class Sessions:
         """The sessions channel is subscribed: load every revocation made before, and trust
         the copy from now on (later ones arrive as messages)."""
         now = time.time()
-        rows = await self._redis.zrangebyscore(REVOKED_KEY, now, "+inf", withscores=True)
+        rows = cast(list[tuple[bytes, float]],
+                    await self._redis.zrangebyscore(REVOKED_KEY, now, "+inf", withscores=True))
         self._prune(now)
         self._revoked.update((sid.decode(), float(exp)) for sid, exp in rows)
         self.in_sync = True

@@ -89,10 +89,11 @@ class AutoPipeline:
         pooled connection: redis-py's Pipeline object costs as much again as the writing."""
         packed = b"".join(hiredis.pack_command(("EVALSHA", script.sha, *args)) for script, args, _ in batch)
         pool = self._redis.connection_pool
-        conn = await pool.get_connection()
+        conn: AbstractConnection = await pool.get_connection()  # type: ignore[no-untyped-call]
         try:
-            return await conn.retry.call_with_retry(lambda: self._round_trip(conn, packed, len(batch)),
-                                                    lambda _: conn.disconnect())
+            replies: list[Any] = await conn.retry.call_with_retry(
+                lambda: self._round_trip(conn, packed, len(batch)), lambda _: conn.disconnect())
+            return replies
         finally:
             await pool.release(conn)
 

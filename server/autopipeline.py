@@ -29,7 +29,9 @@ Call = tuple[AsyncScript, tuple[Any, ...], "asyncio.Future[Any]"]
 
 
 class AutoPipeline:
-    def __init__(self, redis: Redis, max_batch: int = 256) -> None:
+    # A batch runs in Redis as one block of work (a reserve is ~65 µs of engine time), during
+    # which its other clients wait: 64 keeps that under ~5 ms.
+    def __init__(self, redis: Redis, max_batch: int = 64) -> None:
         self._redis = redis
         self._max_batch = max_batch
         self._pending: list[Call] = []

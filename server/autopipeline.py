@@ -25,7 +25,7 @@ from redis.asyncio.connection import AbstractConnection
 from redis.commands.core import AsyncScript
 from redis.exceptions import NoScriptError, ResponseError
 
-Call = tuple[AsyncScript, tuple[Any, ...], "asyncio.Future[Any]"]
+Call = tuple[AsyncScript, bytes, "asyncio.Future[Any]"]  # the script, its EVALSHA packed, the answer
 
 
 class AutoPipeline:
@@ -39,11 +39,12 @@ class AutoPipeline:
 
     async def script(self, script: AsyncScript, keys: Sequence[Any], args: Sequence[Any]) -> Any:
         """Run a registered script (by SHA; loaded again if Redis forgot it, after a restart)."""
+        packed = hiredis.pack_command(("EVALSHA", script.sha, len(keys), *keys, *args))  # bad args fail here
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[Any] = loop.create_future()
         if not self._pending:
             loop.call_soon(self._flush)
-        self._pending.append((script, (len(keys), *keys, *args), fut))
+        self._pending.append((script, packed, fut))
         if len(self._pending) >= self._max_batch:
             self._flush()
         return await fut
@@ -54,42 +55,51 @@ class AutoPipeline:
             task = asyncio.create_task(self._send(batch), name="redis-autopipeline")
             self._sending.add(task)
             task.add_done_callback(self._sending.discard)
+            # A task cancelled before its first step never runs its own handlers.
+            task.add_done_callback(lambda _: _fail(batch, asyncio.CancelledError()))
 
     async def _send(self, batch: list[Call]) -> None:
+        if not await self._attempt(batch):
+            return
+        missing = [call for call in batch if not call[2].done()]
+        if missing:
+            # A restarted Redis has no scripts: load them and send again what it refused (a
+            # refused EVALSHA ran nothing). The others already have their answers.
+            try:
+                for script in {id(c[0]): c[0] for c in missing}.values():
+                    await self._redis.script_load(script.script)
+            except BaseException as exc:
+                _fail(missing, exc)
+                if not isinstance(exc, Exception):
+                    raise
+                return
+            await self._attempt(missing, reload=False)
+
+    async def _attempt(self, batch: list[Call], reload: bool = True) -> bool:
+        """Send a batch and settle each call with its answer; NOSCRIPT refusals are left
+        pending when `reload`. False if the batch failed as a whole (every call told)."""
         try:
             results = await self._execute(batch)
-            missing = [(call, i) for i, call in enumerate(batch) if isinstance(results[i], NoScriptError)]
-            if missing:
-                # A restarted Redis has no scripts: load them and send again what it refused
-                # (a refused EVALSHA ran nothing).
-                for script in {id(c[0]): c[0] for c, _ in missing}.values():
-                    await self._redis.script_load(script.script)
-                again = await self._execute([c for c, _ in missing])
-                for (_, i), result in zip(missing, again):
-                    results[i] = result
         except BaseException as exc:  # every caller must hear of it, even on cancellation
-            for _, _, fut in batch:
-                if fut.done():
-                    continue
-                if isinstance(exc, asyncio.CancelledError):
-                    fut.cancel()
-                else:
-                    fut.set_exception(exc)
+            _fail(batch, exc)
             if not isinstance(exc, Exception):
                 raise
-            return
+            return False
         for (_, _, fut), result in zip(batch, results):
             if fut.done():  # the caller was cancelled; the script ran all the same
+                continue
+            if isinstance(result, NoScriptError) and reload:
                 continue
             if isinstance(result, Exception):
                 fut.set_exception(result)
             else:
                 fut.set_result(result)
+        return True
 
     async def _execute(self, batch: list[Call]) -> list[Any]:
         """One write, then the replies in order: each an answer or its own error. Straight on a
         pooled connection: redis-py's Pipeline object costs as much again as the writing."""
-        packed = b"".join(hiredis.pack_command(("EVALSHA", script.sha, *args)) for script, args, _ in batch)
+        packed = b"".join(command for _, command, _ in batch)
         pool = self._redis.connection_pool
         conn: AbstractConnection = await pool.get_connection()  # type: ignore[no-untyped-call]
         try:
@@ -109,3 +119,13 @@ class AutoPipeline:
             except ResponseError as exc:  # this script's error; the connection is fine
                 replies.append(exc)
         return replies
+
+
+def _fail(calls: list[Call], exc: BaseException) -> None:
+    for _, _, fut in calls:
+        if fut.done():
+            continue
+        if isinstance(exc, asyncio.CancelledError):
+            fut.cancel()
+        else:
+            fut.set_exception(exc)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import signal
 import secrets
 
 import click
@@ -43,12 +44,16 @@ def serve(host: str, port: int, workers: int, log_level: str) -> None:
     settings = load_settings()  # also creates the data dir and the secret key before workers race for them
     embedded: EmbeddedRedis | None = None
     jobs: JobsProcess | None = None
-    if settings.redis_url is None:
-        # One engine for all workers, owned by this parent process.
-        embedded = EmbeddedRedis(settings.data_dir, binary=settings.redis_server_bin)
-        os.environ["REDIS_URL"] = embedded.start(supervise=True)
-        click.echo(f"livesale: embedded Valkey at {os.environ['REDIS_URL']} (data in {embedded.dir})")
+    # SIGTERM as SystemExit: the `finally` below then stops the jobs and the engine in order,
+    # also when it comes during start-up, and with one worker, where uvicorn ends by re-raising
+    # SIGTERM under the handler it found.
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
+        if settings.redis_url is None:
+            # One engine for all workers, owned by this parent process.
+            embedded = EmbeddedRedis(settings.data_dir, binary=settings.redis_server_bin)
+            os.environ["REDIS_URL"] = embedded.start(supervise=True)
+            click.echo(f"livesale: embedded Valkey at {os.environ['REDIS_URL']} (data in {embedded.dir})")
         from server.app import ensure_schema
 
         asyncio.run(ensure_schema(settings))
@@ -70,6 +75,10 @@ def serve(host: str, port: int, workers: int, log_level: str) -> None:
             embedded.stop()
 
 
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(0)
+
+
 @main.command("jobs")
 @click.option("--log-level", default="info", show_default=True, envvar="LIVESALE_LOG_LEVEL",
               type=click.Choice(["critical", "error", "warning", "info", "debug"]), help="Log level.")
@@ -79,13 +88,14 @@ def jobs_command(log_level: str) -> None:
     `serve` starts them itself; run this where LIVESALE_BACKGROUND_JOBS=0 is set on the
     servers. Needs REDIS_URL: the servers' engine.
     """
-    from server.jobs import run_jobs
+    from server.jobs import follow_parent, run_jobs
 
     logging.basicConfig(level=log_level.upper(), format="%(levelname)s:     %(name)s: %(message)s")
     settings = load_settings()
     if settings.redis_url is None:
         raise click.ClickException("set REDIS_URL to the servers' Redis (the jobs process never starts an engine)")
-    asyncio.run(run_jobs(settings, settings.redis_url))
+    follow_parent()
+    raise SystemExit(asyncio.run(run_jobs(settings, settings.redis_url)))
 
 
 @main.command()

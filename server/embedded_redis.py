@@ -45,7 +45,7 @@ def die_with_parent() -> None:
     # Linux only: if the app is killed, the engine gets SIGTERM and shuts down
     # cleanly (flushing its AOF) instead of lingering as an orphan.
     if sys.platform.startswith("linux"):
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc = ctypes.CDLL(None, use_errno=True)  # the C library already loaded (glibc or musl)
         libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 

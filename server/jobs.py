@@ -30,8 +30,23 @@ log = logging.getLogger("livesale.jobs")
 STOP_TIMEOUT_S = 15.0
 
 
-async def run_jobs(settings: Settings, redis_url: str) -> None:
-    """Run until SIGTERM or SIGINT."""
+PARENT_ENV = "LIVESALE_JOBS_PARENT_PID"
+
+
+def follow_parent() -> None:
+    """Started by `serve`: die with it. Set here, in the child, rather than between fork and
+    exec, where a threaded parent must not run Python."""
+    parent = os.environ.get(PARENT_ENV)
+    if parent is None:
+        return
+    die_with_parent()
+    if os.getppid() != int(parent):  # it died before the line above
+        raise SystemExit(0)
+
+
+async def run_jobs(settings: Settings, redis_url: str) -> int:
+    """Run until SIGTERM or SIGINT (0), or until a job's loop ends, which it never should (1:
+    `serve` restarts the process)."""
     wired = await wire(settings, redis_url)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -39,10 +54,17 @@ async def run_jobs(settings: Settings, redis_url: str) -> None:
         loop.add_signal_handler(sig, stop.set)
     loops = {**wired.background_jobs(), "notifier": wired.notifier.run()}
     tasks = [asyncio.create_task(coro, name=name) for name, coro in loops.items()]
+    stopping = asyncio.create_task(stop.wait())
     log.info("background jobs running: %s", ", ".join(loops))
     try:
-        await stop.wait()
+        await asyncio.wait([stopping, *tasks], return_when=asyncio.FIRST_COMPLETED)
+        ended = [t.get_name() for t in tasks if t.done()]
+        if ended:
+            log.error("background job %s ended; exiting so that it is restarted", ", ".join(ended))
+            return 1
+        return 0
     finally:
+        stopping.cancel()
         await stop_loops(tasks)
         await wired.close()
 
@@ -64,9 +86,10 @@ class JobsProcess:
 
     def _launch(self) -> None:
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "server", "jobs"], env=self.env, stdin=subprocess.DEVNULL,
+            [sys.executable, "-m", "server", "jobs"], env={**self.env, PARENT_ENV: str(os.getpid())},
+            stdin=subprocess.DEVNULL,
             # Own session: a Ctrl-C reaches `serve`, which stops this in order.
-            preexec_fn=die_with_parent, start_new_session=True)
+            start_new_session=True)
 
     def _watch(self) -> None:
         # Restarts fork from this thread, which lives as long as `serve`, so the child's
@@ -77,15 +100,24 @@ class JobsProcess:
             proc = self.process
             if proc is None or proc.poll() is None:
                 continue
+            if proc.returncode == 0:
+                # Stopped on purpose (SIGTERM or SIGINT to it, or to the whole service group
+                # as a service manager stops it): not restarted.
+                log.warning("background jobs stopped by a signal; not restarting them")
+                return
             if time.monotonic() - launched > 60:
                 backoff = 0.5  # it had been running fine: a new failure, not a crash loop
             log.error("background jobs exited with %s; restarting in %.1fs", proc.returncode, backoff)
             if self._stopping.wait(backoff):
                 return
-            self._launch()
+            backoff = min(backoff * 2, 10.0)
+            try:
+                self._launch()
+            except (OSError, subprocess.SubprocessError) as exc:  # no process now; try again later
+                log.error("could not restart the background jobs: %r", exc)
+                continue
             launched = time.monotonic()
             self.restarts += 1
-            backoff = min(backoff * 2, 10.0)
 
     def stop(self) -> None:
         self._stopping.set()

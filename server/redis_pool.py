@@ -15,13 +15,9 @@ from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.connection import AbstractConnection, Connection, SSLConnection, UnixDomainSocketConnection
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff, NoBackoff
+from redis.connection import HiredisRespSerializer
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
-
-try:
-    from redis.connection import HiredisRespSerializer
-except ImportError:  # pragma: no cover - hiredis is a dependency; keep redis-py's packing without it
-    HiredisRespSerializer = None  # type: ignore[assignment,misc]
 
 POOL_WAIT_S = 5.0
 SOCKET_TIMEOUT_S = 5.0
@@ -33,11 +29,9 @@ class _HiredisPacking:
     for the reserve script's 19 arguments that was an eighth of a purchase's CPU. hiredis
     builds the same bytes in C."""
 
-    _packer = HiredisRespSerializer() if HiredisRespSerializer is not None else None
+    _packer = HiredisRespSerializer()
 
     def pack_command(self, *args: Any) -> list[bytes]:
-        if self._packer is None:
-            return super().pack_command(*args)  # type: ignore[misc, no-any-return]
         return self._packer.pack(*args)  # type: ignore[no-any-return]
 
 

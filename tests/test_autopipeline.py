@@ -209,3 +209,31 @@ async def test_a_dead_redis_fails_every_caller_of_the_batch() -> None:
         await dead.aclose()
         await dead.connection_pool.disconnect()
 
+
+
+async def test_a_script_that_cannot_be_loaded_fails_only_its_own_calls(redis: Redis) -> None:
+    """A batch with calls whose script Redis refuses to load (a syntax error: NOSCRIPT, then the
+    load fails): those calls get the load's error; the batch's other calls keep their answers."""
+    k = key()
+    good = redis.register_script(TAGGED_INCR)
+    await redis.script_load(TAGGED_INCR)
+    broken = redis.register_script(f"return {{ -- {secrets.token_hex(4)}")  # never compiles
+    pipeline = AutoPipeline(redis)
+
+    results = await run_all(*(pipeline.script(broken if i % 3 == 0 else good, [k], [f"c{i}"]) for i in range(30)))
+
+    for i, result in enumerate(results):
+        if i % 3 == 0:
+            assert isinstance(result, ResponseError), (i, result)
+        else:
+            assert not isinstance(result, BaseException), (i, result)
+            assert result[0] == f"c{i}".encode()
+    assert await count(redis, k) == 20
+
+
+async def test_arguments_that_cannot_be_sent_fail_at_the_call(redis: Redis) -> None:
+    script = redis.register_script(TAGGED_INCR)
+    pipeline = AutoPipeline(redis)
+    with pytest.raises(TypeError):
+        await pipeline.script(script, [key()], [None])
+    assert (await pipeline.script(script, [key()], ["fine"]))[0] == b"fine"

@@ -133,3 +133,26 @@ def test_jobs_command_needs_the_servers_redis(data_dir: Path) -> None:
                          timeout=60, env={**env, "LIVESALE_DATA_DIR": str(data_dir)})
     assert out.returncode != 0
     assert "REDIS_URL" in out.stderr
+
+
+async def test_sigterm_stops_serve_in_order(data_dir: Path) -> None:
+    """SIGTERM (docker stop, systemctl stop) to a one-worker serve with its embedded engine: the
+    web worker, then the jobs process, then the engine stop, and serve exits 0 (not killed by
+    the signal, which would leave the children to the parent-death signal all at once)."""
+    srv = ServerProcess(data_dir, redis_url=None).start()
+    assert srv.proc is not None
+    kids = children(srv.proc.pid)
+    [jobs] = jobs_pids(srv)
+    srv.proc.send_signal(signal.SIGTERM)
+    try:
+        assert srv.proc.wait(30) == 0, srv.log()
+    finally:
+        srv.stop()
+    assert not alive(jobs)
+    for pid in kids:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            continue
+        assert not cmdline(pid), f"child {pid} ({cmdline(pid)}) outlived serve"
+    assert "background jobs exited" not in srv.log()  # stopped, not restarted

@@ -16,6 +16,7 @@ from redis.asyncio import Redis
 from server.auth import REVOKED_KEY, Principal, Sessions
 from server.errors import Unauthorized
 from tests.inventory_support import open_redis, redis_db_url
+from tests.support import eventually
 
 DB_REVOCATION = 8  # no test server watches it (see inventory_support and reliability_support)
 SECRET = "revocation-secret-" + "r" * 32
@@ -164,3 +165,40 @@ async def test_a_tampered_token_is_refused_every_time_and_never_cached(redis: Re
     assert mine._decoded.cache_info().currsize == size  # none of them was cached
     # The genuine token, cached before, is unaffected.
     assert (await mine.verify(token)).session_id == principal.session_id
+
+
+async def test_a_logout_whose_message_was_lost_is_seen_at_the_next_resync(
+        redis: Redis, redis_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The broker reloads the revoked sessions every SESSIONS_RESYNC_S while subscribed: a logout
+    recorded in Redis whose pub/sub message never came (its publish failed) is refused after that."""
+    from server import redis_pool
+    from server.rooms import broker as broker_module
+
+    monkeypatch.setattr(broker_module, "SESSIONS_RESYNC_S", 0.3)
+    mine, other = process(redis), process(redis)
+    listener = redis_pool.make_listener(redis_db_url(redis_url, DB_REVOCATION))
+    broker = broker_module.Broker(redis, listener, lambda room, data: None, lambda: asyncio.sleep(0),
+                                  lambda session_id: None, mine)
+    await broker.detect()
+    task = asyncio.create_task(broker.run())
+    try:
+        async def synced() -> bool:
+            return mine.in_sync
+
+        await eventually(synced, timeout=10, what="the broker loading the revoked sessions")
+        token, principal = await login(mine)
+        await other.revoke(principal)  # in Redis, but no message is published
+
+        async def refused_now() -> bool:
+            try:
+                await mine.verify(token)
+            except Unauthorized as exc:
+                return exc.code == "session_revoked"
+            return False
+
+        await eventually(refused_now, timeout=10, what="the lost logout being seen")
+        assert mine.in_sync  # from memory, not by asking Redis
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await listener.aclose(close_connection_pool=True)

@@ -37,6 +37,9 @@ CONTROL = b"C"
 
 # Session ids logged out anywhere: every process closes its sockets of that session.
 SESSIONS_CHANNEL = "livesale:sessions"
+# The revoked sessions are read again this often while subscribed: a logout whose message was
+# lost (its publish failed, or a half-open link) is then seen within this long anyway.
+SESSIONS_RESYNC_S = 10.0
 
 OnMessage = Callable[[str, bytes], None]
 OnReconnect = Callable[[], Awaitable[None]]
@@ -63,6 +66,7 @@ class Broker:
         self._on_message = on_message
         self._on_session_end = on_session_end
         self._sessions = sessions
+        self._sessions_due: float | None = None  # when to (re)load the revoked sessions
         self._on_reconnect = on_reconnect
         self.sharded = True
         self._wanted: set[str] = set()        # rooms that should be subscribed
@@ -153,10 +157,25 @@ class Broker:
                     if not fut.done():
                         fut.set_result(None)
 
+    async def _sync_sessions(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            await self._sessions.sync()
+            self._sessions_due = loop.time() + SESSIONS_RESYNC_S
+        except (RedisConnectionError, RedisTimeoutError, ResponseError, OSError) as exc:
+            # Not the pub/sub link's fault (the read uses the shared pool): keep the link, let
+            # requests ask Redis meanwhile, and try again soon.
+            self._sessions.lost()
+            self._sessions_due = loop.time() + 1.0
+            log.warning("could not load the revoked sessions (%r); asking Redis per request meanwhile", exc)
+
     async def _listen(self, pubsub: PubSub) -> None:
+        self._sessions_due = None  # until the sessions channel is confirmed on this link
         while running():
             if self._changed.is_set():
                 await self._sync(pubsub)
+            if self._sessions_due is not None and asyncio.get_running_loop().time() >= self._sessions_due:
+                await self._sync_sessions()
             msg = await pubsub.get_message(timeout=0.05)
             if msg is None:
                 continue
@@ -168,7 +187,7 @@ class Broker:
                     self._sessions.revoked(session_id)
                     self._on_session_end(session_id)
                 elif kind in ("subscribe", "ssubscribe"):
-                    await self._sessions.sync()
+                    await self._sync_sessions()
                 continue
             room_id = channel[len("{room:"):channel.index("}")]
             if kind in ("message", "smessage"):

@@ -51,6 +51,11 @@ _FASTER: dict[type[AbstractConnection], type[AbstractConnection]] = {
     Connection: _TcpConnection, UnixDomainSocketConnection: _UnixConnection, SSLConnection: _SslConnection}
 
 
+def text(value: bytes | str) -> str:
+    """A reply as text: our clients answer bytes, though redis-py's types allow either."""
+    return value.decode() if isinstance(value, bytes) else value
+
+
 def make_retry() -> Retry:
     return Retry(ExponentialWithJitterBackoff(base=0.05, cap=0.5), retries=2,
                  supported_errors=(RedisConnectionError, RedisTimeoutError))

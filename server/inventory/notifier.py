@@ -32,7 +32,7 @@ class SaleNotifier:
         for sale_id, room_id in dirty.items():
             remaining, reserved, paid, v = await self.redis.hmget(keys.sale(sale_id),
                                                                   ["remaining", "reserved", "paid", "v"])
-            if remaining is None:
+            if remaining is None or reserved is None or paid is None or v is None:
                 continue
             await self.rooms.tell(room_id, protocol.SaleUpdate(
                 id=sale_id, remaining=int(remaining), sold=int(reserved) + int(paid), v=int(v)))

@@ -90,7 +90,7 @@ class Persister:
                 raise
             await self.stock.ensure_group(sale_id)
             return []
-        return list(resp[0][1]) if resp else []
+        return list(resp[0][1]) if resp else []  # type: ignore[index, arg-type]  # RESP2 reply: [[stream, entries]]
 
     async def claim(self, sale_id: str, count: int = BATCH) -> list[Entry]:
         """Entries another consumer read but never acknowledged (it crashed)."""

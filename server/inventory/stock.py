@@ -10,7 +10,7 @@ from __future__ import annotations
 import base64
 import re
 import secrets
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +22,7 @@ from server.autopipeline import AutoPipeline
 from server.inventory import keys
 from server.lua import GCRA, load_script
 from server.ratelimit import Limit
+from server.redis_pool import text
 
 _ORDER_ID = re.compile(r"^ord_([a-z2-7]{26})[a-z2-7]{16}$")
 
@@ -64,22 +65,22 @@ def _outcome(raw: list[Any]) -> Outcome:
     return Outcome(raw[0].decode(), record, *(int(x) for x in raw[2:]))
 
 
-def parse_state(raw: dict[bytes, bytes]) -> dict[str, Any] | None:
+def parse_state(raw: Mapping[bytes | str, bytes | str]) -> dict[str, Any] | None:
     """The sale hash with its numbers as ints; None if there is no such sale."""
     if not raw:
         return None
-    state: dict[str, Any] = {k.decode(): v for k, v in raw.items()}
+    state: dict[str, Any] = {text(k): v for k, v in raw.items()}
     for name in ("stock", "remaining", "reserved", "paid", "limit", "price", "starts_at", "ends_at",
                  "ended_at", "timeout_ms", "v"):
         state[name] = int(state[name])
-    state["room_id"] = state["room_id"].decode()
+    state["room_id"] = text(state["room_id"])
     state["info"] = msgspec.json.decode(state["info"])
-    state["end_reason"] = state["end_reason"].decode() if "end_reason" in state else None
+    state["end_reason"] = text(state["end_reason"]) if "end_reason" in state else None
     return state
 
 
-def parse_orders(raw: dict[bytes, bytes]) -> dict[str, dict[str, Any]]:
-    return {k.decode(): msgspec.json.decode(v) for k, v in raw.items()}
+def parse_orders(raw: Mapping[bytes | str, bytes | str]) -> dict[str, dict[str, Any]]:
+    return {text(k): msgspec.json.decode(v) for k, v in raw.items()}
 
 
 class Stock:
@@ -152,10 +153,10 @@ class Stock:
 
     async def due(self, sale_id: str, now_ms: int, limit: int = 500) -> list[str]:
         ids = await self.redis.zrangebyscore(keys.expiry(sale_id), "-inf", now_ms, start=0, num=limit)
-        return [i.decode() for i in ids]
+        return [text(i) for i in ids]  # type: ignore[arg-type]  # without scores: members
 
     async def open_sales(self) -> list[str]:
-        return sorted(s.decode() for s in await self.redis.smembers(self.open_key))
+        return sorted(text(s) for s in await self.redis.smembers(self.open_key))
 
     async def close(self, sale_id: str) -> None:
         """Stop watching a sale whose every change is settled and persisted."""

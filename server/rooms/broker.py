@@ -78,7 +78,7 @@ class Broker:
     async def detect(self) -> None:
         """Use sharded pub/sub when the server supports it (Redis/Valkey 7+)."""
         try:
-            await self._redis.execute_command("SPUBLISH", "livesale:probe", b"")
+            await self._redis.execute_command("SPUBLISH", "livesale:probe", b"")  # type: ignore[no-untyped-call]
         except ResponseError:
             self.sharded = False
         log.info("room fan-out uses %s", "sharded pub/sub" if self.sharded else "pub/sub")
@@ -88,10 +88,12 @@ class Broker:
         return "SPUBLISH" if self.sharded else "PUBLISH"
 
     async def publish(self, room_id: str, audience: bytes, event: bytes) -> None:
-        await self._redis.execute_command(self.publish_command, keys.channel(room_id), audience + event)
+        await self._redis.execute_command(  # type: ignore[no-untyped-call]
+            self.publish_command, keys.channel(room_id), audience + event)
 
     async def end_session(self, session_id: str) -> None:
-        await self._redis.execute_command(self.publish_command, SESSIONS_CHANNEL, session_id)
+        await self._redis.execute_command(  # type: ignore[no-untyped-call]
+            self.publish_command, SESSIONS_CHANNEL, session_id)
 
     async def subscribe(self, room_id: str) -> None:
         """Return once this process receives the room's events."""
@@ -134,7 +136,7 @@ class Broker:
             finally:
                 self._sessions.lost()  # however the link ended
                 try:
-                    await pubsub.aclose()
+                    await pubsub.aclose()  # type: ignore[no-untyped-call]
                 except Exception:  # the connection is already broken; nothing to clean
                     pass
 

@@ -47,7 +47,8 @@ _decoder = msgspec.json.Decoder(ClientMessage)
 
 def decode(frame: str | bytes) -> ClientMessage:
     """Raises msgspec.DecodeError (malformed) or msgspec.ValidationError (wrong shape)."""
-    return _decoder.decode(frame)
+    message: ClientMessage = _decoder.decode(frame)
+    return message
 
 
 # --- server -> client ---------------------------------------------------------

@@ -14,6 +14,7 @@ from redis.asyncio import Redis
 
 from server.errors import Conflict
 from server.lua import load_script
+from server.redis_pool import text
 from server.rooms import keys
 from server.rooms.broker import Broker
 
@@ -113,7 +114,7 @@ class RoomStore:
     async def mutes(self, room_id: str) -> dict[str, int]:
         now = int(time.time() * 1000)
         raw = await self.redis.hgetall(keys.mutes(room_id))
-        return {k.decode(): int(v) for k, v in raw.items() if int(v) > now}
+        return {text(k): int(v) for k, v in raw.items() if int(v) > now}
 
     async def set_banned_words(self, room_id: str, words: list[str]) -> None:
         key = keys.banned_words(room_id)
@@ -124,7 +125,7 @@ class RoomStore:
             await pipe.execute()
 
     async def banned_words(self, room_id: str) -> list[str]:
-        return sorted(w.decode() for w in await self.redis.smembers(keys.banned_words(room_id)))
+        return sorted(text(w) for w in await self.redis.smembers(keys.banned_words(room_id)))
 
     # --- pin, welcome, stats ------------------------------------------------------
     async def set_pin(self, room_id: str, product: dict[str, Any] | None) -> None:
@@ -153,7 +154,7 @@ class RoomStore:
 
     async def active_sale(self, room_id: str) -> str | None:
         sale = await self.redis.hget(keys.state(room_id), "sale")
-        return sale.decode() if sale else None
+        return text(sale) if sale else None
 
     async def snapshot(self, room_id: str) -> Snapshot:
         async with self.redis.pipeline(transaction=False) as pipe:

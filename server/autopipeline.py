@@ -10,7 +10,8 @@ turn, so a lone call goes out at once.
 
 Every call still gets its own answer or its own error. Like the single calls, a
 batch is re-sent after a dropped connection (redis-py's retry), which is safe
-because every script we send is idempotent.
+because every script we send is idempotent on stock and orders (a re-sent
+reserve that is refused again spends once more from the buyer's rate limits).
 """
 
 from __future__ import annotations

@@ -28,9 +28,7 @@ from server.wiring import wire
 log = logging.getLogger("livesale.jobs")
 
 STOP_TIMEOUT_S = 15.0
-
-
-PARENT_ENV = "LIVESALE_JOBS_PARENT_PID"
+PARENT_ENV = "LIVESALE_JOBS_PARENT_PID"  # set by `serve` for the child it starts
 
 
 def follow_parent() -> None:

@@ -16,7 +16,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from importlib import resources
 from pathlib import Path
@@ -24,6 +23,7 @@ from pathlib import Path
 import redis
 
 from server.errors import ConfigError
+from server.supervisor import Supervised
 
 log = logging.getLogger("livesale.embedded_redis")
 
@@ -63,15 +63,15 @@ def _is_valkey(pid: int) -> bool:
     return b"valkey-server" in cmdline or b"redis-server" in cmdline
 
 
-class EmbeddedRedis:
+class EmbeddedRedis(Supervised):
+    name = "embedded Valkey"
+    stop_timeout_s = STOP_TIMEOUT_S
+
     def __init__(self, data_dir: Path, *, binary: str | None = None, port: int | None = None) -> None:
+        super().__init__()
         self.dir = data_dir / "redis"
         self.binary = binary or default_binary()
         self.port = port
-        self.process: subprocess.Popen[bytes] | None = None
-        self._stopping = threading.Event()
-        self._watchdog: threading.Thread | None = None
-        self.restarts = 0
         self.pidfile = self.dir / "valkey.pid"
         socket_path = self.dir / "valkey.sock"
         if len(str(socket_path)) > _MAX_SOCKET_PATH:
@@ -126,29 +126,8 @@ class EmbeddedRedis:
         """Start the engine; with supervise, restart it (replaying its AOF) if it ever dies."""
         self._launch()
         if supervise:
-            self._stopping.clear()
-            self._watchdog = threading.Thread(target=self._watch, name="valkey-watchdog", daemon=True)
-            self._watchdog.start()
+            self.watch()
         return self.url
-
-    def _watch(self) -> None:
-        # Restarts fork from this thread, which lives as long as the process, so
-        # PR_SET_PDEATHSIG (bound to the forking thread) still means "dies with the app".
-        backoff = 0.5
-        while not self._stopping.wait(0.5):
-            proc = self.process
-            if proc is None or proc.poll() is None:
-                continue
-            log.error("embedded Valkey exited with %s; restarting in %.1fs", proc.returncode, backoff)
-            if self._stopping.wait(backoff):
-                return
-            try:
-                self._launch()
-                self.restarts += 1
-                backoff = 0.5
-            except ConfigError as exc:
-                log.error("embedded Valkey restart failed: %s", exc)
-                backoff = min(backoff * 2, 10.0)
 
     def _launch(self) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -163,6 +142,7 @@ class EmbeddedRedis:
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
             # Own session: a Ctrl-C in the terminal reaches the app, which then stops the
             # engine in order, rather than killing the engine under a running app.
+            # SIGTERM on the engine is graceful: it fsyncs the AOF (see Supervised.stop).
             preexec_fn=die_with_parent, close_fds=True, start_new_session=True,
         )
         self._wait_ready()
@@ -191,20 +171,7 @@ class EmbeddedRedis:
         finally:
             client.close()
 
-    def stop(self) -> None:
-        self._stopping.set()
-        if self._watchdog is not None and self._watchdog is not threading.current_thread():
-            self._watchdog.join()
-            self._watchdog = None
-        proc, self.process = self.process, None
-        if proc is None or proc.poll() is not None:
-            return
-        proc.send_signal(signal.SIGTERM)  # graceful: fsyncs the AOF
-        try:
-            proc.wait(STOP_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    def _stopped(self, proc: subprocess.Popen[bytes]) -> None:
         if proc.stderr:
             proc.stderr.close()
 

@@ -17,12 +17,11 @@ import os
 import signal
 import subprocess
 import sys
-import threading
-import time
 
 from server.config import Settings
 from server.embedded_redis import die_with_parent
 from server.loops import stop as stop_loops
+from server.supervisor import Supervised
 from server.wiring import wire
 
 log = logging.getLogger("livesale.jobs")
@@ -67,20 +66,20 @@ async def run_jobs(settings: Settings, redis_url: str) -> int:
         await wired.close()
 
 
-class JobsProcess:
-    """`python -m server jobs` as a child of `serve`: dies with it, restarted if it exits."""
+class JobsProcess(Supervised):
+    """`python -m server jobs` as a child of `serve`: dies with it, restarted if it fails."""
+
+    name = "background jobs"
+    restart_clean_exit = False  # exit 0: stopped by SIGTERM/SIGINT, e.g. a service manager stopping us all
+    stop_timeout_s = STOP_TIMEOUT_S
 
     def __init__(self, env: dict[str, str]) -> None:
+        super().__init__()
         self.env = env
-        self.process: subprocess.Popen[bytes] | None = None
-        self.restarts = 0
-        self._stopping = threading.Event()
-        self._watchdog: threading.Thread | None = None
 
     def start(self) -> None:
         self._launch()
-        self._watchdog = threading.Thread(target=self._watch, name="jobs-watchdog", daemon=True)
-        self._watchdog.start()
+        self.watch()
 
     def _launch(self) -> None:
         self.process = subprocess.Popen(
@@ -88,47 +87,3 @@ class JobsProcess:
             stdin=subprocess.DEVNULL,
             # Own session: a Ctrl-C reaches `serve`, which stops this in order.
             start_new_session=True)
-
-    def _watch(self) -> None:
-        # Restarts fork from this thread, which lives as long as `serve`, so the child's
-        # parent-death signal (bound to the forking thread) still means "dies with serve".
-        backoff = 0.5
-        launched = time.monotonic()
-        while not self._stopping.wait(0.5):
-            proc = self.process
-            if proc is None or proc.poll() is None:
-                continue
-            if proc.returncode == 0:
-                # Stopped on purpose (SIGTERM or SIGINT to it, or to the whole service group
-                # as a service manager stops it): not restarted.
-                log.warning("background jobs stopped by a signal; not restarting them")
-                return
-            if time.monotonic() - launched > 60:
-                backoff = 0.5  # it had been running fine: a new failure, not a crash loop
-            log.error("background jobs exited with %s; restarting in %.1fs", proc.returncode, backoff)
-            if self._stopping.wait(backoff):
-                return
-            backoff = min(backoff * 2, 10.0)
-            try:
-                self._launch()
-            except (OSError, subprocess.SubprocessError) as exc:  # no process now; try again later
-                log.error("could not restart the background jobs: %r", exc)
-                continue
-            launched = time.monotonic()
-            self.restarts += 1
-
-    def stop(self) -> None:
-        self._stopping.set()
-        if self._watchdog is not None:
-            self._watchdog.join()
-            self._watchdog = None
-        proc, self.process = self.process, None
-        if proc is None or proc.poll() is not None:
-            return
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(STOP_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            log.error("background jobs did not stop in %.0fs; killed", STOP_TIMEOUT_S)
-            os.kill(proc.pid, signal.SIGKILL)
-            proc.wait()

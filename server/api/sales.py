@@ -16,8 +16,8 @@ from server.ratelimit import Gate
 
 router = Router("sales")
 
-# Purchases in flight per process before new ones are shed with 503 `busy`. Each holds a
-# Redis connection for a few milliseconds; far more than the pool can serve just queue.
+# Purchases in flight per process before new ones are shed with 503 `busy`: past a few hundred,
+# a new one would only wait behind the others for longer than its buyer waits for an answer.
 PURCHASE_GATE = Gate(256)
 
 MAX_KEY_LEN = 128

@@ -26,6 +26,7 @@ from server.text import clean
 log = logging.getLogger("livesale.rooms.connection")
 
 SEND_TIMEOUT_S = 10.0  # a send that cannot complete in this long means a dead or stalled peer
+UNAVAILABLE = "the room is unavailable, reconnect shortly"
 
 
 async def _refuse(ws: WebSocket, code: int, error: str, message: str) -> None:
@@ -43,19 +44,15 @@ async def room_socket(ws: WebSocket) -> None:
                                                  services.settings.allowed_origins):
         await ws.close(protocol.POLICY)
         return
+    hub = services.hub
     try:
         principal = await authenticate(services.sessions, ws.headers, ws.cookies)
+        meta = await hub.room_meta(room_id)
     except ApiError as exc:
         await _refuse(ws, protocol.SESSION_ENDED, exc.code, exc.message)
         return
-    except RedisError:
-        await _refuse(ws, protocol.TRY_AGAIN_LATER, "unavailable", "the room is unavailable, reconnect shortly")
-        return
-    hub = services.hub
-    try:
-        meta = await hub.room_meta(room_id)
-    except SQLAlchemyError:
-        await _refuse(ws, protocol.TRY_AGAIN_LATER, "unavailable", "the room is unavailable, reconnect shortly")
+    except (RedisError, SQLAlchemyError):
+        await _refuse(ws, protocol.TRY_AGAIN_LATER, "unavailable", UNAVAILABLE)
         return
     if meta is None:
         await _refuse(ws, protocol.ROOM_NOT_FOUND, "room_not_found", "no such room")
@@ -68,7 +65,7 @@ async def room_socket(ws: WebSocket) -> None:
             meta = await hub.welcome(conn)
         except (asyncio.TimeoutError, OSError, ConnectionError, RedisError) as exc:
             log.warning("join failed for room %s: %r", room_id, exc)
-            await ws.send_text(protocol.error_frame("unavailable", "the room is unavailable, reconnect shortly"))
+            await ws.send_text(protocol.error_frame("unavailable", UNAVAILABLE))
             await ws.close(protocol.TRY_AGAIN_LATER)
             return
         if meta["status"] == "ended":

@@ -296,7 +296,8 @@ async def test_sigkill_mid_spike_then_restart(tmp_path: Path, redis_url: str) ->
             per_buyer = Counter(known.values())
             assert max(per_buyer.values()) <= LIMIT
             groups = await stock.redis.xinfo_groups(keys.log(sale_id))
-            group = next(g for g in groups if g["name"] in (stock.group, stock.group.encode()))
+            group = stock.persister_group(groups)
+            assert group is not None
             assert group["pending"] == 0
     finally:
         srv.stop(timeout=10)

@@ -198,7 +198,7 @@ class Persister:
         if state["ended_at"] == 0 or state["reserved"] != 0:
             return False
         groups = await self.redis.xinfo_groups(keys.log(sale_id))
-        group = next((g for g in groups if g["name"] in (self.stock.group, self.stock.group.encode())), None)
+        group = self.stock.persister_group(groups)
         return group is not None and group["pending"] == 0 and group.get("lag") == 0
 
     async def run(self) -> None:

@@ -74,7 +74,7 @@ async def reconcile(stock: Stock, db: async_sessionmaker[AsyncSession], sale_id:
         if held > state["limit"]:
             report.problems.append(f"buyer {buyer} holds {held} > limit {state['limit']}")
 
-    group = next((g for g in groups if g["name"] in (stock.group, stock.group.encode())), None)
+    group = stock.persister_group(groups)
     report.unpersisted = (group["pending"] + (group.get("lag") or 0)) if group else 0
     if report.unpersisted:
         return report  # SQL is behind; comparing order by order would only list what is in flight

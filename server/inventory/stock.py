@@ -109,6 +109,10 @@ class Stock:
             await pipe.execute()
         await self.ensure_group(t.sale_id)
 
+    def persister_group(self, groups: list[dict[str, Any]]) -> dict[str, Any] | None:
+        """This deployment's persister group among a sale stream's XINFO GROUPS, if there."""
+        return next((g for g in groups if g["name"] in (self.group, self.group.encode())), None)
+
     async def ensure_group(self, sale_id: str) -> None:
         try:
             await self.redis.xgroup_create(keys.log(sale_id), self.group, id="0", mkstream=True)

@@ -18,9 +18,6 @@ from server.redis_pool import text
 from server.rooms import keys
 from server.rooms.broker import Broker
 
-# Release a lock only if we still hold it (it may have expired and been taken since).
-_UNLOCK = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
-
 HISTORY_LEN = 50
 PRESENCE_TTL_MS = 30_000  # a connection not refreshed for this long no longer counts
 MAX_LIKE_FRAMES_PER_S = 20
@@ -51,7 +48,7 @@ class RoomStore:
         self._post = load_script(redis, "server.rooms", "chat_post.lua")
         self._delete = load_script(redis, "server.rooms", "chat_delete.lua")
         self._likes = load_script(redis, "server.rooms", "likes_flush.lua")
-        self._unlock = redis.register_script(_UNLOCK)
+        self._unlock = load_script(redis, "server.rooms", "launch_unlock.lua")
 
     # --- presence -------------------------------------------------------------
     async def join(self, room_id: str, conn_id: str, viewer_id: str | None) -> Counts:

@@ -16,7 +16,7 @@ NORMAL = 1000            # the room ended
 GOING_AWAY = 1001        # the server is shutting down: reconnect
 POLICY = 1008            # abuse: too fast, or too much garbage
 TOO_BIG = 1009           # a frame over MAX_FRAME_BYTES
-TRY_AGAIN_LATER = 1013   # the client could not keep up (slow consumer): reconnect
+TRY_AGAIN_LATER = 1013   # reconnect: the client could not keep up, or a backend was away while it joined
 SESSION_ENDED = 4401     # the session is invalid, expired or logged out
 ROOM_NOT_FOUND = 4404
 

@@ -27,7 +27,7 @@ from itsdangerous import BadSignature, SignatureExpired, URLSafeTimedSerializer
 from redis.asyncio import Redis
 
 from server.errors import Forbidden, Unauthorized
-from server.origins import origin_allowed
+from server.origins import origin_allowed, own_origin
 
 COOKIE_NAME = "livesale_session"
 Role = Literal["host", "viewer"]
@@ -169,7 +169,7 @@ async def authenticate(sessions: Sessions, headers: Mapping[str, str], cookies: 
     return principal
 
 
-def check_csrf(principal: Principal | None, method: str, headers: Mapping[str, str], own_origin: str,
+def check_csrf(principal: Principal | None, method: str, headers: Mapping[str, str], scheme: str,
                allowed: tuple[str, ...]) -> None:
     """A cookie rides along on cross-site requests; a bearer token does not.
 
@@ -183,6 +183,6 @@ def check_csrf(principal: Principal | None, method: str, headers: Mapping[str, s
         referer = headers.get("referer", "")
         parts = referer.split("/")
         origin = "/".join(parts[:3]) if len(parts) >= 3 and parts[0] in ("http:", "https:") else None
-    if origin is None or not origin_allowed(origin, own_origin, allowed):
+    if origin is None or not origin_allowed(origin, own_origin(scheme, headers), allowed):
         raise Forbidden("cross-site request refused: send the token as a Bearer header or call from the app's origin",
                         code="csrf")

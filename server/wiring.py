@@ -40,7 +40,6 @@ class Wired:
     services: Services
     broker: Broker
     notifier: SaleNotifier
-    stock: Stock
     listener: Redis
 
     def room_loops(self) -> dict[str, Loop]:
@@ -50,8 +49,8 @@ class Wired:
     def background_jobs(self) -> dict[str, Loop]:
         """Orders to SQL, and the sales' clock (expiry, start, end)."""
         s = self.services
-        return {"persister": Persister(s.redis, self.stock, s.db).run(),
-                "sweeper": Sweeper(self.stock, s.sales, self.notifier).run()}
+        return {"persister": Persister(s.redis, s.sales.stock, s.db).run(),
+                "sweeper": Sweeper(s.sales.stock, s.sales, self.notifier).run()}
 
     async def close(self) -> None:
         await self.listener.aclose(close_connection_pool=True)
@@ -86,4 +85,4 @@ async def wire(settings: Settings, redis_url: str) -> Wired:
     hub.load_sale = sales.snapshot
     services = Services(settings=settings, redis=redis, db_engine=engine, db=db, sessions=sessions,
                         limiter=RateLimiter(redis), hub=hub, rooms=rooms, sales=sales)
-    return Wired(services=services, broker=broker, notifier=notifier, stock=stock, listener=listener)
+    return Wired(services=services, broker=broker, notifier=notifier, listener=listener)

@@ -26,7 +26,6 @@ from starlette.routing import Route
 from server.api.responses import json_response
 from server.auth import Principal, authenticate, check_csrf
 from server.errors import BadRequest, Forbidden, PayloadTooLarge, Unauthorized, Unprocessable, UnsupportedMediaType
-from server.origins import own_origin
 from server.services import Services
 
 B = TypeVar("B")
@@ -143,9 +142,8 @@ def _asgi(spec: Spec, fn: Handler) -> Callable[[Request], Awaitable[Response]]:
                 raise Unauthorized("log in first")
             if spec.auth == "host" and user is not None and not user.is_host:
                 raise Forbidden("only hosts can do this", code="host_only")
-            if user is not None and user.via_cookie:
-                check_csrf(user, request.method, request.headers,
-                           own_origin(request.scope["scheme"], request.headers), services.settings.allowed_origins)
+            check_csrf(user, request.method, request.headers, request.scope["scheme"],
+                       services.settings.allowed_origins)
         body = await read_body(request, spec.body) if spec.body is not None else None
         result = await fn(Call(request, services, user, body))
         if isinstance(result, Response):

@@ -81,16 +81,18 @@ class Served:
                 if not any(name in cmdline(p) for name in ("valkey", "redis", "server jobs"))]
         return kids or [self.proc.pid]
 
-    def engine_pid(self) -> int | None:
+    def _child(self, name: str) -> int | None:
+        """The child process whose command line holds `name`, if any."""
         if self.proc is None:
             return None
-        return next((p for p in children(self.proc.pid) if "valkey" in cmdline(p)), None)
+        return next((p for p in children(self.proc.pid) if name in cmdline(p)), None)
+
+    def engine_pid(self) -> int | None:
+        return self._child("valkey")
 
     def jobs_pid(self) -> int | None:
         """livesale's background-jobs process (persister, sweeper), if it has one."""
-        if self.proc is None:
-            return None
-        return next((p for p in children(self.proc.pid) if "server jobs" in cmdline(p)), None)
+        return self._child("server jobs")
 
     def cpu_s(self) -> tuple[float, float, float]:
         """CPU seconds used so far by the app processes, the embedded engine and the jobs process."""

@@ -1,42 +1,109 @@
-"""Automatic pipelining: script calls made in one event-loop turn go to Redis as one pipeline.
+"""Automatic pipelining: script calls made in one event-loop turn go to Redis as one pipeline,
+on one connection of their own, read in C.
 
 Under a purchase spike hundreds of requests each run one script. Sent one by one,
 each pays redis-py's whole per-command cost (a pool checkout, a timeout, a socket
-write, a wake-up): measured at ~150 µs of CPU per call, more than the rest of the
-request. Batched, they share one checkout, one write and one read loop (~40 µs
-each), and Redis serves the batch with one read and one write. Nothing waits for
-a batch to fill: the first call of a turn schedules the flush for the end of that
-turn, so a lone call goes out at once.
+write, a wake-up, an awaited read): ~150 µs of CPU per call, more than the rest of the
+request. Here the calls of a turn share one write; the replies are parsed by hiredis
+as their bytes arrive (`data_received`), with no await per reply, and each batch's
+caller is woken once. Nothing waits for a batch to fill: the first call of a turn
+schedules the flush for the end of that turn, so a lone call goes out at once.
 
-Every call still gets its own answer or its own error. Like the single calls, a
-batch is re-sent after a dropped connection (redis-py's retry), which is safe
-because every script we send is idempotent on stock and orders (a re-sent
-reserve that is refused again spends once more from the buyer's rate limits).
+Redis answers a connection's commands in order, so batches need not wait for each
+other either: they queue on the link and each takes the next replies.
+
+Every call still gets its own answer or its own error. A batch cut off by a dropped
+connection or a timeout is sent again on a new connection (with redis-py's retry
+policy), which is safe because every script we send is idempotent on stock and
+orders (a re-sent reserve that is refused again spends once more from the buyer's
+rate limits).
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections import deque
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import hiredis
+from redis._parsers import BaseParser
 from redis.asyncio import Redis
 from redis.asyncio.connection import AbstractConnection
 from redis.commands.core import AsyncScript
-from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import InvalidResponse, NoScriptError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from server.redis_pool import SOCKET_TIMEOUT_S, make_retry
 
 Call = tuple[AsyncScript, bytes, "asyncio.Future[Any]"]  # the script, its EVALSHA packed, the answer
 
 
+class _Link(asyncio.Protocol):
+    """One connection carrying batches in order: each batch's future gets its n replies."""
+
+    def __init__(self, writer: asyncio.StreamWriter, decode: str | None) -> None:
+        self._writer = writer  # kept: the stream that opened the socket must not be collected
+        options: dict[str, Any] = {"protocolError": InvalidResponse, "replyError": BaseParser.parse_error}
+        if decode:
+            options["encoding"] = decode
+        self._reader = hiredis.Reader(**options)
+        self._waiting: deque[tuple[int, list[Any], asyncio.Future[list[Any]]]] = deque()
+        self._transport: asyncio.Transport | None = None
+        self.error: Exception | None = None  # why the link is closed, once it is
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            self._reader.feed(data)
+            while (reply := self._reader.gets()) is not False:
+                n, replies, done = self._waiting[0]
+                replies.append(reply)
+                if len(replies) == n:
+                    self._waiting.popleft()
+                    if not done.done():  # its caller timed out
+                        done.set_result(replies)
+        except (InvalidResponse, IndexError) as exc:  # garbage, or a reply nobody asked for
+            self.close(RedisConnectionError(f"unreadable reply from Redis: {exc!r}"))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.close(RedisConnectionError(f"connection to Redis lost: {exc or 'closed by the server'}"))
+
+    def round_trip(self, packed: bytes, n: int) -> asyncio.Future[list[Any]]:
+        done: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
+        if self.error is not None or self._transport is None:
+            done.set_exception(self.error or RedisConnectionError("not connected"))
+            return done
+        self._waiting.append((n, [], done))
+        self._transport.write(packed)
+        return done
+
+    def close(self, error: Exception) -> None:
+        """Close the link; every batch still waiting fails with `error` (and is sent again)."""
+        if self.error is None:
+            self.error = error
+        if self._transport is not None:
+            self._transport.abort()
+        while self._waiting:
+            _, _, done = self._waiting.popleft()
+            if not done.done():
+                done.set_exception(self.error)
+
+
 class AutoPipeline:
-    # A batch runs in Redis as one block of work (a reserve is ~65 µs of engine time), during
-    # which its other clients wait: 64 keeps that under ~5 ms.
+    # A batch runs in Redis as one block of work (a reserve is ~40 µs of engine time), during
+    # which its other clients wait: 64 keeps that under ~3 ms.
     def __init__(self, redis: Redis, max_batch: int = 64) -> None:
         self._redis = redis
         self._max_batch = max_batch
         self._pending: list[Call] = []
         self._sending: set[asyncio.Task[None]] = set()  # strong references until done
+        self._link: _Link | None = None
+        self._connecting = asyncio.Lock()
+        self._retry = make_retry()
 
     async def script(self, script: AsyncScript, keys: Sequence[Any], args: Sequence[Any]) -> Any:
         """Run a registered script (by SHA; loaded again if Redis forgot it, after a restart)."""
@@ -49,6 +116,11 @@ class AutoPipeline:
         if len(self._pending) >= self._max_batch:
             self._flush()
         return await fut
+
+    def close(self) -> None:
+        link, self._link = self._link, None
+        if link is not None:
+            link.close(RedisConnectionError("closed"))
 
     def _flush(self) -> None:
         batch, self._pending = self._pending, []
@@ -79,8 +151,10 @@ class AutoPipeline:
     async def _attempt(self, batch: list[Call], reload: bool = True) -> bool:
         """Send a batch and settle each call with its answer; NOSCRIPT refusals are left
         pending when `reload`. False if the batch failed as a whole (every call told)."""
+        packed = b"".join(command for _, command, _ in batch)
         try:
-            results = await self._execute(batch)
+            results: list[Any] = await self._retry.call_with_retry(
+                lambda: self._round_trip(packed, len(batch)), self._drop)
         except BaseException as exc:  # every caller must hear of it, even on cancellation
             _fail(batch, exc)
             if not isinstance(exc, Exception):
@@ -97,29 +171,40 @@ class AutoPipeline:
                 fut.set_result(result)
         return True
 
-    async def _execute(self, batch: list[Call]) -> list[Any]:
-        """One write, then the replies in order: each an answer or its own error. Straight on a
-        pooled connection: redis-py's Pipeline object costs as much again as the writing."""
-        packed = b"".join(command for _, command, _ in batch)
-        pool = self._redis.connection_pool
-        conn: AbstractConnection = await pool.get_connection()  # type: ignore[no-untyped-call]
+    async def _round_trip(self, packed: bytes, n: int) -> list[Any]:
+        link = self._link if self._link is not None and self._link.error is None else await self._connect()
+        answer = link.round_trip(packed, n)
         try:
-            replies: list[Any] = await conn.retry.call_with_retry(
-                lambda: self._round_trip(conn, packed, len(batch)), lambda _: conn.disconnect())
-            return replies
-        finally:
-            await pool.release(conn)
+            async with asyncio.timeout(SOCKET_TIMEOUT_S):
+                return await answer
+        except TimeoutError:
+            # The replies would come back out of step: give up on this connection.
+            link.close(RedisTimeoutError(f"no answer from Redis in {SOCKET_TIMEOUT_S:.0f}s"))
+            raise RedisTimeoutError(f"no answer from Redis in {SOCKET_TIMEOUT_S:.0f}s") from None
 
-    @staticmethod
-    async def _round_trip(conn: AbstractConnection, packed: bytes, n: int) -> list[Any]:
-        await conn.send_packed_command(packed)
-        replies: list[Any] = []
-        for _ in range(n):
-            try:
-                replies.append(await conn.read_response())
-            except ResponseError as exc:  # this script's error; the connection is fine
-                replies.append(exc)
-        return replies
+    async def _drop(self, error: Exception) -> None:
+        if self._link is not None and self._link.error is not None:
+            self._link = None
+
+    async def _connect(self) -> _Link:
+        """A new connection, set up by redis-py (address, TLS, AUTH, SELECT, as for the pool's
+        connections), then handed to the link: its replies are read by the link only."""
+        async with self._connecting:
+            if self._link is not None and self._link.error is None:
+                return self._link
+            conn: AbstractConnection = self._redis.connection_pool.make_connection()  # type: ignore[no-untyped-call]
+            await conn.connect()  # type: ignore[no-untyped-call]
+            writer: asyncio.StreamWriter | None = getattr(conn, "_writer", None)
+            if writer is None:
+                raise RedisConnectionError("redis-py connected without a stream writer")
+            # From here the socket is the link's: redis-py's object lets go of its streams.
+            conn._reader = conn._writer = None
+            link = _Link(writer, conn.encoder.encoding if conn.encoder.decode_responses else None)
+            transport = writer.transport
+            link.connection_made(transport)
+            transport.set_protocol(link)
+            self._link = link
+            return link
 
 
 def _fail(calls: list[Call], exc: BaseException) -> None:

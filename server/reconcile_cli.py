@@ -21,8 +21,10 @@ async def run_reconcile(settings: Settings, sale_id: str) -> Report:
         url = engine.url
     redis = make_redis(url, 4)
     db_engine = make_engine(settings.database_url)
+    stock = Stock(redis, settings.deployment)
     try:
-        return await reconcile(Stock(redis, settings.deployment), make_sessionmaker(db_engine), sale_id)
+        return await reconcile(stock, make_sessionmaker(db_engine), sale_id)
     finally:
+        stock.disconnect()
         await redis.aclose(close_connection_pool=True)
         await db_engine.dispose()

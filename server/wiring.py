@@ -53,6 +53,7 @@ class Wired:
                 "sweeper": Sweeper(s.sales.stock, s.sales, self.notifier).run()}
 
     async def close(self) -> None:
+        self.services.sales.stock.disconnect()
         await self.listener.aclose(close_connection_pool=True)
         await self.services.redis.aclose(close_connection_pool=True)
         await self.services.db_engine.dispose()

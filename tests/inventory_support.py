@@ -396,7 +396,11 @@ def server_db_path(srv: ServerProcess) -> Path:
 async def server_backends(srv: ServerProcess) -> AsyncIterator[tuple[Stock, async_sessionmaker[AsyncSession]]]:
     """The Redis and the SQLite file a running test server uses (read side, for checks)."""
     async with open_redis(srv.env["REDIS_URL"], 8) as redis, open_sql(server_db_path(srv)) as db:
-        yield Stock(redis, srv.deployment), db
+        stock = Stock(redis, srv.deployment)
+        try:
+            yield stock, db
+        finally:
+            stock.disconnect()
 
 
 async def wait_persisted(stock: Stock, db: async_sessionmaker[AsyncSession], sale_id: str, *,
@@ -483,10 +487,14 @@ class World:
     async def open(cls, redis_url: str, db_path: Path, db_index: int = DB_IN_PROCESS) -> AsyncIterator[World]:
         engine = make_engine(f"sqlite+aiosqlite:///{db_path}")
         redis = make_redis(redis_db_url(redis_url, db_index), 64)
+        world: World | None = None
         try:
             await create_schema(engine)
-            yield cls(redis, engine)
+            world = cls(redis, engine)
+            yield world
         finally:
+            if world is not None:
+                world.stock.disconnect()
             await close_redis(redis)
             await engine.dispose()
 

@@ -69,7 +69,11 @@ async def backends(srv: ServerProcess) -> AsyncIterator[tuple[Stock, async_sessi
     engine = make_engine(f"sqlite+aiosqlite:///{srv.data_dir / 'livesale.db'}")
     try:
         async with open_redis(srv.env["REDIS_URL"]) as redis:
-            yield Stock(redis, srv.deployment), make_sessionmaker(engine)
+            stock = Stock(redis, srv.deployment)
+            try:
+                yield stock, make_sessionmaker(engine)
+            finally:
+                stock.disconnect()
     finally:
         await engine.dispose()
 

@@ -49,6 +49,23 @@ async def redis(engine_url: str) -> AsyncIterator[Redis]:
         await client.connection_pool.disconnect()
 
 
+_open: list[AutoPipeline] = []
+
+
+def pipeline_for(redis: Redis, max_batch: int = 64) -> AutoPipeline:
+    """An AutoPipeline whose connection is closed when the test ends."""
+    pipeline = AutoPipeline(redis, max_batch=max_batch)
+    _open.append(pipeline)
+    return pipeline
+
+
+@pytest.fixture(autouse=True)
+def close_pipelines() -> Iterator[None]:
+    yield
+    while _open:
+        _open.pop().close()
+
+
 def key() -> str:
     return f"ap:{secrets.token_hex(6)}"
 
@@ -72,7 +89,7 @@ async def test_concurrent_calls_each_get_their_own_answer_in_few_round_trips(red
     n, k = 500, key()
     script = redis.register_script(TAGGED_INCR)
     await redis.script_load(TAGGED_INCR)
-    pipeline = AutoPipeline(redis)
+    pipeline = pipeline_for(redis)
     reads_before = await stat(redis, "stats", "total_reads_processed")
     evalsha_before = await stat(redis, "commandstats", "cmdstat_evalsha", "calls")
 
@@ -93,7 +110,7 @@ async def test_concurrent_calls_each_get_their_own_answer_in_few_round_trips(red
 async def test_a_lone_call_is_answered_without_waiting_for_company(redis: Redis) -> None:
     k = key()
     script = redis.register_script(TAGGED_INCR)
-    pipeline = AutoPipeline(redis)
+    pipeline = pipeline_for(redis)
     for i in range(3):
         assert await asyncio.wait_for(pipeline.script(script, [k], [i]), CALL_TIMEOUT_S) == [str(i).encode(), i + 1]
 
@@ -104,7 +121,7 @@ async def test_after_script_flush_every_call_succeeds_and_none_runs_twice(redis:
     # A second script in the same batches: each forgotten script is loaded again.
     other_source = TAGGED_INCR + f" -- {secrets.token_hex(4)}"
     other = redis.register_script(other_source)
-    pipeline = AutoPipeline(redis)
+    pipeline = pipeline_for(redis)
     assert await pipeline.script(tagged, [k], ["warm"]) == [b"warm", 1]  # loaded by the NOSCRIPT path
     assert await redis.script_exists(tagged.sha, other.sha) == [True, False]
 
@@ -126,7 +143,7 @@ async def test_a_failing_script_fails_only_its_own_call(redis: Redis) -> None:
     good = redis.register_script(TAGGED_INCR)
     refused = redis.register_script(ERROR_REPLY)
     broken = redis.register_script(RUNTIME_ERROR)
-    pipeline = AutoPipeline(redis)
+    pipeline = pipeline_for(redis)
 
     def call(i: int) -> Any:
         if i % 10 == 3:
@@ -154,7 +171,7 @@ async def test_a_cancelled_caller_does_not_break_the_others(redis: Redis) -> Non
     n, k = 30, key()
     script = redis.register_script(TAGGED_INCR)
     await redis.script_load(TAGGED_INCR)
-    pipeline = AutoPipeline(redis)
+    pipeline = pipeline_for(redis)
 
     # Cancelled while its call waits in the batch for the end of the turn.
     tasks = [asyncio.create_task(pipeline.script(script, [k], [i])) for i in range(n)]
@@ -189,7 +206,7 @@ async def test_a_cancelled_caller_does_not_break_the_others(redis: Redis) -> Non
 async def test_calls_beyond_max_batch_all_succeed(redis: Redis, max_batch: int) -> None:
     n, k = 50, key()
     script = redis.register_script(TAGGED_INCR)
-    pipeline = AutoPipeline(redis, max_batch=max_batch)
+    pipeline = pipeline_for(redis, max_batch=max_batch)
     await redis.script_flush()  # the first batches also take the NOSCRIPT path, concurrently
     results = await run_all(*(pipeline.script(script, [k], [i]) for i in range(n)))
     assert not [r for r in results if isinstance(r, BaseException)], results
@@ -202,7 +219,7 @@ async def test_a_dead_redis_fails_every_caller_of_the_batch() -> None:
     dead = make_redis(f"redis://127.0.0.1:{free_port()}/0", 4)  # nothing listens there
     try:
         script = dead.register_script(TAGGED_INCR)
-        pipeline = AutoPipeline(dead)
+        pipeline = pipeline_for(dead)
         results = await run_all(*(pipeline.script(script, ["k"], [i]) for i in range(20)))
         assert all(isinstance(r, RedisConnectionError) for r in results), results
     finally:
@@ -218,7 +235,7 @@ async def test_a_script_that_cannot_be_loaded_fails_only_its_own_calls(redis: Re
     good = redis.register_script(TAGGED_INCR)
     await redis.script_load(TAGGED_INCR)
     broken = redis.register_script(f"return {{ -- {secrets.token_hex(4)}")  # never compiles
-    pipeline = AutoPipeline(redis)
+    pipeline = pipeline_for(redis)
 
     results = await run_all(*(pipeline.script(broken if i % 3 == 0 else good, [k], [f"c{i}"]) for i in range(30)))
 
@@ -233,7 +250,61 @@ async def test_a_script_that_cannot_be_loaded_fails_only_its_own_calls(redis: Re
 
 async def test_arguments_that_cannot_be_sent_fail_at_the_call(redis: Redis) -> None:
     script = redis.register_script(TAGGED_INCR)
-    pipeline = AutoPipeline(redis)
+    pipeline = pipeline_for(redis)
     with pytest.raises(TypeError):
         await pipeline.script(script, [key()], [None])
     assert (await pipeline.script(script, [key()], ["fine"]))[0] == b"fine"
+
+
+async def kill_other_clients(redis: Redis) -> int:
+    """Drop every other client's connection, the pipeline's among them, as a Redis restart or a
+    network cut would (the pool's own connections reconnect by themselves)."""
+    return int(await redis.execute_command("CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes"))  # type: ignore[no-untyped-call]
+
+
+async def test_after_its_connection_drops_the_pipeline_reconnects(redis: Redis) -> None:
+    k = key()
+    script = redis.register_script(TAGGED_INCR)
+    pipeline = pipeline_for(redis)
+    assert (await pipeline.script(script, [k], ["before"]))[0] == b"before"
+    assert await kill_other_clients(redis) >= 1
+    results = await run_all(*(pipeline.script(script, [k], [i]) for i in range(20)))
+    assert [r[0] for r in results] == [str(i).encode() for i in range(20)], results
+    assert await count(redis, k) == 21
+
+
+async def test_a_batch_cut_off_in_flight_is_sent_again_and_answered(redis: Redis) -> None:
+    """Redis holds the batch (CLIENT PAUSE), its connection is killed before it runs: the calls
+    are sent again on a new connection and every caller gets its answer, each run once."""
+    n, k = 40, key()
+    script = redis.register_script(TAGGED_INCR)
+    await redis.script_load(TAGGED_INCR)
+    pipeline = pipeline_for(redis)
+    await pipeline.script(script, [k], ["connect"])
+    # The scripts write: Redis reads them and holds them, unrun, until the pause ends.
+    await redis.execute_command("CLIENT", "PAUSE", 400, "WRITE")  # type: ignore[no-untyped-call]
+    try:
+        calls = asyncio.ensure_future(run_all(*(pipeline.script(script, [k], [i]) for i in range(n))))
+        await asyncio.sleep(0.1)  # the batch is in Redis, waiting
+        assert await kill_other_clients(redis) >= 1
+        results = await calls
+    finally:
+        await redis.execute_command("CLIENT", "UNPAUSE")  # type: ignore[no-untyped-call]
+    assert [r[0] for r in results] == [str(i).encode() for i in range(n)], results
+    assert sorted(seen for _, seen in results) == list(range(2, n + 2))  # each ran once, after the kill
+    assert await count(redis, k) == n + 1
+
+
+async def test_replies_keep_to_their_callers_across_many_batches_in_flight(redis: Redis) -> None:
+    """Batches do not wait for each other on the one connection: replies are matched by order."""
+    k = key()
+    script = redis.register_script(TAGGED_INCR)
+    pipeline = pipeline_for(redis, max_batch=3)
+
+    async def wave(w: int) -> list[Any]:
+        return await run_all(*(pipeline.script(script, [k], [f"{w}-{i}"]) for i in range(25)))
+
+    waves = await asyncio.gather(*(wave(w) for w in range(8)))
+    for w, results in enumerate(waves):
+        assert [r[0] for r in results] == [f"{w}-{i}".encode() for i in range(25)], results
+    assert await count(redis, k) == 200

@@ -188,18 +188,22 @@ async def test_under_concurrency_exactly_the_burst_gets_through(world: World, re
     async with open_redis(redis_db_url(redis_url, DB_IN_PROCESS), 16) as r1, \
             open_redis(redis_db_url(redis_url, DB_IN_PROCESS), 16) as r2:
         stocks = [world.stock, Stock(r1, "limits-a"), Stock(r2, "limits-b")]
-        gate = asyncio.Event()
+        try:
+            gate = asyncio.Event()
 
-        async def one(i: int) -> Outcome:
-            await gate.wait()
-            if i % 7 == 0:
-                await asyncio.sleep(0.001 * (i % 5))  # some in later turns, in batches of their own
-            return await attempt(stocks[i % len(stocks)], sale.sale_id, buyer, [(limit, buyer)])
+            async def one(i: int) -> Outcome:
+                await gate.wait()
+                if i % 7 == 0:
+                    await asyncio.sleep(0.001 * (i % 5))  # some in later turns, in batches of their own
+                return await attempt(stocks[i % len(stocks)], sale.sale_id, buyer, [(limit, buyer)])
 
-        tasks = [asyncio.create_task(one(i)) for i in range(n)]
-        await asyncio.sleep(0)
-        gate.set()
-        outcomes = await asyncio.wait_for(asyncio.gather(*tasks), 30)
+            tasks = [asyncio.create_task(one(i)) for i in range(n)]
+            await asyncio.sleep(0)
+            gate.set()
+            outcomes = await asyncio.wait_for(asyncio.gather(*tasks), 30)
+        finally:
+            for stock in stocks[1:]:
+                stock.disconnect()
 
     statuses = Counter(o.status for o in outcomes)
     assert n - statuses["rate_limited"] == burst, statuses

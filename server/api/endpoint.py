@@ -22,8 +22,8 @@ import msgspec
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
 
-from server.api.responses import json_response
 from server.auth import Principal, authenticate, check_csrf
 from server.errors import BadRequest, Forbidden, PayloadTooLarge, Unauthorized, Unprocessable, UnsupportedMediaType
 from server.services import Services
@@ -88,7 +88,7 @@ class Router:
         return register
 
     def routes(self) -> list[Route]:
-        return [Route(spec.path, _asgi(spec, fn), methods=[spec.method], name=spec.name)
+        return [Route(spec.path, _Endpoint(spec, fn), methods=[spec.method], name=spec.name)
                 for spec, fn in self.specs]
 
 
@@ -132,9 +132,23 @@ async def read_body(request: Request, body_type: Any) -> Any:
         raise BadRequest(f"malformed JSON: {exc}", code="malformed_json") from None
 
 
-def _asgi(spec: Spec, fn: Handler) -> Callable[[Request], Awaitable[Response]]:
-    async def handle(request: Request) -> Response:
-        services: Services = request.app.state.services
+_encode = msgspec.json.Encoder().encode
+
+
+class _Endpoint:
+    """One declared endpoint as a plain ASGI app. Starlette runs a class instance as it is,
+    without wrapping each request in its function-endpoint layers; errors still reach the
+    app's exception handlers, through its ExceptionMiddleware."""
+
+    def __init__(self, spec: Spec, fn: Handler) -> None:
+        self.spec = spec
+        self.fn = fn
+        self.__name__ = spec.name
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        spec = self.spec
+        request = Request(scope, receive)
+        services: Services = scope["app"].state.services
         user: Principal | None = None
         if spec.auth != "none":
             user = await authenticate(services.sessions, request.headers, request.cookies)
@@ -142,17 +156,15 @@ def _asgi(spec: Spec, fn: Handler) -> Callable[[Request], Awaitable[Response]]:
                 raise Unauthorized("log in first")
             if spec.auth == "host" and user is not None and not user.is_host:
                 raise Forbidden("only hosts can do this", code="host_only")
-            check_csrf(user, request.method, request.headers, request.scope["scheme"],
-                       services.settings.allowed_origins)
+            check_csrf(user, request.method, request.headers, scope["scheme"], services.settings.allowed_origins)
         body = await read_body(request, spec.body) if spec.body is not None else None
-        result = await fn(Call(request, services, user, body))
+        result = await self.fn(Call(request, services, user, body))
         if isinstance(result, Response):
-            return result
-        if isinstance(result, tuple):
-            status, content = result
-            return json_response(content, status)
-        return json_response(result, spec.status)
-
-    handle.__name__ = spec.name
-    return handle
-
+            await result(scope, receive, send)
+            return
+        status, content = result if isinstance(result, tuple) else (spec.status, result)
+        encoded = _encode(content)
+        await send({"type": "http.response.start", "status": status,
+                    "headers": [(b"content-type", b"application/json"),
+                                (b"content-length", str(len(encoded)).encode())]})
+        await send({"type": "http.response.body", "body": encoded})

@@ -96,6 +96,10 @@ class Stock:
         self._end = load_script(redis, "server.inventory", "end_sale.lua")
         self._batched = AutoPipeline(redis)
 
+    def disconnect(self) -> None:
+        """Close the scripts' own connection (the Redis client's pool is the caller's to close)."""
+        self._batched.close()
+
     async def create(self, t: Terms) -> None:
         sale_key = keys.sale(t.sale_id)
         async with self.redis.pipeline(transaction=True) as pipe:

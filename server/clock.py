@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import time
 from datetime import datetime, timezone
 
@@ -30,4 +31,10 @@ def to_ms(dt: datetime) -> int:
 
 def iso_ms(ms: int) -> str:
     """iso(from_ms(ms)), without building a datetime: on every purchase answer."""
-    return f"{time.strftime('%Y-%m-%dT%H:%M:%S', time.gmtime(ms // 1000))}.{ms % 1000:03d}Z"
+    return f"{_second(ms // 1000)}.{ms % 1000:03d}Z"
+
+
+@functools.lru_cache(maxsize=256)
+def _second(s: int) -> str:
+    # A purchase answer holds two times (created, pay-by): each second is formatted once.
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(s))

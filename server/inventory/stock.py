@@ -7,9 +7,7 @@ everything before its first write and appends the change to the sale's stream.
 
 from __future__ import annotations
 
-import base64
 import re
-import secrets
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -19,6 +17,7 @@ from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
 from server.autopipeline import AutoPipeline
+from server.ids import random_b32
 from server.inventory import keys
 from server.lua import GCRA, load_script
 from server.ratelimit import Limit
@@ -29,8 +28,7 @@ _ORDER_ID = re.compile(r"^ord_([a-z2-7]{26})[a-z2-7]{16}$")
 
 def new_order_id(sale_id: str) -> str:
     """Order ids carry their sale's id (so paying needs no lookup); clients treat them as opaque."""
-    suffix = base64.b32encode(secrets.token_bytes(10)).decode().lower()
-    return f"ord_{sale_id.removeprefix('sale_')}{suffix}"
+    return f"ord_{sale_id.removeprefix('sale_')}{random_b32(10)}"
 
 
 def sale_of(order_id: str) -> str | None:

@@ -103,6 +103,7 @@ class AutoPipeline:
         self._sending: set[asyncio.Task[None]] = set()  # strong references until done
         self._link: _Link | None = None
         self._connecting = asyncio.Lock()
+        self._closed = False
         self._retry = make_retry()
 
     async def script(self, script: AsyncScript, keys: Sequence[Any], args: Sequence[Any]) -> Any:
@@ -118,6 +119,8 @@ class AutoPipeline:
         return await fut
 
     def close(self) -> None:
+        """Close the connection; calls still in flight fail, later ones too."""
+        self._closed = True
         link, self._link = self._link, None
         if link is not None:
             link.close(RedisConnectionError("closed"))
@@ -190,6 +193,8 @@ class AutoPipeline:
         """A new connection, set up by redis-py (address, TLS, AUTH, SELECT, as for the pool's
         connections), then handed to the link: its replies are read by the link only."""
         async with self._connecting:
+            if self._closed:
+                raise RedisConnectionError("the auto-pipeline is closed")
             if self._link is not None and self._link.error is None:
                 return self._link
             conn: AbstractConnection = self._redis.connection_pool.make_connection()  # type: ignore[no-untyped-call]

@@ -308,3 +308,14 @@ async def test_replies_keep_to_their_callers_across_many_batches_in_flight(redis
     for w, results in enumerate(waves):
         assert [r[0] for r in results] == [f"{w}-{i}".encode() for i in range(25)], results
     assert await count(redis, k) == 200
+
+
+async def test_a_closed_pipeline_refuses_calls_and_never_reconnects(redis: Redis) -> None:
+    k = key()
+    script = redis.register_script(TAGGED_INCR)
+    pipeline = pipeline_for(redis)
+    assert (await pipeline.script(script, [k], ["open"]))[0] == b"open"
+    pipeline.close()
+    results = await run_all(*(pipeline.script(script, [k], [i]) for i in range(5)))
+    assert all(isinstance(r, RedisConnectionError) for r in results), results
+    assert await count(redis, k) == 1

@@ -31,6 +31,8 @@ from redis._parsers import BaseParser
 from redis.asyncio import Redis
 from redis.asyncio.connection import AbstractConnection
 from redis.commands.core import AsyncScript
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import InvalidResponse, NoScriptError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -38,6 +40,8 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from server.redis_pool import SOCKET_TIMEOUT_S, make_retry
 
 Call = tuple[AsyncScript, bytes, "asyncio.Future[Any]"]  # the script, its EVALSHA packed, the answer
+CLIENT_NAME = "livesale-autopipeline"
+_SETNAME = hiredis.pack_command(("CLIENT", "SETNAME", CLIENT_NAME))  # type: ignore[arg-type]  # the stub's tuple type is too narrow
 
 
 class _Link(asyncio.Protocol):
@@ -102,7 +106,7 @@ class AutoPipeline:
         self._pending: list[Call] = []
         self._sending: set[asyncio.Task[None]] = set()  # strong references until done
         self._link: _Link | None = None
-        self._connecting = asyncio.Lock()
+        self._connecting: asyncio.Future[_Link] | None = None  # one attempt, shared by every batch waiting
         self._closed = False
         self._retry = make_retry()
 
@@ -119,11 +123,13 @@ class AutoPipeline:
         return await fut
 
     def close(self) -> None:
-        """Close the connection; calls still in flight fail, later ones too."""
+        """Close the connection: calls in flight are cancelled, later ones fail."""
         self._closed = True
+        for task in self._sending:
+            task.cancel()
         link, self._link = self._link, None
         if link is not None:
-            link.close(RedisConnectionError("closed"))
+            link.close(RedisConnectionError("the auto-pipeline is closed"))
 
     def _flush(self) -> None:
         batch, self._pending = self._pending, []
@@ -157,7 +163,7 @@ class AutoPipeline:
         packed = b"".join(command for _, command, _ in batch)
         try:
             results: list[Any] = await self._retry.call_with_retry(
-                lambda: self._round_trip(packed, len(batch)), self._drop)
+                lambda: self._round_trip(packed, len(batch)), self._drop, lambda _: not self._closed)
         except BaseException as exc:  # every caller must hear of it, even on cancellation
             _fail(batch, exc)
             if not isinstance(exc, Exception):
@@ -190,26 +196,47 @@ class AutoPipeline:
             self._link = None
 
     async def _connect(self) -> _Link:
+        """The link, connecting if needed. Batches that find a connection attempt under way wait
+        for that one (and share its failure): a dead Redis costs one attempt, not one per batch."""
+        if self._closed:
+            raise RedisConnectionError("the auto-pipeline is closed")
+        if self._link is not None and self._link.error is None:
+            return self._link
+        if self._connecting is None:
+            self._connecting = asyncio.ensure_future(self._open())
+            self._connecting.add_done_callback(self._connected)
+        return await asyncio.shield(self._connecting)  # a cancelled batch leaves it to the others
+
+    def _connected(self, attempt: asyncio.Future[_Link]) -> None:
+        self._connecting = None
+        if not attempt.cancelled() and attempt.exception() is None:
+            self._link = attempt.result()
+
+    async def _open(self) -> _Link:
         """A new connection, set up by redis-py (address, TLS, AUTH, SELECT, as for the pool's
-        connections), then handed to the link: its replies are read by the link only."""
-        async with self._connecting:
-            if self._closed:
+        connections), then handed to a link: its replies are read by the link only."""
+        conn: AbstractConnection = self._redis.connection_pool.make_connection()  # type: ignore[no-untyped-call]
+        conn.retry = Retry(NoBackoff(), 0)  # one try: the batches' own retry policy is the only one
+        await conn.connect()  # type: ignore[no-untyped-call]
+        writer: asyncio.StreamWriter | None = getattr(conn, "_writer", None)
+        if writer is None:
+            raise RedisConnectionError("redis-py connected without a stream writer")
+        # From here the socket is the link's: redis-py's object lets go of its streams.
+        conn._reader = conn._writer = None
+        link = _Link(writer, conn.encoder.encoding if conn.encoder.decode_responses else None)
+        transport = writer.transport
+        link.connection_made(transport)
+        transport.set_protocol(link)
+        try:
+            # Named, so that CLIENT LIST tells this connection from the pool's.
+            async with asyncio.timeout(SOCKET_TIMEOUT_S):
+                await link.round_trip(_SETNAME, 1)
+            if self._closed:  # closed while this connected
                 raise RedisConnectionError("the auto-pipeline is closed")
-            if self._link is not None and self._link.error is None:
-                return self._link
-            conn: AbstractConnection = self._redis.connection_pool.make_connection()  # type: ignore[no-untyped-call]
-            await conn.connect()  # type: ignore[no-untyped-call]
-            writer: asyncio.StreamWriter | None = getattr(conn, "_writer", None)
-            if writer is None:
-                raise RedisConnectionError("redis-py connected without a stream writer")
-            # From here the socket is the link's: redis-py's object lets go of its streams.
-            conn._reader = conn._writer = None
-            link = _Link(writer, conn.encoder.encoding if conn.encoder.decode_responses else None)
-            transport = writer.transport
-            link.connection_made(transport)
-            transport.set_protocol(link)
-            self._link = link
-            return link
+        except BaseException as exc:
+            link.close(RedisConnectionError(f"connection setup failed: {exc!r}"))
+            raise
+        return link
 
 
 def _fail(calls: list[Call], exc: BaseException) -> None:

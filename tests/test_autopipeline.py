@@ -18,7 +18,7 @@ from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 
-from server.autopipeline import AutoPipeline
+from server.autopipeline import CLIENT_NAME, AutoPipeline
 from server.embedded_redis import EmbeddedRedis
 from server.redis_pool import make_redis
 from tests.support import free_port
@@ -256,10 +256,19 @@ async def test_arguments_that_cannot_be_sent_fail_at_the_call(redis: Redis) -> N
     assert (await pipeline.script(script, [key()], ["fine"]))[0] == b"fine"
 
 
-async def kill_other_clients(redis: Redis) -> int:
-    """Drop every other client's connection, the pipeline's among them, as a Redis restart or a
-    network cut would (the pool's own connections reconnect by themselves)."""
-    return int(await redis.execute_command("CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes"))  # type: ignore[no-untyped-call]
+async def pipeline_clients(redis: Redis) -> list[int]:
+    """Redis's ids of the auto-pipelines' connections (they name themselves)."""
+    clients = await redis.client_list()
+    return [int(c["id"]) for c in clients if c.get("name") == CLIENT_NAME]
+
+
+async def kill_pipeline_connections(redis: Redis) -> list[int]:
+    """Drop the pipelines' connections, as a Redis restart or a network cut would."""
+    ids = await pipeline_clients(redis)
+    assert ids, "no auto-pipeline connection to kill"
+    for client_id in ids:
+        await redis.client_kill_filter(_id=str(client_id))
+    return ids
 
 
 async def test_after_its_connection_drops_the_pipeline_reconnects(redis: Redis) -> None:
@@ -267,10 +276,12 @@ async def test_after_its_connection_drops_the_pipeline_reconnects(redis: Redis) 
     script = redis.register_script(TAGGED_INCR)
     pipeline = pipeline_for(redis)
     assert (await pipeline.script(script, [k], ["before"]))[0] == b"before"
-    assert await kill_other_clients(redis) >= 1
+    killed = await kill_pipeline_connections(redis)
     results = await run_all(*(pipeline.script(script, [k], [i]) for i in range(20)))
     assert [r[0] for r in results] == [str(i).encode() for i in range(20)], results
     assert await count(redis, k) == 21
+    now = await pipeline_clients(redis)
+    assert len(now) == 1 and now[0] not in killed  # a new connection
 
 
 async def test_a_batch_cut_off_in_flight_is_sent_again_and_answered(redis: Redis) -> None:
@@ -281,18 +292,51 @@ async def test_a_batch_cut_off_in_flight_is_sent_again_and_answered(redis: Redis
     await redis.script_load(TAGGED_INCR)
     pipeline = pipeline_for(redis)
     await pipeline.script(script, [k], ["connect"])
-    # The scripts write: Redis reads them and holds them, unrun, until the pause ends.
-    await redis.execute_command("CLIENT", "PAUSE", 400, "WRITE")  # type: ignore[no-untyped-call]
+    # The scripts write: Redis reads them and holds them, unrun, until the pause ends (long enough
+    # for the kill to come first; UNPAUSE ends it as soon as the kill is done).
+    await redis.execute_command("CLIENT", "PAUSE", 10_000, "WRITE")  # type: ignore[no-untyped-call]
     try:
         calls = asyncio.ensure_future(run_all(*(pipeline.script(script, [k], [i]) for i in range(n))))
         await asyncio.sleep(0.1)  # the batch is in Redis, waiting
-        assert await kill_other_clients(redis) >= 1
-        results = await calls
+        assert await count(redis, k) == 1  # held, not run
+        killed = await kill_pipeline_connections(redis)
     finally:
         await redis.execute_command("CLIENT", "UNPAUSE")  # type: ignore[no-untyped-call]
+    results = await calls
     assert [r[0] for r in results] == [str(i).encode() for i in range(n)], results
     assert sorted(seen for _, seen in results) == list(range(2, n + 2))  # each ran once, after the kill
     assert await count(redis, k) == n + 1
+    now = await pipeline_clients(redis)
+    assert len(now) == 1 and now[0] not in killed  # answered on a new connection
+
+
+async def test_batches_waiting_on_a_dead_redis_share_each_connection_attempt() -> None:
+    """Many batches at once (max_batch=1) against a port nobody listens on: every caller fails
+    with a connection error, promptly, the batches sharing each attempt instead of queueing
+    for one attempt each (CALL_TIMEOUT_S only guards against that hang)."""
+    dead = make_redis(f"redis://127.0.0.1:{free_port()}/0", 4)
+    try:
+        script = dead.register_script(TAGGED_INCR)
+        pipeline = pipeline_for(dead, max_batch=1)
+        results = await run_all(*(pipeline.script(script, ["k"], [i]) for i in range(60)))
+        assert all(isinstance(r, RedisConnectionError) for r in results), results
+    finally:
+        await dead.aclose()
+        await dead.connection_pool.disconnect()
+
+
+async def test_closing_while_it_connects_leaves_no_connection(redis: Redis) -> None:
+    script = redis.register_script(TAGGED_INCR)
+    pipeline = pipeline_for(redis)
+    before = await pipeline_clients(redis)
+    call = asyncio.ensure_future(pipeline.script(script, [key()], ["x"]))
+    for _ in range(3):  # the batch is flushed and its connection under way
+        await asyncio.sleep(0)
+    pipeline.close()
+    result = (await run_all(call))[0]
+    assert isinstance(result, (RedisConnectionError, asyncio.CancelledError)), result
+    await asyncio.sleep(0.2)  # let a connection that was mid-handshake finish and close itself
+    assert await pipeline_clients(redis) == before
 
 
 async def test_replies_keep_to_their_callers_across_many_batches_in_flight(redis: Redis) -> None:

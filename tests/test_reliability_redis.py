@@ -1,4 +1,4 @@
-"""Redis goes away and comes back: a private Valkey (AOF on, appendfsync everysec) under one real
+"""Redis goes away and comes back: a private Valkey (AOF on, appendfsync always) under one real
 `livesale serve`, stopped gracefully or killed with SIGKILL, then started again on the same data
 directory and port. Nothing acknowledged is lost, the server says 503 while Redis is away (fast,
 never hanging), and comes back by itself: health, stock, orders, purchases, chat and the viewers'

@@ -79,7 +79,7 @@ class Connection:
         self.is_host = is_host
         self.queue: asyncio.Queue[str | Close] = asyncio.Queue(QUEUE_FRAMES)
         self.ready = False        # False until the welcome is queued
-        self.early: list[str] = []  # frames that arrived before the welcome
+        self.early: list[str | Close] = []  # what came before the welcome: frames, perhaps a close
         self.closed = False
         self.likes_bucket = TokenBucket(rate=20, burst=20)
         # Abuse counter: invalid frames and refused messages; decays 1 per second.
@@ -91,6 +91,9 @@ class Connection:
         if not self.ready:
             self.early.append(frame)
             return
+        self._put(frame)
+
+    def _put(self, frame: str) -> None:
         try:
             self.queue.put_nowait(frame)
         except asyncio.QueueFull:
@@ -98,11 +101,19 @@ class Connection:
             self.close(protocol.TRY_AGAIN_LATER, "too slow: reconnect", flush=False)
 
     def start(self, welcome: str) -> None:
+        """Queue the welcome, then what came while the viewer joined, a close included: a room
+        that ends as someone joins still shows them its welcome (status `ended`) first."""
         self.ready = True
         early, self.early = self.early, []
-        self.offer(welcome)
-        for frame in early:
-            self.offer(frame)
+        deferred = next((item for item in early if isinstance(item, Close)), None)
+        for item in (welcome, *early):
+            if isinstance(item, Close):
+                break
+            if self.closed and deferred is None:  # closed at once (flush=False): nothing more to send
+                return
+            self._put(item)
+        if deferred is not None:
+            self._queue_close(deferred, flush=True)
 
     def close(self, code: int, reason: str, *, flush: bool = True) -> None:
         """Close after the queued frames (flush) or at once, dropping them."""
@@ -110,15 +121,21 @@ class Connection:
             return
         self.closed = True
         CLOSED.labels(str(code)).inc()
+        if flush and not self.ready:
+            self.early.append(Close(code, reason))  # after the welcome: start() queues it
+            return
+        self._queue_close(Close(code, reason), flush)
+
+    def _queue_close(self, close: Close, flush: bool) -> None:
         if flush:
             try:
-                self.queue.put_nowait(Close(code, reason))
+                self.queue.put_nowait(close)
                 return
             except asyncio.QueueFull:
                 pass
         while not self.queue.empty():
             self.queue.get_nowait()
-        self.queue.put_nowait(Close(code, reason))
+        self.queue.put_nowait(close)
 
     def strike(self) -> bool:
         """Count one bad frame; True when the client has earned a policy close."""

@@ -215,17 +215,20 @@ async def test_calls_beyond_max_batch_all_succeed(redis: Redis, max_batch: int) 
     assert await count(redis, k) == n
 
 
-async def test_a_dead_redis_fails_every_caller_of_the_batch() -> None:
-    dead = make_redis(f"redis://127.0.0.1:{free_port()}/0", 4)  # nothing listens there
+@pytest.mark.parametrize("max_batch, calls", [(64, 20), (1, 60)], ids=["one batch", "many batches"])
+async def test_a_dead_redis_fails_every_caller(max_batch: int, calls: int) -> None:
+    """Against a port nobody listens on, every caller fails with a connection error. With many
+    batches at once (max_batch=1) they share each connection attempt instead of queueing for one
+    attempt each (CALL_TIMEOUT_S only guards against that hang)."""
+    dead = make_redis(f"redis://127.0.0.1:{free_port()}/0", 4)
     try:
         script = dead.register_script(TAGGED_INCR)
-        pipeline = pipeline_for(dead)
-        results = await run_all(*(pipeline.script(script, ["k"], [i]) for i in range(20)))
+        pipeline = pipeline_for(dead, max_batch=max_batch)
+        results = await run_all(*(pipeline.script(script, ["k"], [i]) for i in range(calls)))
         assert all(isinstance(r, RedisConnectionError) for r in results), results
     finally:
         await dead.aclose()
         await dead.connection_pool.disconnect()
-
 
 
 async def test_a_script_that_cannot_be_loaded_fails_only_its_own_calls(redis: Redis) -> None:
@@ -308,21 +311,6 @@ async def test_a_batch_cut_off_in_flight_is_sent_again_and_answered(redis: Redis
     assert await count(redis, k) == n + 1
     now = await pipeline_clients(redis)
     assert len(now) == 1 and now[0] not in killed  # answered on a new connection
-
-
-async def test_batches_waiting_on_a_dead_redis_share_each_connection_attempt() -> None:
-    """Many batches at once (max_batch=1) against a port nobody listens on: every caller fails
-    with a connection error, promptly, the batches sharing each attempt instead of queueing
-    for one attempt each (CALL_TIMEOUT_S only guards against that hang)."""
-    dead = make_redis(f"redis://127.0.0.1:{free_port()}/0", 4)
-    try:
-        script = dead.register_script(TAGGED_INCR)
-        pipeline = pipeline_for(dead, max_batch=1)
-        results = await run_all(*(pipeline.script(script, ["k"], [i]) for i in range(60)))
-        assert all(isinstance(r, RedisConnectionError) for r in results), results
-    finally:
-        await dead.aclose()
-        await dead.connection_pool.disconnect()
 
 
 async def test_closing_while_it_connects_leaves_no_connection(redis: Redis) -> None:

@@ -24,6 +24,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
+from server.api.responses import json_response
 from server.auth import Principal, authenticate, check_csrf
 from server.errors import BadRequest, Forbidden, PayloadTooLarge, Unauthorized, Unprocessable, UnsupportedMediaType
 from server.services import Services
@@ -132,9 +133,6 @@ async def read_body(request: Request, body_type: Any) -> Any:
         raise BadRequest(f"malformed JSON: {exc}", code="malformed_json") from None
 
 
-_encode = msgspec.json.Encoder().encode
-
-
 class _Endpoint:
     """One declared endpoint as a plain ASGI app. Starlette runs a class instance as it is,
     without wrapping each request in its function-endpoint layers; errors still reach the
@@ -159,12 +157,7 @@ class _Endpoint:
             check_csrf(user, request.method, request.headers, scope["scheme"], services.settings.allowed_origins)
         body = await read_body(request, spec.body) if spec.body is not None else None
         result = await self.fn(Call(request, services, user, body))
-        if isinstance(result, Response):
-            await result(scope, receive, send)
-            return
-        status, content = result if isinstance(result, tuple) else (spec.status, result)
-        encoded = _encode(content)
-        await send({"type": "http.response.start", "status": status,
-                    "headers": [(b"content-type", b"application/json"),
-                                (b"content-length", str(len(encoded)).encode())]})
-        await send({"type": "http.response.body", "body": encoded})
+        if not isinstance(result, Response):
+            status, content = result if isinstance(result, tuple) else (spec.status, result)
+            result = json_response(content, status)
+        await result(scope, receive, send)

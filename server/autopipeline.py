@@ -181,15 +181,16 @@ class AutoPipeline:
         return True
 
     async def _round_trip(self, packed: bytes, n: int) -> list[Any]:
-        link = self._link if self._link is not None and self._link.error is None else await self._connect()
+        link = await self._connect()
         answer = link.round_trip(packed, n)
         try:
             async with asyncio.timeout(SOCKET_TIMEOUT_S):
                 return await answer
         except TimeoutError:
             # The replies would come back out of step: give up on this connection.
-            link.close(RedisTimeoutError(f"no answer from Redis in {SOCKET_TIMEOUT_S:.0f}s"))
-            raise RedisTimeoutError(f"no answer from Redis in {SOCKET_TIMEOUT_S:.0f}s") from None
+            error = RedisTimeoutError(f"no answer from Redis in {SOCKET_TIMEOUT_S:.0f}s")
+            link.close(error)
+            raise error from None
 
     async def _drop(self, error: Exception) -> None:
         if self._link is not None and self._link.error is not None:

@@ -71,6 +71,7 @@ class Spec:
     status: int
     errors: tuple[int, ...]
     query: tuple[tuple[str, str], ...] = ()  # (name, description)
+    also_ok: tuple[int, ...] = ()  # other success statuses, with the same body (a replayed purchase: 200)
 
 
 @dataclass
@@ -80,11 +81,12 @@ class Router:
 
     def endpoint(self, method: str, path: str, *, auth: Auth = "none", body: Any = None,
                  response: Any = None, status: int = 200, errors: tuple[int, ...] = (),
-                 query: tuple[tuple[str, str], ...] = ()) -> Callable[[Handler], Handler]:
+                 query: tuple[tuple[str, str], ...] = (), also_ok: tuple[int, ...] = ()
+                 ) -> Callable[[Handler], Handler]:
         def register(fn: Handler) -> Handler:
             summary = (fn.__doc__ or fn.__name__).strip().splitlines()[0]
             self.specs.append((Spec(method, path, fn.__name__, summary, auth, body, response, status,
-                                    errors, query), fn))
+                                    errors, query, also_ok), fn))
             return fn
         return register
 

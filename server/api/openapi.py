@@ -53,7 +53,8 @@ def build(routers: list[Router]) -> dict[str, Any]:
             op["security"] = [{}, {"bearer": []}, {"cookie": []}]
         ok_schema = by_type.get(spec.response, {"type": "object"})
         responses: dict[str, Any] = {
-            str(spec.status): {"description": "OK", "content": {"application/json": {"schema": ok_schema}}}}
+            str(status): {"description": "OK", "content": {"application/json": {"schema": ok_schema}}}
+            for status in (spec.status, *spec.also_ok)}
         for status in _statuses(spec):
             responses[str(status)] = {"description": _MESSAGES.get(status, "Error"),
                                       "content": {"application/json": {"schema": by_type[ErrorOut]}}}

@@ -54,7 +54,7 @@ async def end_sale(call: Call[None]) -> SaleOut:
 
 
 @router.endpoint("POST", "/api/sales/{sale_id}/purchase", auth="user", body=PurchaseIn, response=OrderOut,
-                 status=201, errors=(404, 409, 429, 503))
+                 status=201, also_ok=(200,), errors=(404, 409, 429, 503))
 async def purchase(call: Call[PurchaseIn]) -> tuple[int, OrderOut]:
     """Reserve units (requires an Idempotency-Key header). 201 new order; 200 the same key again."""
     key = call.request.headers.get("idempotency-key", "").strip()

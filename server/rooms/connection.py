@@ -25,7 +25,6 @@ from server.text import clean
 
 log = logging.getLogger("livesale.rooms.connection")
 
-SEND_TIMEOUT_S = 10.0  # a send that cannot complete in this long means a dead or stalled peer
 UNAVAILABLE = "the room is unavailable, reconnect shortly"
 
 
@@ -76,7 +75,7 @@ async def room_socket(ws: WebSocket) -> None:
 
 
 async def _serve(ws: WebSocket, conn: Connection, services: Services) -> None:
-    writer = asyncio.create_task(_write(ws, conn))
+    writer = conn.writer = asyncio.create_task(_write(ws, conn))
     reader = asyncio.create_task(_read(ws, conn, services))
     done, pending = await asyncio.wait({writer, reader}, return_when=asyncio.FIRST_COMPLETED)
     for task in pending:
@@ -99,10 +98,9 @@ async def _write(ws: WebSocket, conn: Connection) -> None:
             except (asyncio.TimeoutError, RuntimeError, OSError):
                 pass
             return
-        try:
-            await asyncio.wait_for(ws.send_text(item), SEND_TIMEOUT_S)
-        except asyncio.TimeoutError:
-            return  # stalled peer: end the connection; the server closes the transport
+        conn.sending_since = time.monotonic()
+        await ws.send_text(item)  # a stalled peer: the hub cancels this task, the server closes the transport
+        conn.sending_since = 0.0
 
 
 async def _read(ws: WebSocket, conn: Connection, services: Services) -> None:

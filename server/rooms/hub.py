@@ -39,6 +39,8 @@ META_TTL_S = 5.0
 BANNED_TTL_S = 5.0
 JOIN_TIMEOUT_S = 10.0
 QUEUE_FRAMES = int(os.environ.get("LIVESALE_WS_QUEUE_FRAMES", "64"))
+SEND_TIMEOUT_S = 10.0  # a send that cannot complete in this long means a dead or stalled peer
+STALL_CHECK_S = 1.0
 
 MetaLoader = Callable[[str], Awaitable[dict[str, Any] | None]]
 SaleLoader = Callable[[str], Awaitable[dict[str, Any] | None]]
@@ -70,7 +72,7 @@ class TokenBucket:
 class Connection:
     """One viewer's socket: a bounded queue of frames, drained by its writer task."""
     __slots__ = ("id", "room_id", "principal", "is_host", "queue", "ready", "early", "closed", "likes_bucket",
-                 "strikes", "__weakref__")
+                 "strikes", "writer", "sending_since", "__weakref__")
 
     def __init__(self, room_id: str, principal: Principal | None, is_host: bool) -> None:
         self.id = secrets.token_hex(8)
@@ -84,6 +86,11 @@ class Connection:
         self.likes_bucket = TokenBucket(rate=20, burst=20)
         # Abuse counter: invalid frames and refused messages; decays 1 per second.
         self.strikes = TokenBucket(rate=1, burst=20)
+        # The writer task, and when its current send began (0: not sending). A send waits only
+        # while the socket's buffer is full; the hub's tick ends writers stalled for too long.
+        # (A timeout around each send cost more than the send: a task per frame.)
+        self.writer: asyncio.Task[None] | None = None
+        self.sending_since = 0.0
 
     def offer(self, frame: str) -> None:
         if self.closed:
@@ -137,6 +144,9 @@ class Connection:
             self.queue.get_nowait()
         self.queue.put_nowait(close)
 
+    def stalled(self, now: float) -> bool:
+        return self.sending_since != 0.0 and now - self.sending_since > SEND_TIMEOUT_S
+
     def strike(self) -> bool:
         """Count one bad frame; True when the client has earned a policy close."""
         return not self.strikes.take()
@@ -165,6 +175,7 @@ class Hub:
         self.rooms: dict[str, LocalRoom] = {}
         self._meta: dict[str, tuple[float, dict[str, Any] | None]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._stall_checked_at = 0.0
 
     # --- connections ------------------------------------------------------------
     async def join(self, conn: Connection) -> Counts:
@@ -329,8 +340,19 @@ class Hub:
                     conn.close(protocol.SESSION_ENDED, "session expired")
         await self.store.refresh({rid: [c.id for c in r.conns] for rid, r in self.rooms.items() if r.conns})
 
+    def _end_stalled(self) -> None:
+        """End the connections whose peer stopped reading: their send has waited too long."""
+        now = time.monotonic()
+        for room in self.rooms.values():
+            for conn in room.conns:
+                if conn.writer is not None and conn.stalled(now):
+                    conn.writer.cancel()
+
     def tick(self) -> None:
         now = time.monotonic()
+        if now - self._stall_checked_at >= STALL_CHECK_S:
+            self._stall_checked_at = now
+            self._end_stalled()
         for room_id, room in list(self.rooms.items()):
             self._flush_events(room)
             if room.likes and not room.likes_busy:

@@ -82,8 +82,9 @@ async def wire(settings: Settings, redis_url: str) -> Wired:
     rooms = RoomService(store, broker)
     stock = Stock(redis, settings.deployment)
     notifier = SaleNotifier(redis, rooms)
-    sales = SaleService(settings, stock, db, rooms, SimulatedPayments(), notifier)
+    limiter = RateLimiter(redis)
+    sales = SaleService(settings, stock, db, rooms, SimulatedPayments(), notifier, limiter)
     hub.load_sale = sales.snapshot
     services = Services(settings=settings, redis=redis, db_engine=engine, db=db, sessions=sessions,
-                        limiter=RateLimiter(redis), hub=hub, rooms=rooms, sales=sales)
+                        limiter=limiter, hub=hub, rooms=rooms, sales=sales)
     return Wired(services=services, broker=broker, notifier=notifier, listener=listener)

@@ -11,6 +11,7 @@ from typing import AsyncIterator
 import httpx
 import pytest
 
+from tests.inventory_support import api_client, launch, new_shop, settle_tracked
 from tests.support import REPO, ServerProcess, create_room, register
 
 pytestmark = pytest.mark.browser
@@ -26,7 +27,7 @@ if not Path(CHROMIUM).exists():
         raise RuntimeError(f"{CHROMIUM} is missing: CI must `apt-get install -y chromium`")
     pytest.skip("Debian's chromium is not installed (apt-get install -y chromium)", allow_module_level=True)
 
-from playwright.async_api import Browser, Page, async_playwright, expect  # noqa: E402
+from playwright.async_api import Browser, Page, Route, async_playwright, expect  # noqa: E402
 
 expect.set_options(timeout=TIMEOUT_MS)
 
@@ -168,6 +169,45 @@ async def test_a_whole_flash_sale_in_the_browser(browser: Browser, server: Serve
     for page in (console, ann, bob, mobile_console):
         assert page.errors == [], page.errors  # type: ignore[attr-defined]
         await page.context.close()
+
+
+async def test_the_buy_button_retries_a_lost_answer_with_the_same_key_and_buys_once(
+        browser: Browser, server: ServerProcess) -> None:
+    """The server reserves, but its answer is lost: here replaced by a 503 `unavailable`, as when Redis
+    times out after the script ran. The page retries with the same Idempotency-Key, gets the same order
+    back (200), and one unit is taken."""
+    async with api_client(server.url) as c:
+        shop = await new_shop(c)
+        sale = await launch(c, shop, stock=5, per_user_limit=2)
+    page = await new_page(browser)
+    keys: list[str] = []
+    statuses: list[int] = []
+
+    async def lose_the_first_answer(route: Route) -> None:
+        keys.append(route.request.headers["idempotency-key"])
+        response = await route.fetch()  # the real server answers
+        statuses.append(response.status)
+        if len(keys) == 1:
+            await route.fulfill(status=503, headers={"Retry-After": "1", "Content-Type": "application/json"},
+                                body='{"error": "unavailable", "message": "lost on the way"}')
+        else:
+            await route.fulfill(response=response)
+
+    await page.route("**/api/sales/*/purchase", lose_the_first_answer)
+    await page.goto(f"{server.url}/rooms/{shop.room_id}")
+    await join_as_guest(page, "Cleo")
+    await expect(page.locator("#left")).to_have_text("5 left of 5")
+    await page.click("#buy")
+    await expect(page.locator("#res-text")).to_contain_text("Reserved for you: 1 ×")
+    assert statuses == [201, 200] and keys[0] == keys[1], (statuses, keys)
+    async with api_client(server.url) as c:
+        state = (await c.get(f"/api/sales/{sale['id']}")).json()
+    assert (state["remaining"], state["reserved"]) == (4, 1), state
+    await page.click("#pay")  # leave nothing reserved behind
+    await expect(page.locator("#res-text")).to_contain_text("Paid")
+    assert page.errors == [], page.errors  # type: ignore[attr-defined]
+    await page.context.close()
+    await settle_tracked(server.url)
 
 
 async def test_moderation_from_the_console(browser: Browser, server: ServerProcess) -> None:

@@ -1,11 +1,12 @@
 // The HTTP API, with the session cookie (same origin) and JSON errors as exceptions.
 
 export class ApiError extends Error {
-  constructor(status, code, message, field) {
+  constructor(status, code, message, field, retryAfter = null) {
     super(message);
     this.status = status;
     this.code = code;
     this.field = field;
+    this.retryAfter = retryAfter; // seconds, from a Retry-After header
   }
 }
 
@@ -18,7 +19,9 @@ export async function api(method, path, body, headers = {}) {
   const res = await fetch(path, init);
   const data = await res.json().catch(() => null);
   if (!res.ok) {
-    throw new ApiError(res.status, data?.error ?? `http_${res.status}`, data?.message ?? res.statusText, data?.field);
+    const retryAfter = Number.parseFloat(res.headers.get("Retry-After"));
+    throw new ApiError(res.status, data?.error ?? `http_${res.status}`, data?.message ?? res.statusText, data?.field,
+      Number.isFinite(retryAfter) ? retryAfter : null);
   }
   return { status: res.status, data };
 }

@@ -262,18 +262,25 @@ const BUY_ERRORS = {
   not_started: "The sale hasn't started yet.",
   ended: "The sale has ended.",
   rate_limited: "Too fast: try again in a moment.",
+  busy: "So many buyers right now! Try again.",
+  key_reused: "Your previous try may have gone through: reload to see your order.",
   expired: "Your reservation expired.",
 };
 
+const RETRIES = 5;
+
 async function withRetries(fn) {
-  // Network failures are retried with the same Idempotency-Key: the server returns the
-  // order it already made instead of taking more stock.
+  // Network failures and 503s (the server shedding a spike, or its Redis out of reach) are retried
+  // with the same Idempotency-Key: the server returns the order it already made instead of taking
+  // more stock. Each wait is jittered, so that a crowd told "retry in 1 s" does not come back at once.
   for (let attempt = 0; ; attempt += 1) {
     try {
       return await fn();
     } catch (err) {
-      if (err instanceof ApiError || attempt >= 3) throw err;
-      await new Promise((r) => setTimeout(r, 400 * 2 ** attempt));
+      const answered = err instanceof ApiError && err.status !== 503;
+      if (answered || attempt >= RETRIES) throw err;
+      const base = err.retryAfter ? Math.min(err.retryAfter, 5) * 1000 : 400 * 2 ** attempt;
+      await new Promise((r) => setTimeout(r, base * (0.5 + Math.random())));
     }
   }
 }
@@ -294,7 +301,9 @@ $("#buy").addEventListener("click", async () => {
     state.sale = { ...state.sale, remaining: Math.min(state.sale.remaining, res.data.remaining) };
   } catch (err) {
     $("#buy-error").textContent = BUY_ERRORS[err.code] ?? err.message ?? "Something went wrong; try again.";
-    if (err instanceof ApiError) state.buyKey = null; // answered: a new attempt gets a new key
+    // Answered: a new attempt gets a new key. After a 503 or a network failure the attempt may
+    // have gone through: the next click sends the same key and gets that order back.
+    if (err instanceof ApiError && err.status < 500) state.buyKey = null;
   } finally {
     state.buying = false;
     tick();

@@ -163,12 +163,13 @@ class Buyer:
                     ctx.counters.rate_limited += 1
                     if not retry_429:
                         return outcome
-                    wait = retry_after(r, 1.0)
+                    wait = retry_after(r, 1.0) * self.rng.uniform(0.5, 1.5)
                 elif outcome == "not_started":
                     wait = self.rng.uniform(0.05, 0.2)
                 elif outcome.startswith("http_5"):
                     ctx.counters.errors += 1
-                    wait = retry_after(r, 0.5)
+                    # Jittered, as the room page does: a crowd told "retry in 1 s" comes back spread out.
+                    wait = retry_after(r, 0.5) * self.rng.uniform(0.5, 1.5)
                 else:
                     return outcome
             if try_no < ctx.mix.retries:
@@ -204,7 +205,7 @@ class Buyer:
             if r.status != 429 and r.status < 500:
                 answered = True  # a definite answer; a 429 or 5xx leaves it open
                 break
-            await asyncio.sleep(retry_after(r, 0.5))
+            await asyncio.sleep(retry_after(r, 0.5) * self.rng.uniform(0.5, 1.5))
         if not answered:
             self.record.unknown_pays.append(order_id)  # it may have gone through: the verdict allows for it
 

@@ -16,9 +16,11 @@ from server.ratelimit import Gate
 
 router = Router("sales")
 
-# Purchases in flight per process before new ones are shed with 503 `busy`: past a few hundred,
-# a new one would only wait behind the others for longer than its buyer waits for an answer.
-PURCHASE_GATE = Gate(256)
+# Purchases in flight per process before new ones are shed with 503 `busy`. A purchase in flight
+# waits for one script in a shared pipelined batch (a thousand take the engine ~35 ms), so this
+# can be high; much higher, and a new one would wait behind the others for longer than its buyer
+# waits for an answer. At 256, a spike's first wave was mostly shed and came back as retries.
+PURCHASE_GATE = Gate(1024)
 
 MAX_KEY_LEN = 128
 

@@ -82,9 +82,8 @@ async def wire(settings: Settings, redis_url: str) -> Wired:
     rooms = RoomService(store, broker)
     stock = Stock(redis, settings.deployment)
     notifier = SaleNotifier(redis, rooms)
-    limiter = RateLimiter(redis)
-    sales = SaleService(settings, stock, db, rooms, SimulatedPayments(), notifier, limiter)
+    sales = SaleService(settings, stock, db, rooms, SimulatedPayments(), notifier)
     hub.load_sale = sales.snapshot
     services = Services(settings=settings, redis=redis, db_engine=engine, db=db, sessions=sessions,
-                        limiter=limiter, hub=hub, rooms=rooms, sales=sales)
+                        limiter=RateLimiter(redis), hub=hub, rooms=rooms, sales=sales)
     return Wired(services=services, broker=broker, notifier=notifier, listener=listener)

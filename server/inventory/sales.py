@@ -27,7 +27,7 @@ from server.inventory.schemas import OrderOut, PurchaseIn, SaleIn, SaleOut, Sale
 from server.inventory.stock import Outcome, Stock, Terms, new_order_id, sale_of
 from server.inventory.tables import Order, Sale
 from server.metrics import PURCHASE_SECONDS, PURCHASES
-from server.ratelimit import PURCHASE_PER_IP, PURCHASE_PER_USER, RateLimiter
+from server.ratelimit import PURCHASE_PER_IP, PURCHASE_PER_USER
 from server.rooms import protocol
 from server.rooms.service import RoomService
 
@@ -80,15 +80,13 @@ def order_row_out(row: Order) -> OrderOut:
 
 class SaleService:
     def __init__(self, settings: Settings, stock: Stock, db: async_sessionmaker[AsyncSession],
-                 rooms: RoomService, payments: PaymentProvider, notifier: SaleNotifier,
-                 limiter: RateLimiter) -> None:
+                 rooms: RoomService, payments: PaymentProvider, notifier: SaleNotifier) -> None:
         self.settings = settings
         self.stock = stock
         self.db = db
         self.rooms = rooms
         self.payments = payments
         self.notifier = notifier
-        self.limiter = limiter
         self._rooms: dict[str, str] = {}  # sale -> room; never changes
 
     async def _state(self, sale_id: str) -> dict[str, Any]:
@@ -178,10 +176,6 @@ class SaleService:
                                                ref, limits)
         PURCHASES.labels(outcome.status).inc()
         if outcome.status == "no_sale":
-            # A sale's buckets live with the sale. Attempts at sales that do not exist spend from
-            # buckets of their own, so probing for sales is limited like buying.
-            for limit, subject in limits:
-                await self.limiter.check(limit, subject)
             raise NotFound("no such sale", code="sale_not_found")
         if outcome.status == "rate_limited":
             wait = outcome.retry_after_ms / 1000

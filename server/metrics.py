@@ -14,7 +14,9 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 CONNECTIONS = Gauge("livesale_ws_connections", "Open room WebSocket connections", multiprocess_mode="livesum")
-CLOSED = Counter("livesale_ws_closed_total", "Room sockets closed by the server", ["code"])
+CLOSED = Counter("livesale_ws_closed_total",
+                 "Room sockets closed by the server, by close code (stalled: a peer that stopped reading, "
+                 "dropped without one)", ["code"])
 FRAMES = Counter("livesale_ws_frames_total", "Event frames queued to viewers")
 PURCHASES = Counter("livesale_purchases_total", "Purchase attempts by outcome", ["outcome"])
 PURCHASE_SECONDS = Histogram("livesale_purchase_seconds", "Time in the reserve script",

@@ -1,10 +1,14 @@
 """server.rooms.hub.Connection: what a viewer's writer gets, in what order, when frames and a close
-come before the welcome (while the viewer joins) or after it."""
+come before the welcome (while the viewer joins) or after it; and the hub ending stalled writers."""
 
 from __future__ import annotations
 
+import asyncio
+import time
+from typing import Any, cast
+
 from server.rooms import protocol
-from server.rooms.hub import QUEUE_FRAMES, Close, Connection
+from server.rooms.hub import QUEUE_FRAMES, SEND_TIMEOUT_S, Close, Connection, Hub, LocalRoom
 
 
 def drain(conn: Connection) -> list[str | Close]:
@@ -47,3 +51,30 @@ async def test_a_viewer_that_falls_behind_is_closed_with_try_again_later() -> No
     for i in range(QUEUE_FRAMES + 5):
         conn.offer(f"f{i}")
     assert drain(conn) == [Close(protocol.TRY_AGAIN_LATER, "too slow: reconnect")]
+
+
+class _Idle:
+    """Stands in for the store, broker and meta loader: the tick below touches none of them."""
+
+
+async def test_the_tick_ends_a_writer_whose_send_waited_too_long_and_only_that_one() -> None:
+    hub = Hub(cast(Any, _Idle()), cast(Any, _Idle()), cast(Any, _Idle()))
+    room = LocalRoom("room_x")
+    hub.rooms["room_x"] = room
+    now = time.monotonic()
+    blocked = asyncio.Event()  # never set: each writer waits on it as on a full socket buffer
+    conns = {}
+    for name, waited in (("stalled", SEND_TIMEOUT_S + 1), ("slow", SEND_TIMEOUT_S - 1), ("idle", None)):
+        conn = Connection("room_x", None, is_host=False)
+        conn.writer = asyncio.create_task(blocked.wait())
+        conn.sending_since = 0.0 if waited is None else now - waited
+        room.conns.add(conn)
+        conns[name] = conn
+    await asyncio.sleep(0)  # the writers start waiting
+    hub.tick()
+    await asyncio.sleep(0)  # the cancellation is delivered
+    assert conns["stalled"].writer is not None and conns["stalled"].writer.cancelled()
+    for name in ("slow", "idle"):
+        writer = conns[name].writer
+        assert writer is not None and not writer.done(), name
+        writer.cancel()

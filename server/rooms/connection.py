@@ -87,6 +87,7 @@ async def _serve(ws: WebSocket, conn: Connection, services: Services) -> None:
             pass
         except Exception:
             log.exception("connection task failed")
+    conn.writer = None  # a finished task holds its frames (and so the connection) through its result
 
 
 async def _write(ws: WebSocket, conn: Connection) -> None:
@@ -99,8 +100,10 @@ async def _write(ws: WebSocket, conn: Connection) -> None:
                 pass
             return
         conn.sending_since = time.monotonic()
-        await ws.send_text(item)  # a stalled peer: the hub cancels this task, the server closes the transport
-        conn.sending_since = 0.0
+        try:
+            await ws.send_text(item)  # a stalled peer: the hub cancels this task, the server closes the transport
+        finally:
+            conn.sending_since = 0.0
 
 
 async def _read(ws: WebSocket, conn: Connection, services: Services) -> None:

@@ -88,7 +88,7 @@ class Connection:
         self.strikes = TokenBucket(rate=1, burst=20)
         # The writer task, and when its current send began (0: not sending). A send waits only
         # while the socket's buffer is full; the hub's tick ends writers stalled for too long.
-        # (A timeout around each send cost more than the send: a task per frame.)
+        # (A timeout around each send cost more than the send: a task per frame, on Python 3.11.)
         self.writer: asyncio.Task[None] | None = None
         self.sending_since = 0.0
 
@@ -340,19 +340,19 @@ class Hub:
                     conn.close(protocol.SESSION_ENDED, "session expired")
         await self.store.refresh({rid: [c.id for c in r.conns] for rid, r in self.rooms.items() if r.conns})
 
-    def _end_stalled(self) -> None:
+    def _end_stalled(self, now: float) -> None:
         """End the connections whose peer stopped reading: their send has waited too long."""
-        now = time.monotonic()
         for room in self.rooms.values():
             for conn in room.conns:
-                if conn.writer is not None and conn.stalled(now):
+                if conn.writer is not None and conn.stalled(now) and not conn.writer.done():
                     conn.writer.cancel()
+                    CLOSED.labels("stalled").inc()
 
     def tick(self) -> None:
         now = time.monotonic()
         if now - self._stall_checked_at >= STALL_CHECK_S:
             self._stall_checked_at = now
-            self._end_stalled()
+            self._end_stalled(now)
         for room_id, room in list(self.rooms.items()):
             self._flush_events(room)
             if room.likes and not room.likes_busy:

@@ -163,13 +163,13 @@ class Buyer:
                     ctx.counters.rate_limited += 1
                     if not retry_429:
                         return outcome
-                    wait = retry_after(r, 1.0) * self.rng.uniform(0.5, 1.5)
+                    wait = retry_after(r, 1.0) * self.rng.uniform(1.0, 1.5)
                 elif outcome == "not_started":
                     wait = self.rng.uniform(0.05, 0.2)
                 elif outcome.startswith("http_5"):
                     ctx.counters.errors += 1
                     # Jittered, as the room page does: a crowd told "retry in 1 s" comes back spread out.
-                    wait = retry_after(r, 0.5) * self.rng.uniform(0.5, 1.5)
+                    wait = retry_after(r, 0.5) * self.rng.uniform(1.0, 1.5)
                 else:
                     return outcome
             if try_no < ctx.mix.retries:
@@ -196,7 +196,7 @@ class Buyer:
             except HttpError as exc:
                 self._record(order_id, try_no, at, t0, "timeout" if "Timeout" in str(exc) else "conn_error",
                              0, 0, order_id, kind="pay")
-                await asyncio.sleep(0.2 * 2 ** try_no)
+                await asyncio.sleep(0.2 * 2 ** try_no * self.rng.uniform(0.5, 1.5))
                 continue  # paying again is safe: a paid order answers 200 and is charged once
             outcome = "paid" if r.status == 200 else f"http_{r.status}_{r.error_code}"
             self._record(order_id, try_no, at, t0, outcome, r.status, 0, order_id, kind="pay")
@@ -205,7 +205,7 @@ class Buyer:
             if r.status != 429 and r.status < 500:
                 answered = True  # a definite answer; a 429 or 5xx leaves it open
                 break
-            await asyncio.sleep(retry_after(r, 0.5) * self.rng.uniform(0.5, 1.5))
+            await asyncio.sleep(retry_after(r, 0.5) * self.rng.uniform(1.0, 1.5))
         if not answered:
             self.record.unknown_pays.append(order_id)  # it may have gone through: the verdict allows for it
 

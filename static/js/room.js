@@ -17,7 +17,7 @@ const state = {
   likes: 0,
   pendingTaps: 0,
   order: null, // our reservation in the current sale
-  buyKey: null, // Idempotency-Key of the purchase in flight: reused on retry, never for a second buy
+  buyKey: null, // {saleId, key}: the Idempotency-Key of the purchase in flight, reused on retry, never for a second buy
   buying: false,
   chatIds: new Set(),
 };
@@ -269,10 +269,12 @@ const BUY_ERRORS = {
 
 const RETRIES = 5;
 
-async function withRetries(fn) {
-  // Network failures and 503s (the server shedding a spike, or its Redis out of reach) are retried
-  // with the same Idempotency-Key: the server returns the order it already made instead of taking
-  // more stock. Each wait is jittered, so that a crowd told "retry in 1 s" does not come back at once.
+async function withRetries(fn, stillWanted = () => true) {
+  // Network failures and 503s (the server shedding a spike, or its Redis out of reach) are retried:
+  // a purchase with the same Idempotency-Key (the server returns the order it already made instead
+  // of taking more stock), a payment as it is (a paid order answers 200 and is charged once). Each
+  // wait is 1 to 1.5 times the server's Retry-After, so that a crowd told "retry in 1 s" does not
+  // come back at once.
   for (let attempt = 0; ; attempt += 1) {
     try {
       return await fn();
@@ -280,7 +282,8 @@ async function withRetries(fn) {
       const answered = err instanceof ApiError && err.status !== 503;
       if (answered || attempt >= RETRIES) throw err;
       const base = err.retryAfter ? Math.min(err.retryAfter, 5) * 1000 : 400 * 2 ** attempt;
-      await new Promise((r) => setTimeout(r, base * (0.5 + Math.random())));
+      await new Promise((r) => setTimeout(r, base * (1 + Math.random() / 2)));
+      if (!stillWanted()) throw err;
     }
   }
 }
@@ -289,20 +292,26 @@ $("#buy").addEventListener("click", async () => {
   if (!state.me) return openSignin();
   if (state.buying || !state.sale) return undefined; // a second click never buys twice
   state.buying = true;
-  state.buyKey ??= uuid();
+  // Read once: a retry goes to the sale that was clicked, with its key, or not at all.
+  const saleId = state.sale.id;
+  if (state.buyKey?.saleId !== saleId) state.buyKey = { saleId, key: uuid() };
+  const { key } = state.buyKey;
   $("#buy-error").textContent = "";
   tick();
   const body = { quantity: Number($("#qty").value || 1) };
   if (referrer && referrer !== state.me.user_id) body.ref = referrer;
   try {
-    const res = await withRetries(() => api("POST", `/api/sales/${state.sale.id}/purchase`, body, { "Idempotency-Key": state.buyKey }));
-    state.order = res.data;
+    const res = await withRetries(() => api("POST", `/api/sales/${saleId}/purchase`, body, { "Idempotency-Key": key }),
+      () => state.sale?.id === saleId);
     state.buyKey = null;
-    state.sale = { ...state.sale, remaining: Math.min(state.sale.remaining, res.data.remaining) };
+    if (state.sale?.id === saleId) { // the page shows the current sale's order only
+      state.order = res.data;
+      state.sale = { ...state.sale, remaining: Math.min(state.sale.remaining, res.data.remaining) };
+    }
   } catch (err) {
     $("#buy-error").textContent = BUY_ERRORS[err.code] ?? err.message ?? "Something went wrong; try again.";
     // Answered: a new attempt gets a new key. After a 503 or a network failure the attempt may
-    // have gone through: the next click sends the same key and gets that order back.
+    // have gone through: the next click on this sale sends the same key and gets that order back.
     if (err instanceof ApiError && err.status < 500) state.buyKey = null;
   } finally {
     state.buying = false;

@@ -1,13 +1,16 @@
 """The payment step behind a small interface, so a real provider can be plugged in.
 
-The flow is authorize -> commit the order in Redis -> capture. If the order
-can no longer be paid (it expired meanwhile), the authorization is voided, so a
-buyer is never charged for stock that went back on sale.
+The flow is authorize -> commit the order in Redis (which keeps the authorization's
+reference) -> capture. If the order can no longer be paid (it expired meanwhile),
+the authorization is voided, so a buyer is never charged for stock that went back
+on sale. If the answer is lost after the commit, the buyer's retry finds the order
+paid and captures its reference: a provider must make authorize idempotent per
+order and capture idempotent per authorization.
 """
 
 from __future__ import annotations
 
-import secrets
+import hashlib
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -28,7 +31,7 @@ class PaymentProvider(Protocol):
         ...
 
     async def capture(self, auth: Authorization) -> None:
-        """Take the held amount."""
+        """Take the held amount. Idempotent: capturing a captured authorization takes nothing more."""
         ...
 
     async def void(self, auth: Authorization) -> None:
@@ -42,7 +45,9 @@ class SimulatedPayments:
     async def authorize(self, order_id: str, amount_cents: int, buyer_id: str) -> Authorization:
         if amount_cents <= 0:
             raise PaymentDeclined("nothing to pay")
-        return Authorization(reference=f"sim_{secrets.token_hex(8)}", amount_cents=amount_cents)
+        # Idempotent per order, as the interface asks: the same order gets the same reference.
+        return Authorization(reference="sim_" + hashlib.sha256(order_id.encode()).hexdigest()[:16],
+                             amount_cents=amount_cents)
 
     async def capture(self, auth: Authorization) -> None:
         return None

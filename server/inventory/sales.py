@@ -22,7 +22,7 @@ from server.config import Settings
 from server.errors import ApiError, Conflict, Forbidden, NotFound, TooManyRequests, Unprocessable
 from server.ids import looks_like_id, new_id
 from server.inventory.notifier import SaleNotifier
-from server.inventory.payments import PaymentDeclined, PaymentProvider
+from server.inventory.payments import Authorization, PaymentDeclined, PaymentProvider
 from server.inventory.schemas import OrderOut, PurchaseIn, SaleIn, SaleOut, SaleProduct
 from server.inventory.stock import Outcome, Stock, Terms, new_order_id, sale_of
 from server.inventory.tables import Order, Sale
@@ -222,13 +222,18 @@ class SaleService:
         o = await self.stock.order(sale_id, order_id)
         if o is None or o["user_id"] != me.user_id:
             raise NotFound("no such order", code="order_not_found")
+        amount = o["price_cents"] * o["quantity"]
         if o["status"] == "paid":
+            # Paid already, perhaps by a request whose answer was lost between the script and the
+            # capture (a Redis timeout, a crash): capture its authorization now. Captures are
+            # idempotent, so a retry of a payment that went through completely takes nothing more.
+            await self.payments.capture(Authorization(o["payment"], amount))
             return order_out(sale_id, o)
         if o["status"] != "reserved" or o["pay_by"] <= int(time.time() * 1000):
             code = "cancelled" if o["status"] == "cancelled" else "expired"
             raise Conflict(f"this order is {code}", code=code)
         try:
-            auth = await self.payments.authorize(order_id, o["price_cents"] * o["quantity"], me.user_id)
+            auth = await self.payments.authorize(order_id, amount, me.user_id)
         except PaymentDeclined as exc:
             raise ApiError(str(exc), code="payment_declined") from None
         outcome = await self.stock.pay(sale_id, order_id, me.user_id, auth.reference)
@@ -236,12 +241,13 @@ class SaleService:
             await self.payments.void(auth)
             code = "cancelled" if outcome.status == "cancelled" else "expired"
             raise Conflict(f"this order is {code}", code=code)
-        if outcome.status == "paid":
-            await self.payments.capture(auth)
-            self.notifier.touch(sale_id, await self._room_of(sale_id))
-        else:
-            await self.payments.void(auth)  # paid meanwhile by another request: hold nothing twice
         assert outcome.order is not None
+        paid_with = outcome.order["payment"]
+        if paid_with != auth.reference:
+            await self.payments.void(auth)  # paid meanwhile by another request, with another hold
+        await self.payments.capture(Authorization(paid_with, amount))
+        if outcome.status == "paid":
+            self.notifier.touch(sale_id, await self._room_of(sale_id))
         return order_out(sale_id, outcome.order)
 
     async def cancel(self, me: Principal, order_id: str) -> OrderOut:

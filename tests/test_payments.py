@@ -1,6 +1,7 @@
 """Paying through SaleService against the real engine, with a provider that records what it was
 asked: the authorization stored with the order is captured even when the answer to the payment
-was lost, and concurrent payments of one order take one authorization, never void it."""
+was lost (by the buyer's retry, or else by the sweeper), and concurrent payments of one order take
+one authorization, never void it."""
 
 from __future__ import annotations
 
@@ -17,7 +18,9 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from server.auth import Principal
 from server.inventory.payments import Authorization, SimulatedPayments
 from server.inventory.sales import SaleService
+from server.inventory import keys
 from server.inventory.stock import Outcome, Stock
+from server.inventory.sweeper import Sweeper
 from tests.inventory_support import World
 
 
@@ -110,5 +113,47 @@ async def test_concurrent_payments_of_one_order_capture_its_one_authorization_an
         assert payments.count("void") == Counter()
         state = await stock.state(sale_id)
         assert state is not None and (state["paid"], state["reserved"]) == (2, 0)
+    finally:
+        stock.disconnect()
+
+
+async def captures_due(world: World, sale_id: str) -> int:
+    return int(await world.redis.zcard(keys.captures(sale_id)))
+
+
+async def test_a_payment_that_went_through_owes_no_capture(world: World) -> None:
+    service, stock, payments, me, sale_id, order_id = await paying_setup(world)
+    try:
+        assert (await service.pay(me, order_id)).status == "paid"
+        assert await captures_due(world, sale_id) == 0
+        assert payments.count("capture") == Counter({(await stock.order(sale_id, order_id) or {})["payment"]: 1})
+    finally:
+        stock.disconnect()
+
+
+async def test_a_payment_whose_request_died_is_captured_by_the_sweeper_once_due(world: World) -> None:
+    """The pay script ran, the answer was lost, and the buyer never came back: the capture comes due
+    (here at once) and the sweeper takes it, once; until then the sale cannot be closed as settled."""
+    service, stock, payments, me, sale_id, order_id = await paying_setup(world)
+    stock.capture_after_ms = 0
+    try:
+        stock.lose_next = True
+        with pytest.raises(RedisTimeoutError):
+            await service.pay(me, order_id)
+        assert await captures_due(world, sale_id) == 1
+        assert await stock.end(sale_id, "host")
+        persister = world.persister("settle-check")
+        for _ in range(3):  # the first read makes the consumer group
+            await persister.drain(sale_id)
+        assert not await persister.settled(sale_id)  # ended, nothing reserved, all in SQL: a capture is owed
+
+        sweeper = Sweeper(stock, service, cast(Any, Notes()))
+        await sweeper.sweep_sale(sale_id)
+        await sweeper.sweep_sale(sale_id)  # nothing left the second time
+        stored = await stock.order(sale_id, order_id)
+        assert stored is not None and stored["status"] == "paid"
+        assert payments.count("capture") == Counter({stored["payment"]: 1})
+        assert await captures_due(world, sale_id) == 0
+        assert await persister.settled(sale_id)
     finally:
         stock.disconnect()

@@ -37,6 +37,11 @@ def expiry(sale_id: str) -> str:
     return tag(sale_id) + ":expiry"
 
 
+def captures(sale_id: str) -> str:
+    """Sorted set: paid order id -> when to capture its payment if the request that paid has not (ms)."""
+    return tag(sale_id) + ":captures"
+
+
 def log(sale_id: str) -> str:
     """Stream of every state change, read by the persister."""
     return tag(sale_id) + ":log"
@@ -48,4 +53,5 @@ def limit(sale_id: str, name: str, subject: str) -> str:
 
 
 def all_keys(sale_id: str) -> list[str]:
-    return [sale(sale_id), buyers(sale_id), idempotency(sale_id), orders(sale_id), expiry(sale_id), log(sale_id)]
+    return [sale(sale_id), buyers(sale_id), idempotency(sale_id), orders(sale_id), expiry(sale_id), captures(sale_id),
+            log(sale_id)]

@@ -5,13 +5,16 @@
 -- KEYS[2]  orders hash
 -- KEYS[3]  expiry sorted set
 -- KEYS[4]  log stream
+-- KEYS[5]  captures sorted set: the order is due there for a capture, should the paying request not
+--          get to it (its answer lost, its process gone); the request removes it once it captured
 -- ARGV[1]  order id
 -- ARGV[2]  payer's user id (must be the buyer)
 -- ARGV[3]  payment reference from the provider
+-- ARGV[4]  ms from now until the capture is due
 -- Returns {status, order JSON or ''}; status is 'paid' (now), 'already_paid', 'no_order',
 --   'expired' (pay-by passed, or already released as expired), 'cancelled'
-local sale, orders, expiry, log = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
-local order_id, user, payment = ARGV[1], ARGV[2], ARGV[3]
+local sale, orders, expiry, log, captures = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local order_id, user, payment, capture_after = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
 
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -45,5 +48,6 @@ redis.call('HINCRBY', sale, 'reserved', -order.quantity)
 redis.call('HINCRBY', sale, 'paid', order.quantity)
 redis.call('HINCRBY', sale, 'v', 1)
 redis.call('ZREM', expiry, order_id)
+redis.call('ZADD', captures, now + capture_after, order_id)
 redis.call('XADD', log, '*', 'order', record)
 return {'paid', record}

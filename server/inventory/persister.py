@@ -191,11 +191,12 @@ class Persister:
         return len(entries)
 
     async def settled(self, sale_id: str) -> bool:
-        """Ended, nothing reserved, and every stream entry persisted: no change can follow."""
+        """Ended, nothing reserved, no payment left to capture, and every stream entry persisted:
+        no change can follow."""
         state = await self.stock.state(sale_id)
         if state is None:
             return True
-        if state["ended_at"] == 0 or state["reserved"] != 0:
+        if state["ended_at"] == 0 or state["reserved"] != 0 or await self.redis.zcard(keys.captures(sale_id)):
             return False
         groups = await self.redis.xinfo_groups(keys.log(sale_id))
         group = self.stock.persister_group(groups)

@@ -227,7 +227,7 @@ class SaleService:
             # Paid already, perhaps by a request whose answer was lost between the script and the
             # capture (a Redis timeout, a crash): capture its authorization now. Captures are
             # idempotent, so a retry of a payment that went through completely takes nothing more.
-            await self.payments.capture(Authorization(o["payment"], amount))
+            await self._capture(sale_id, order_id, Authorization(o["payment"], amount))
             return order_out(sale_id, o)
         if o["status"] != "reserved" or o["pay_by"] <= int(time.time() * 1000):
             code = "cancelled" if o["status"] == "cancelled" else "expired"
@@ -245,10 +245,24 @@ class SaleService:
         paid_with = outcome.order["payment"]
         if paid_with != auth.reference:
             await self.payments.void(auth)  # paid meanwhile by another request, with another hold
-        await self.payments.capture(Authorization(paid_with, amount))
+        await self._capture(sale_id, order_id, Authorization(paid_with, amount))
         if outcome.status == "paid":
             self.notifier.touch(sale_id, await self._room_of(sale_id))
         return order_out(sale_id, outcome.order)
+
+    async def _capture(self, sale_id: str, order_id: str, auth: Authorization) -> None:
+        await self.payments.capture(auth)
+        await self.stock.captured(sale_id, order_id)
+
+    async def capture_late(self, sale_id: str, order_id: str) -> bool:
+        """Capture a paid order's payment that the request which paid it did not (pay.lua made it
+        due); True if this call captured it."""
+        o = await self.stock.order(sale_id, order_id)
+        if o is None or o["status"] != "paid":
+            await self.stock.captured(sale_id, order_id)  # nothing to capture
+            return False
+        await self._capture(sale_id, order_id, Authorization(o["payment"], o["price_cents"] * o["quantity"]))
+        return True
 
     async def cancel(self, me: Principal, order_id: str) -> OrderOut:
         sale_id = self._order_sale(order_id)

@@ -23,6 +23,8 @@ from server.lua import GCRA, load_script
 from server.ratelimit import Limit
 from server.redis_pool import text
 
+CAPTURE_AFTER_MS = 30_000
+
 _ORDER_ID = re.compile(r"^ord_([a-z2-7]{26})[a-z2-7]{16}$")
 
 
@@ -93,6 +95,8 @@ class Stock:
         self._release = load_script(redis, "server.inventory", "release.lua")
         self._end = load_script(redis, "server.inventory", "end_sale.lua")
         self._batched = AutoPipeline(redis)
+        # How long a paying request has to capture before the sweeper does it in its place.
+        self.capture_after_ms = CAPTURE_AFTER_MS
 
     def disconnect(self) -> None:
         """Close the scripts' own connection (the Redis client's pool is the caller's to close)."""
@@ -136,8 +140,17 @@ class Stock:
 
     async def pay(self, sale_id: str, order_id: str, user_id: str, payment_ref: str) -> Outcome:
         return _outcome(await self._batched.script(self._pay,
-            [keys.sale(sale_id), keys.orders(sale_id), keys.expiry(sale_id), keys.log(sale_id)],
-            [order_id, user_id, payment_ref]))
+            [keys.sale(sale_id), keys.orders(sale_id), keys.expiry(sale_id), keys.log(sale_id), keys.captures(sale_id)],
+            [order_id, user_id, payment_ref, self.capture_after_ms]))
+
+    async def captured(self, sale_id: str, order_id: str) -> None:
+        """The order's payment is captured: no capture is due for it any more."""
+        await self.redis.zrem(keys.captures(sale_id), order_id)
+
+    async def captures_due(self, sale_id: str, now_ms: int, limit: int = 100) -> list[str]:
+        """Paid orders whose paying request has not reported its capture in time."""
+        ids = await self.redis.zrangebyscore(keys.captures(sale_id), "-inf", now_ms, start=0, num=limit)
+        return [text(i) for i in ids]  # type: ignore[arg-type]  # without scores: members
 
     async def release(self, sale_id: str, order_id: str, reason: str, user_id: str = "") -> Outcome:
         return _outcome(await self._batched.script(self._release,

@@ -20,6 +20,7 @@ from server.db import make_engine, make_sessionmaker
 from server.errors import NotFound
 from server.inventory.notifier import SaleNotifier
 from server.inventory.payments import SimulatedPayments
+from server.inventory.captures import LateCaptures
 from server.inventory.persister import Persister
 from server.inventory.sales import SaleService
 from server.inventory.stock import Stock
@@ -47,10 +48,11 @@ class Wired:
         return {"broker": self.broker.run(), "hub": self.services.hub.run(), "notifier": self.notifier.run()}
 
     def background_jobs(self) -> dict[str, Loop]:
-        """Orders to SQL, and the sales' clock (expiry, start, end)."""
+        """Orders to SQL, the sales' clock (expiry, start, end), and payments left to capture."""
         s = self.services
         return {"persister": Persister(s.redis, s.sales.stock, s.db).run(),
-                "sweeper": Sweeper(s.sales.stock, s.sales, self.notifier).run()}
+                "sweeper": Sweeper(s.sales.stock, s.sales, self.notifier).run(),
+                "captures": LateCaptures(s.sales.stock, s.sales).run()}
 
     async def close(self) -> None:
         self.services.sales.stock.disconnect()

@@ -19,6 +19,7 @@ from websockets.asyncio.client import connect
 from server.ids import new_id
 from server.inventory import keys
 from server.inventory.reconcile import reconcile
+from server.inventory.captures import LateCaptures
 from server.inventory.sweeper import Sweeper
 from server.inventory.tables import LedgerEntry, Order
 from tests.inventory_support import (
@@ -380,7 +381,7 @@ async def test_reconcile_reports_differences(world: World) -> None:
 
 
 async def test_background_loops_stop_on_one_cancel(redis_url: str, tmp_path: Path) -> None:
-    """One task.cancel() stops the persister's and the sweeper's loops.
+    """One task.cancel() stops the persister's, the sweeper's and the late captures' loops.
 
     Found by this suite: on Python 3.11 redis-py sends each command through asyncio.wait_for (the
     pool sets a socket timeout), which swallows a cancel that lands as the send completes, so the
@@ -391,11 +392,13 @@ async def test_background_loops_stop_on_one_cancel(redis_url: str, tmp_path: Pat
             sale = await world.add_sale()
             await world.redis.hset(keys.sale(sale.sale_id), "started_announced", 1)
         sweeper = Sweeper(world.stock, None, None)  # type: ignore[arg-type]  # no start/end/release to announce
+        captures = LateCaptures(world.stock, None)  # type: ignore[arg-type]  # no capture is owed
         rng = random.Random(99)
         survived: list[str] = []
-        for trial in range(20):
-            which, loop = (("persister", world.persister(f"c{trial}").run()) if trial % 2 == 0
-                           else ("sweeper", sweeper.run()))
+        for trial in range(21):
+            which = ("persister", "sweeper", "captures")[trial % 3]
+            loop = (world.persister(f"c{trial}").run() if which == "persister"
+                    else sweeper.run() if which == "sweeper" else captures.run())
             task = asyncio.create_task(loop)
             await asyncio.sleep(rng.uniform(0.005, 0.06))
             task.cancel()

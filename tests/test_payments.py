@@ -1,11 +1,13 @@
-"""Paying through SaleService against the real engine, with a provider that records what it was
+"""Paying through SaleService against the real engine, with providers that record what they were
 asked: the authorization stored with the order is captured even when the answer to the payment
-was lost (by the buyer's retry, or else by the sweeper), and concurrent payments of one order take
-one authorization, never void it."""
+was lost (by the buyer's retry, or else by the jobs process's late captures), a provider failing
+at capture never fails a paid order nor stops other captures, and concurrent payments of one
+order never void the authorization that paid."""
 
 from __future__ import annotations
 
 import asyncio
+import secrets
 import time
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -20,7 +22,8 @@ from server.inventory.payments import Authorization, SimulatedPayments
 from server.inventory.sales import SaleService
 from server.inventory import keys
 from server.inventory.stock import Outcome, Stock
-from server.inventory.sweeper import Sweeper
+from server.inventory.captures import RETRY_AFTER_MS, LateCaptures
+from server.inventory.reconcile import reconcile
 from tests.inventory_support import World
 
 
@@ -43,6 +46,24 @@ class RecordingPayments(SimulatedPayments):
 
     def count(self, kind: str) -> Counter[str]:
         return Counter(ref for k, ref in self.calls if k == kind)
+
+
+class OnePerCallPayments(RecordingPayments):
+    """A provider whose authorize is not idempotent: a new reference on every call."""
+
+    async def authorize(self, order_id: str, amount_cents: int, buyer_id: str) -> Authorization:
+        auth = Authorization(f"sim_{secrets.token_hex(8)}", amount_cents)
+        self.calls.append(("authorize", auth.reference))
+        return auth
+
+
+class FailingCapturePayments(RecordingPayments):
+    failing = True
+
+    async def capture(self, auth: Authorization) -> None:
+        if self.failing:
+            raise ConnectionError("the provider is unreachable")
+        await super().capture(auth)
 
 
 class LostAnswerStock(Stock):
@@ -96,6 +117,9 @@ async def test_a_payment_whose_answer_was_lost_is_captured_when_the_buyer_retrie
         assert again.status == "paid" and again.total_cents == 2500
         assert payments.count("capture") == Counter({stored["payment"]: 1})
         assert payments.count("void") == Counter()
+        assert await captures_due(world, sale_id) == 0
+        assert (await service.pay(me, order_id)).status == "paid"  # once more: nothing is owed, no call
+        assert payments.count("capture") == Counter({stored["payment"]: 1})
     finally:
         stock.disconnect()
 
@@ -131,9 +155,9 @@ async def test_a_payment_that_went_through_owes_no_capture(world: World) -> None
         stock.disconnect()
 
 
-async def test_a_payment_whose_request_died_is_captured_by_the_sweeper_once_due(world: World) -> None:
+async def test_a_payment_whose_request_died_is_captured_by_the_jobs_process_once_due(world: World) -> None:
     """The pay script ran, the answer was lost, and the buyer never came back: the capture comes due
-    (here at once) and the sweeper takes it, once; until then the sale cannot be closed as settled."""
+    (here at once) and the late captures take it, once; until then the sale cannot settle."""
     service, stock, payments, me, sale_id, order_id = await paying_setup(world)
     stock.capture_after_ms = 0
     try:
@@ -146,14 +170,72 @@ async def test_a_payment_whose_request_died_is_captured_by_the_sweeper_once_due(
         for _ in range(3):  # the first read makes the consumer group
             await persister.drain(sale_id)
         assert not await persister.settled(sale_id)  # ended, nothing reserved, all in SQL: a capture is owed
+        assert (await reconcile(stock, world.db, sale_id)).captures_owed == 1
 
-        sweeper = Sweeper(stock, service, cast(Any, Notes()))
-        await sweeper.sweep_sale(sale_id)
-        await sweeper.sweep_sale(sale_id)  # nothing left the second time
+        late = LateCaptures(stock, service)
+        assert await late.pass_sale(sale_id, int(time.time() * 1000) + 1000) == 1
+        assert await late.pass_sale(sale_id, int(time.time() * 1000) + 1000) == 0  # nothing left
         stored = await stock.order(sale_id, order_id)
         assert stored is not None and stored["status"] == "paid"
         assert payments.count("capture") == Counter({stored["payment"]: 1})
         assert await captures_due(world, sale_id) == 0
         assert await persister.settled(sale_id)
+        report = await reconcile(stock, world.db, sale_id)
+        assert report.ok and report.captures_owed == 0, report.lines()
+    finally:
+        stock.disconnect()
+
+
+async def test_a_provider_failing_at_capture_fails_no_paid_order_and_holds_up_no_other_capture(
+        world: World) -> None:
+    service, stock, _, me, sale_id, order_id = await paying_setup(world)
+    payments = FailingCapturePayments()
+    service.payments = payments
+    stock.capture_after_ms = 0
+    try:
+        paid = await service.pay(me, order_id)  # the capture fails: the order is paid all the same
+        assert paid.status == "paid" and await captures_due(world, sale_id) == 1
+
+        # A second order in the same sale, paid while the provider works, whose request died before
+        # it captured: due as well.
+        (other_buyer,) = await world.add_users(1)
+        other = await world.reserve(sale_id, other_buyer)
+        assert other.order is not None
+        payments.failing = False
+        stock.lose_next = True
+        with pytest.raises(RedisTimeoutError):
+            await service.pay(Principal(other_buyer, "viewer", "b", "s", time.time() + 3600), other.order["id"])
+        payments.failing = True
+
+        late = LateCaptures(stock, service)
+        now_ms = int(time.time() * 1000) + 1000
+        assert await late.pass_sale(sale_id, now_ms) == 0  # both fail, neither stops the pass
+        scores = dict(await world.redis.zrange(keys.captures(sale_id), 0, -1, withscores=True))
+        assert {k.decode(): int(v) for k, v in scores.items()} == {
+            order_id: now_ms + RETRY_AFTER_MS, other.order["id"]: now_ms + RETRY_AFTER_MS}
+
+        payments.failing = False
+        assert await late.pass_sale(sale_id, now_ms) == 0  # not due again before the retry time
+        assert await late.pass_sale(sale_id, now_ms + RETRY_AFTER_MS) == 2
+        assert await captures_due(world, sale_id) == 0
+        assert len(payments.count("capture")) == 2
+    finally:
+        stock.disconnect()
+
+
+async def test_with_a_new_reference_per_authorize_the_losers_are_voided_and_the_payer_never(world: World) -> None:
+    service, stock, _, me, sale_id, order_id = await paying_setup(world)
+    payments = OnePerCallPayments()
+    service.payments = payments
+    try:
+        answers = await asyncio.gather(*(service.pay(me, order_id) for _ in range(6)))
+        assert {a.status for a in answers} == {"paid"}
+        stored = await stock.order(sale_id, order_id)
+        assert stored is not None
+        authorized = set(payments.count("authorize"))
+        assert stored["payment"] in authorized
+        assert set(payments.count("void")) == authorized - {stored["payment"]}  # each loser's hold released
+        assert set(payments.count("capture")) == {stored["payment"]}
+        assert await captures_due(world, sale_id) == 0
     finally:
         stock.disconnect()

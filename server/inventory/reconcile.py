@@ -26,6 +26,7 @@ class Report:
     redis_orders: int = 0
     sql_orders: int = 0
     unpersisted: int = 0
+    captures_owed: int = 0  # paid orders whose payment is not captured yet (not a difference)
     problems: list[str] = field(default_factory=list)
 
     @property
@@ -35,7 +36,7 @@ class Report:
     def lines(self) -> list[str]:
         head = (f"sale {self.sale_id}: stock {self.stock} = remaining {self.remaining} + reserved {self.reserved}"
                 f" + paid {self.paid}; orders in Redis {self.redis_orders}, in SQL {self.sql_orders};"
-                f" stream entries not yet persisted {self.unpersisted}")
+                f" stream entries not yet persisted {self.unpersisted}; payment captures owed {self.captures_owed}")
         return [head] + [f"  DIFF {p}" for p in self.problems] + ([] if self.problems else ["  OK"])
 
 
@@ -47,13 +48,15 @@ async def reconcile(stock: Stock, db: async_sessionmaker[AsyncSession], sale_id:
         pipe.hgetall(keys.sale(sale_id))
         pipe.hgetall(keys.orders(sale_id))
         pipe.xinfo_groups(keys.log(sale_id))
-        raw_state, raw_orders, groups = await pipe.execute(raise_on_error=False)
+        pipe.zcard(keys.captures(sale_id))
+        raw_state, raw_orders, groups, owed = await pipe.execute(raise_on_error=False)
     state, orders = parse_state(raw_state), parse_orders(raw_orders)
     if isinstance(groups, Exception):  # no stream yet: nothing was ever logged
         groups = []
     if state is None:
         report.problems.append("sale not in Redis")
         return report
+    report.captures_owed = int(owed)
     report.stock, report.remaining = state["stock"], state["remaining"]
     report.reserved, report.paid = state["reserved"], state["paid"]
     if report.remaining < 0:

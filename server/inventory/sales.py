@@ -7,6 +7,7 @@ orders reach SQL through the persister, never on the buyer's clock.
 
 from __future__ import annotations
 
+import logging
 import time
 from datetime import timedelta
 from typing import Any, Literal
@@ -30,6 +31,8 @@ from server.metrics import PURCHASE_SECONDS, PURCHASES
 from server.ratelimit import PURCHASE_PER_IP, PURCHASE_PER_USER
 from server.rooms import protocol
 from server.rooms.service import RoomService
+
+log = logging.getLogger("livesale.inventory.sales")
 
 _REFUSALS = {
     "sold_out": "sold out",
@@ -225,9 +228,9 @@ class SaleService:
         amount = o["price_cents"] * o["quantity"]
         if o["status"] == "paid":
             # Paid already, perhaps by a request whose answer was lost between the script and the
-            # capture (a Redis timeout, a crash): capture its authorization now. Captures are
-            # idempotent, so a retry of a payment that went through completely takes nothing more.
-            await self._capture(sale_id, order_id, Authorization(o["payment"], amount))
+            # capture (a Redis timeout, a crash): if its capture is still owed, make it now.
+            if await self.stock.capture_owed(sale_id, order_id):
+                await self._capture(sale_id, order_id, Authorization(o["payment"], amount))
             return order_out(sale_id, o)
         if o["status"] != "reserved" or o["pay_by"] <= int(time.time() * 1000):
             code = "cancelled" if o["status"] == "cancelled" else "expired"
@@ -251,17 +254,25 @@ class SaleService:
         return order_out(sale_id, outcome.order)
 
     async def _capture(self, sale_id: str, order_id: str, auth: Authorization) -> None:
-        await self.payments.capture(auth)
-        await self.stock.captured(sale_id, order_id)
+        """Capture in the paying request. The order is paid whatever happens here: if the provider
+        fails, the capture stays owed (pay.lua made it due) and the jobs process makes it later."""
+        try:
+            await self.payments.capture(auth)
+            await self.stock.captured(sale_id, order_id)
+        except Exception as exc:
+            log.error("order %s: capture failed (%r); it stays owed for the jobs process", order_id, exc)
 
     async def capture_late(self, sale_id: str, order_id: str) -> bool:
         """Capture a paid order's payment that the request which paid it did not (pay.lua made it
-        due); True if this call captured it."""
+        due); True if this call captured it. Raises if the provider fails."""
         o = await self.stock.order(sale_id, order_id)
         if o is None or o["status"] != "paid":
-            await self.stock.captured(sale_id, order_id)  # nothing to capture
+            log.error("sale %s: a capture was owed for order %s, which is %s; dropped", sale_id, order_id,
+                      "missing" if o is None else o["status"])
+            await self.stock.captured(sale_id, order_id)
             return False
-        await self._capture(sale_id, order_id, Authorization(o["payment"], o["price_cents"] * o["quantity"]))
+        await self.payments.capture(Authorization(o["payment"], o["price_cents"] * o["quantity"]))
+        await self.stock.captured(sale_id, order_id)
         return True
 
     async def cancel(self, me: Principal, order_id: str) -> OrderOut:

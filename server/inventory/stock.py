@@ -147,6 +147,13 @@ class Stock:
         """The order's payment is captured: no capture is due for it any more."""
         await self.redis.zrem(keys.captures(sale_id), order_id)
 
+    async def capture_owed(self, sale_id: str, order_id: str) -> bool:
+        return await self.redis.zscore(keys.captures(sale_id), order_id) is not None
+
+    async def capture_later(self, sale_id: str, order_id: str, due_ms: int) -> None:
+        """Move a capture that failed to a later time, unless it was captured meanwhile."""
+        await self.redis.zadd(keys.captures(sale_id), {order_id: due_ms}, xx=True)
+
     async def captures_due(self, sale_id: str, now_ms: int, limit: int = 100) -> list[str]:
         """Paid orders whose paying request has not reported its capture in time."""
         ids = await self.redis.zrangebyscore(keys.captures(sale_id), "-inf", now_ms, start=0, num=limit)

@@ -1,6 +1,5 @@
-"""Background clock of the open sales: releases orders not paid in time,
-announces a sale's start and its end by time, and captures payments that the
-request which paid did not get to capture (its answer lost, its process gone).
+"""Background clock of the open sales: releases orders not paid in time, and
+announces a sale's start and its end by time.
 
 Every process runs one; the scripts make that safe: an order is released at
 most once, a sale ends once, and its start is announced by one process.
@@ -49,9 +48,6 @@ class Sweeper:
                 released += 1
         if released:
             self.notifier.touch(sale_id, room_id)
-        for order_id in await self.stock.captures_due(sale_id, now_ms):
-            if await self.sales.capture_late(sale_id, order_id):
-                log.warning("sale %s: captured the payment of order %s, which its request had not", sale_id, order_id)
         return released
 
     async def sweep(self) -> int:

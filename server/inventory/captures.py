@@ -1,0 +1,60 @@
+"""Captures the payments that the request which paid did not get to (its answer lost, its
+process gone, the provider failing at that moment).
+
+pay.lua makes each paid order's capture due CAPTURE_AFTER_MS later in the sale's captures set; the
+paying request clears it once it captured. This loop, in the jobs process, takes the ones left
+when due. Several jobs processes may run it at once: the provider's capture is idempotent per
+authorization, so two captures of one order take the money once. A capture that fails or hangs
+is tried again RETRY_AFTER_MS later, with an error in the log each time; the other orders go on,
+and the sale stays open (not settled) until it succeeds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from server.inventory.sales import SaleService
+from server.inventory.stock import Stock
+from server.loops import running
+
+log = logging.getLogger("livesale.inventory.captures")
+
+EVERY_S = 1.0
+TIMEOUT_S = 10.0
+RETRY_AFTER_MS = 60_000
+
+
+class LateCaptures:
+    def __init__(self, stock: Stock, sales: SaleService) -> None:
+        self.stock = stock
+        self.sales = sales
+
+    async def pass_sale(self, sale_id: str, now_ms: int) -> int:
+        """Capture what is due in one sale; returns how many were captured."""
+        captured = 0
+        for order_id in await self.stock.captures_due(sale_id, now_ms):
+            try:
+                async with asyncio.timeout(TIMEOUT_S):
+                    done = await self.sales.capture_late(sale_id, order_id)
+            except Exception as exc:  # the provider failed or hung: this one later, the others now
+                log.error("sale %s: capturing the payment of order %s failed (%r); trying again in %d s",
+                          sale_id, order_id, exc, RETRY_AFTER_MS // 1000)
+                await self.stock.capture_later(sale_id, order_id, now_ms + RETRY_AFTER_MS)
+                continue
+            if done:
+                captured += 1
+                log.warning("sale %s: captured the payment of order %s, which its request had not",
+                            sale_id, order_id)
+        return captured
+
+    async def run(self) -> None:
+        while running():
+            try:
+                now_ms = int(time.time() * 1000)
+                for sale_id in await self.stock.open_sales():
+                    await self.pass_sale(sale_id, now_ms)
+            except Exception as exc:  # Redis away for a moment: try again next pass
+                log.warning("capture pass failed: %r", exc)
+            await asyncio.sleep(EVERY_S)

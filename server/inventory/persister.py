@@ -193,10 +193,12 @@ class Persister:
     async def settled(self, sale_id: str) -> bool:
         """Ended, nothing reserved, no payment left to capture, and every stream entry persisted:
         no change can follow."""
+        if await self.redis.zcard(keys.captures(sale_id)):
+            return False  # also when the sale's hash is gone: the late captures still need the sale open
         state = await self.stock.state(sale_id)
         if state is None:
             return True
-        if state["ended_at"] == 0 or state["reserved"] != 0 or await self.redis.zcard(keys.captures(sale_id)):
+        if state["ended_at"] == 0 or state["reserved"] != 0:
             return False
         groups = await self.redis.xinfo_groups(keys.log(sale_id))
         group = self.stock.persister_group(groups)

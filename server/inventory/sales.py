@@ -248,7 +248,8 @@ class SaleService:
         paid_with = outcome.order["payment"]
         if paid_with != auth.reference:
             await self.payments.void(auth)  # paid meanwhile by another request, with another hold
-        await self._capture(sale_id, order_id, Authorization(paid_with, amount))
+        if outcome.status == "paid" or await self.stock.capture_owed(sale_id, order_id):
+            await self._capture(sale_id, order_id, Authorization(paid_with, amount))
         if outcome.status == "paid":
             self.notifier.touch(sale_id, await self._room_of(sale_id))
         return order_out(sale_id, outcome.order)

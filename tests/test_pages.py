@@ -210,6 +210,48 @@ async def test_the_buy_button_retries_a_lost_answer_with_the_same_key_and_buys_o
     await settle_tracked(server.url)
 
 
+async def test_after_503s_to_the_end_the_next_click_sends_the_same_attempt_again(
+        browser: Browser, server: ServerProcess) -> None:
+    """Every try of a click answered 503 (the server shedding load): the page gives up, keeps the
+    attempt (it may have gone through), and holds its quantity; the next click sends the same key and
+    quantity, and buys."""
+    async with api_client(server.url) as c:
+        shop = await new_shop(c)
+        await launch(c, shop, stock=5, per_user_limit=3)
+    page = await new_page(browser)
+    sent: list[tuple[str, str | None]] = []
+    shed = True
+
+    async def busy_while_shedding(route: Route) -> None:
+        sent.append((route.request.headers["idempotency-key"], route.request.post_data))
+        if shed:
+            await route.fulfill(status=503, headers={"Retry-After": "0.01", "Content-Type": "application/json"},
+                                body='{"error": "busy", "message": "too busy right now; retry in a moment"}')
+        else:
+            await route.continue_()
+
+    await page.route("**/api/sales/*/purchase", busy_while_shedding)
+    await page.goto(f"{server.url}/rooms/{shop.room_id}")
+    await join_as_guest(page, "Dee")
+    await expect(page.locator("#left")).to_have_text("5 left of 5")
+    await page.select_option("#qty", "2")
+    await page.click("#buy")
+    await expect(page.locator("#buy-error")).to_have_text("So many buyers right now! Try again.")
+    assert len(sent) == 6  # the click and its five retries
+    await expect(page.locator("#qty")).to_be_disabled()
+
+    shed = False
+    await page.click("#buy")
+    await expect(page.locator("#res-text")).to_contain_text("Reserved for you: 2 ×")
+    assert len({key for key, _ in sent}) == 1 and len({body for _, body in sent}) == 1, sent
+    await expect(page.locator("#qty")).to_be_hidden()  # reserved: nothing more to choose
+    await page.click("#pay")  # leave nothing reserved behind
+    await expect(page.locator("#res-text")).to_contain_text("Paid")
+    assert page.errors == [], page.errors  # type: ignore[attr-defined]
+    await page.context.close()
+    await settle_tracked(server.url)
+
+
 async def test_moderation_from_the_console(browser: Browser, server: ServerProcess) -> None:
     base = server.url
     password = "correct horse battery"

@@ -17,7 +17,7 @@ const state = {
   likes: 0,
   pendingTaps: 0,
   order: null, // our reservation in the current sale
-  buyKey: null, // {saleId, key}: the Idempotency-Key of the purchase in flight, reused on retry, never for a second buy
+  buyKey: null, // {saleId, key, quantity}: the purchase in flight, sent again as it was on retry, never for a second buy
   buying: false,
   chatIds: new Set(),
 };
@@ -232,6 +232,8 @@ function tick() {
   $("#buy").disabled = status !== "active" || state.buying || reserved;
   $("#buy").textContent = state.buying ? "Buying…" : status === "soldout" ? "Sold out" : status === "ended" ? "Ended" : "Buy now";
   show($("#qty"), status === "active" && !reserved);
+  // An attempt that may have gone through is tried again as it was: same key, same quantity.
+  $("#qty").disabled = state.buying || state.buyKey?.saleId === sale.id;
   renderOrder(now);
 }
 
@@ -263,7 +265,6 @@ const BUY_ERRORS = {
   ended: "The sale has ended.",
   rate_limited: "Too fast: try again in a moment.",
   busy: "So many buyers right now! Try again.",
-  key_reused: "Your previous try may have gone through: reload to see your order.",
   expired: "Your reservation expired.",
 };
 
@@ -294,11 +295,11 @@ $("#buy").addEventListener("click", async () => {
   state.buying = true;
   // Read once: a retry goes to the sale that was clicked, with its key, or not at all.
   const saleId = state.sale.id;
-  if (state.buyKey?.saleId !== saleId) state.buyKey = { saleId, key: uuid() };
-  const { key } = state.buyKey;
+  if (state.buyKey?.saleId !== saleId) state.buyKey = { saleId, key: uuid(), quantity: Number($("#qty").value || 1) };
+  const { key, quantity } = state.buyKey;
   $("#buy-error").textContent = "";
   tick();
-  const body = { quantity: Number($("#qty").value || 1) };
+  const body = { quantity };
   if (referrer && referrer !== state.me.user_id) body.ref = referrer;
   try {
     const res = await withRetries(() => api("POST", `/api/sales/${saleId}/purchase`, body, { "Idempotency-Key": key }),

@@ -90,7 +90,13 @@ async def world(redis_url: str, tmp_path: Path) -> AsyncIterator[World]:
         yield w
 
 
-async def paying_setup(world: World) -> tuple[SaleService, LostAnswerStock, RecordingPayments, Principal, str, str]:
+Paying = tuple[SaleService, LostAnswerStock, RecordingPayments, Principal, str, str]
+
+
+@pytest.fixture
+async def paying(world: World) -> AsyncIterator[Paying]:
+    """A reserved order of 2 units at 12.50, and the service to pay it: (service, stock, payments,
+    buyer, sale id, order id)."""
     sale = await world.add_sale(stock=5, limit=2, price_cents=1250)
     (buyer,) = await world.add_users(1)
     reserved = await world.reserve(sale.sale_id, buyer, quantity=2)
@@ -100,142 +106,129 @@ async def paying_setup(world: World) -> tuple[SaleService, LostAnswerStock, Reco
     # Paying touches neither the settings nor the rooms; the notifier is asked to announce the sale.
     service = SaleService(cast(Any, None), stock, world.db, cast(Any, None), payments, cast(Any, Notes()))
     me = Principal(buyer, "viewer", "buyer", "session", time.time() + 3600)
-    return service, stock, payments, me, sale.sale_id, reserved.order["id"]
-
-
-async def test_a_payment_whose_answer_was_lost_is_captured_when_the_buyer_retries(world: World) -> None:
-    service, stock, payments, me, sale_id, order_id = await paying_setup(world)
     try:
-        stock.lose_next = True
-        with pytest.raises(RedisTimeoutError):
-            await service.pay(me, order_id)
-        stored = await stock.order(sale_id, order_id)
-        assert stored is not None and stored["status"] == "paid"
-        assert payments.count("capture") == Counter()  # the request died before its capture
-
-        again = await service.pay(me, order_id)  # the buyer retries
-        assert again.status == "paid" and again.total_cents == 2500
-        assert payments.count("capture") == Counter({stored["payment"]: 1})
-        assert payments.count("void") == Counter()
-        assert await captures_due(world, sale_id) == 0
-        assert (await service.pay(me, order_id)).status == "paid"  # once more: nothing is owed, no call
-        assert payments.count("capture") == Counter({stored["payment"]: 1})
+        yield service, stock, payments, me, sale.sale_id, reserved.order["id"]
     finally:
         stock.disconnect()
+
+
+async def test_a_payment_whose_answer_was_lost_is_captured_when_the_buyer_retries(world: World, paying: Paying) -> None:
+    service, stock, payments, me, sale_id, order_id = paying
+    stock.lose_next = True
+    with pytest.raises(RedisTimeoutError):
+        await service.pay(me, order_id)
+    stored = await stock.order(sale_id, order_id)
+    assert stored is not None and stored["status"] == "paid"
+    assert payments.count("capture") == Counter()  # the request died before its capture
+
+    again = await service.pay(me, order_id)  # the buyer retries
+    assert again.status == "paid" and again.total_cents == 2500
+    assert payments.count("capture") == Counter({stored["payment"]: 1})
+    assert payments.count("void") == Counter()
+    assert await captures_due(world, sale_id) == 0
+    assert (await service.pay(me, order_id)).status == "paid"  # once more: nothing is owed, no call
+    assert payments.count("capture") == Counter({stored["payment"]: 1})
 
 
 async def test_concurrent_payments_of_one_order_capture_its_one_authorization_and_void_nothing(
-        world: World) -> None:
-    service, stock, payments, me, sale_id, order_id = await paying_setup(world)
-    try:
-        answers = await asyncio.gather(*(service.pay(me, order_id) for _ in range(8)))
-        assert {a.status for a in answers} == {"paid"}
-        stored = await stock.order(sale_id, order_id)
-        assert stored is not None
-        assert set(payments.count("authorize")) <= {stored["payment"]}  # one reference per order
-        assert set(payments.count("capture")) == {stored["payment"]}  # captured, idempotently
-        assert payments.count("void") == Counter()
-        state = await stock.state(sale_id)
-        assert state is not None and (state["paid"], state["reserved"]) == (2, 0)
-    finally:
-        stock.disconnect()
+        paying: Paying) -> None:
+    service, stock, payments, me, sale_id, order_id = paying
+    answers = await asyncio.gather(*(service.pay(me, order_id) for _ in range(8)))
+    assert {a.status for a in answers} == {"paid"}
+    stored = await stock.order(sale_id, order_id)
+    assert stored is not None
+    assert set(payments.count("authorize")) <= {stored["payment"]}  # one reference per order
+    assert set(payments.count("capture")) == {stored["payment"]}  # captured, idempotently
+    assert payments.count("void") == Counter()
+    state = await stock.state(sale_id)
+    assert state is not None and (state["paid"], state["reserved"]) == (2, 0)
 
 
 async def captures_due(world: World, sale_id: str) -> int:
     return int(await world.redis.zcard(keys.captures(sale_id)))
 
 
-async def test_a_payment_that_went_through_owes_no_capture(world: World) -> None:
-    service, stock, payments, me, sale_id, order_id = await paying_setup(world)
-    try:
-        assert (await service.pay(me, order_id)).status == "paid"
-        assert await captures_due(world, sale_id) == 0
-        assert payments.count("capture") == Counter({(await stock.order(sale_id, order_id) or {})["payment"]: 1})
-    finally:
-        stock.disconnect()
+async def test_a_payment_that_went_through_owes_no_capture(world: World, paying: Paying) -> None:
+    service, stock, payments, me, sale_id, order_id = paying
+    assert (await service.pay(me, order_id)).status == "paid"
+    assert await captures_due(world, sale_id) == 0
+    assert payments.count("capture") == Counter({(await stock.order(sale_id, order_id) or {})["payment"]: 1})
 
 
-async def test_a_payment_whose_request_died_is_captured_by_the_jobs_process_once_due(world: World) -> None:
+async def test_a_payment_whose_request_died_is_captured_by_the_jobs_process_once_due(
+        world: World, paying: Paying) -> None:
     """The pay script ran, the answer was lost, and the buyer never came back: the capture comes due
     (here at once) and the late captures take it, once; until then the sale cannot settle."""
-    service, stock, payments, me, sale_id, order_id = await paying_setup(world)
+    service, stock, payments, me, sale_id, order_id = paying
     stock.capture_after_ms = 0
-    try:
-        stock.lose_next = True
-        with pytest.raises(RedisTimeoutError):
-            await service.pay(me, order_id)
-        assert await captures_due(world, sale_id) == 1
-        assert await stock.end(sale_id, "host")
-        persister = world.persister("settle-check")
-        for _ in range(3):  # the first read makes the consumer group
-            await persister.drain(sale_id)
-        assert not await persister.settled(sale_id)  # ended, nothing reserved, all in SQL: a capture is owed
-        assert (await reconcile(stock, world.db, sale_id)).captures_owed == 1
+    stock.lose_next = True
+    with pytest.raises(RedisTimeoutError):
+        await service.pay(me, order_id)
+    assert await captures_due(world, sale_id) == 1
+    assert await stock.end(sale_id, "host")
+    persister = world.persister("settle-check")
+    for _ in range(3):  # the first read makes the consumer group
+        await persister.drain(sale_id)
+    assert not await persister.settled(sale_id)  # ended, nothing reserved, all in SQL: a capture is owed
+    assert (await reconcile(stock, world.db, sale_id)).captures_owed == 1
 
-        late = LateCaptures(stock, service)
-        assert await late.pass_sale(sale_id, int(time.time() * 1000) + 1000) == 1
-        assert await late.pass_sale(sale_id, int(time.time() * 1000) + 1000) == 0  # nothing left
-        stored = await stock.order(sale_id, order_id)
-        assert stored is not None and stored["status"] == "paid"
-        assert payments.count("capture") == Counter({stored["payment"]: 1})
-        assert await captures_due(world, sale_id) == 0
-        assert await persister.settled(sale_id)
-        report = await reconcile(stock, world.db, sale_id)
-        assert report.ok and report.captures_owed == 0, report.lines()
-    finally:
-        stock.disconnect()
+    late = LateCaptures(stock, service)
+    assert await late.pass_sale(sale_id, int(time.time() * 1000) + 1000) == 1
+    assert await late.pass_sale(sale_id, int(time.time() * 1000) + 1000) == 0  # nothing left
+    stored = await stock.order(sale_id, order_id)
+    assert stored is not None and stored["status"] == "paid"
+    assert payments.count("capture") == Counter({stored["payment"]: 1})
+    assert await captures_due(world, sale_id) == 0
+    assert await persister.settled(sale_id)
+    report = await reconcile(stock, world.db, sale_id)
+    assert report.ok and report.captures_owed == 0, report.lines()
 
 
 async def test_a_provider_failing_at_capture_fails_no_paid_order_and_holds_up_no_other_capture(
-        world: World) -> None:
-    service, stock, _, me, sale_id, order_id = await paying_setup(world)
+        world: World, paying: Paying) -> None:
+    service, stock, _, me, sale_id, order_id = paying
     payments = FailingCapturePayments()
     service.payments = payments
     stock.capture_after_ms = 0
-    try:
-        paid = await service.pay(me, order_id)  # the capture fails: the order is paid all the same
-        assert paid.status == "paid" and await captures_due(world, sale_id) == 1
+    paid = await service.pay(me, order_id)  # the capture fails: the order is paid all the same
+    assert paid.status == "paid" and await captures_due(world, sale_id) == 1
 
-        # A second order in the same sale, paid while the provider works, whose request died before
-        # it captured: due as well.
-        (other_buyer,) = await world.add_users(1)
-        other = await world.reserve(sale_id, other_buyer)
-        assert other.order is not None
-        payments.failing = False
-        stock.lose_next = True
-        with pytest.raises(RedisTimeoutError):
-            await service.pay(Principal(other_buyer, "viewer", "b", "s", time.time() + 3600), other.order["id"])
-        payments.failing = True
+    # A second order in the same sale, paid while the provider works, whose request died before
+    # it captured: due as well.
+    (other_buyer,) = await world.add_users(1)
+    other = await world.reserve(sale_id, other_buyer)
+    assert other.order is not None
+    payments.failing = False
+    stock.lose_next = True
+    with pytest.raises(RedisTimeoutError):
+        await service.pay(Principal(other_buyer, "viewer", "b", "s", time.time() + 3600), other.order["id"])
+    payments.failing = True
 
-        late = LateCaptures(stock, service)
-        now_ms = int(time.time() * 1000) + 1000
-        assert await late.pass_sale(sale_id, now_ms) == 0  # both fail, neither stops the pass
-        scores = dict(await world.redis.zrange(keys.captures(sale_id), 0, -1, withscores=True))
-        assert {k.decode(): int(v) for k, v in scores.items()} == {
-            order_id: now_ms + RETRY_AFTER_MS, other.order["id"]: now_ms + RETRY_AFTER_MS}
+    late = LateCaptures(stock, service)
+    now_ms = int(time.time() * 1000) + 1000
+    assert await late.pass_sale(sale_id, now_ms) == 0  # both fail, neither stops the pass
+    scores = dict(await world.redis.zrange(keys.captures(sale_id), 0, -1, withscores=True))
+    assert {k.decode(): int(v) for k, v in scores.items()} == {
+        order_id: now_ms + RETRY_AFTER_MS, other.order["id"]: now_ms + RETRY_AFTER_MS}
 
-        payments.failing = False
-        assert await late.pass_sale(sale_id, now_ms) == 0  # not due again before the retry time
-        assert await late.pass_sale(sale_id, now_ms + RETRY_AFTER_MS) == 2
-        assert await captures_due(world, sale_id) == 0
-        assert len(payments.count("capture")) == 2
-    finally:
-        stock.disconnect()
+    payments.failing = False
+    assert await late.pass_sale(sale_id, now_ms) == 0  # not due again before the retry time
+    assert await late.pass_sale(sale_id, now_ms + RETRY_AFTER_MS) == 2
+    assert await captures_due(world, sale_id) == 0
+    assert len(payments.count("capture")) == 2
 
 
-async def test_with_a_new_reference_per_authorize_the_losers_are_voided_and_the_payer_never(world: World) -> None:
-    service, stock, _, me, sale_id, order_id = await paying_setup(world)
+async def test_with_a_new_reference_per_authorize_the_losers_are_voided_and_the_payer_never(
+        world: World, paying: Paying) -> None:
+    service, stock, _, me, sale_id, order_id = paying
     payments = OnePerCallPayments()
     service.payments = payments
-    try:
-        answers = await asyncio.gather(*(service.pay(me, order_id) for _ in range(6)))
-        assert {a.status for a in answers} == {"paid"}
-        stored = await stock.order(sale_id, order_id)
-        assert stored is not None
-        authorized = set(payments.count("authorize"))
-        assert stored["payment"] in authorized
-        assert set(payments.count("void")) == authorized - {stored["payment"]}  # each loser's hold released
-        assert set(payments.count("capture")) == {stored["payment"]}
-        assert await captures_due(world, sale_id) == 0
-    finally:
-        stock.disconnect()
+    answers = await asyncio.gather(*(service.pay(me, order_id) for _ in range(6)))
+    assert {a.status for a in answers} == {"paid"}
+    stored = await stock.order(sale_id, order_id)
+    assert stored is not None
+    authorized = set(payments.count("authorize"))
+    assert stored["payment"] in authorized
+    assert set(payments.count("void")) == authorized - {stored["payment"]}  # each loser's hold released
+    assert set(payments.count("capture")) == {stored["payment"]}
+    assert await captures_due(world, sale_id) == 0

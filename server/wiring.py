@@ -18,9 +18,9 @@ from server.catalog import describe_room, get_room
 from server.config import Settings
 from server.db import make_engine, make_sessionmaker
 from server.errors import NotFound
+from server.inventory.captures import LateCaptures
 from server.inventory.notifier import SaleNotifier
 from server.inventory.payments import SimulatedPayments
-from server.inventory.captures import LateCaptures
 from server.inventory.persister import Persister
 from server.inventory.sales import SaleService
 from server.inventory.stock import Stock

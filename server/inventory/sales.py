@@ -258,10 +258,13 @@ class SaleService:
         """Capture in the paying request. The order is paid whatever happens here: if the provider
         fails, the capture stays owed (pay.lua made it due) and the jobs process makes it later."""
         try:
-            await self.payments.capture(auth)
-            await self.stock.captured(sale_id, order_id)
+            await self._take(sale_id, order_id, auth)
         except Exception as exc:
             log.error("order %s: capture failed (%r); it stays owed for the jobs process", order_id, exc)
+
+    async def _take(self, sale_id: str, order_id: str, auth: Authorization) -> None:
+        await self.payments.capture(auth)
+        await self.stock.captured(sale_id, order_id)
 
     async def capture_late(self, sale_id: str, order_id: str) -> bool:
         """Capture a paid order's payment that the request which paid it did not (pay.lua made it
@@ -272,8 +275,7 @@ class SaleService:
                       "missing" if o is None else o["status"])
             await self.stock.captured(sale_id, order_id)
             return False
-        await self.payments.capture(Authorization(o["payment"], o["price_cents"] * o["quantity"]))
-        await self.stock.captured(sale_id, order_id)
+        await self._take(sale_id, order_id, Authorization(o["payment"], o["price_cents"] * o["quantity"]))
         return True
 
     async def cancel(self, me: Principal, order_id: str) -> OrderOut:

@@ -95,7 +95,7 @@ class Stock:
         self._release = load_script(redis, "server.inventory", "release.lua")
         self._end = load_script(redis, "server.inventory", "end_sale.lua")
         self._batched = AutoPipeline(redis)
-        # How long a paying request has to capture before the sweeper does it in its place.
+        # How long a paying request has to capture before the late captures do it in its place.
         self.capture_after_ms = CAPTURE_AFTER_MS
 
     def disconnect(self) -> None:
@@ -156,8 +156,7 @@ class Stock:
 
     async def captures_due(self, sale_id: str, now_ms: int, limit: int = 100) -> list[str]:
         """Paid orders whose paying request has not reported its capture in time."""
-        ids = await self.redis.zrangebyscore(keys.captures(sale_id), "-inf", now_ms, start=0, num=limit)
-        return [text(i) for i in ids]  # type: ignore[arg-type]  # without scores: members
+        return await self._due(keys.captures(sale_id), now_ms, limit)
 
     async def release(self, sale_id: str, order_id: str, reason: str, user_id: str = "") -> Outcome:
         return _outcome(await self._batched.script(self._release,
@@ -178,7 +177,11 @@ class Stock:
         return parse_orders(await self.redis.hgetall(keys.orders(sale_id)))
 
     async def due(self, sale_id: str, now_ms: int, limit: int = 500) -> list[str]:
-        ids = await self.redis.zrangebyscore(keys.expiry(sale_id), "-inf", now_ms, start=0, num=limit)
+        """Reserved orders past their pay-by time."""
+        return await self._due(keys.expiry(sale_id), now_ms, limit)
+
+    async def _due(self, zset: str, now_ms: int, limit: int) -> list[str]:
+        ids = await self.redis.zrangebyscore(zset, "-inf", now_ms, start=0, num=limit)
         return [text(i) for i in ids]  # type: ignore[arg-type]  # without scores: members
 
     async def open_sales(self) -> list[str]:

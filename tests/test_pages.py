@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import AsyncIterator
+from typing import Any, AsyncIterator
 
 import httpx
 import pytest
@@ -171,15 +173,43 @@ async def test_a_whole_flash_sale_in_the_browser(browser: Browser, server: Serve
         await page.context.close()
 
 
+PurchaseRoute = Callable[[Route], Awaitable[None]]
+
+
+async def buying_page(browser: Browser, server: ServerProcess, guest: str, per_user_limit: int,
+                      on_purchase: PurchaseRoute) -> tuple[Page, dict[str, Any]]:
+    """A live sale of 5 units and a guest's room page on it, whose purchase requests go through
+    `on_purchase` on their way to the server."""
+    async with api_client(server.url) as c:
+        shop = await new_shop(c)
+        sale = await launch(c, shop, stock=5, per_user_limit=per_user_limit)
+    page = await new_page(browser)
+    await page.route("**/api/sales/*/purchase", on_purchase)
+    await page.goto(f"{server.url}/rooms/{shop.room_id}")
+    await join_as_guest(page, guest)
+    await expect(page.locator("#left")).to_have_text("5 left of 5")
+    return page, sale
+
+
+async def answer_503(route: Route, retry_after: str, code: str, message: str) -> None:
+    await route.fulfill(status=503, headers={"Retry-After": retry_after, "Content-Type": "application/json"},
+                        body=json.dumps({"error": code, "message": message}))
+
+
+async def pay_and_close(page: Page, server: ServerProcess) -> None:
+    """Pay the page's reservation (leave nothing reserved behind), check the page raised no error."""
+    await page.click("#pay")
+    await expect(page.locator("#res-text")).to_contain_text("Paid")
+    assert page.errors == [], page.errors  # type: ignore[attr-defined]
+    await page.context.close()
+    await settle_tracked(server.url)
+
+
 async def test_the_buy_button_retries_a_lost_answer_with_the_same_key_and_buys_once(
         browser: Browser, server: ServerProcess) -> None:
     """The server reserves, but its answer is lost: here replaced by a 503 `unavailable`, as when Redis
     times out after the script ran. The page retries with the same Idempotency-Key, gets the same order
     back (200), and one unit is taken."""
-    async with api_client(server.url) as c:
-        shop = await new_shop(c)
-        sale = await launch(c, shop, stock=5, per_user_limit=2)
-    page = await new_page(browser)
     keys: list[str] = []
     statuses: list[int] = []
 
@@ -188,26 +218,18 @@ async def test_the_buy_button_retries_a_lost_answer_with_the_same_key_and_buys_o
         response = await route.fetch()  # the real server answers
         statuses.append(response.status)
         if len(keys) == 1:
-            await route.fulfill(status=503, headers={"Retry-After": "1", "Content-Type": "application/json"},
-                                body='{"error": "unavailable", "message": "lost on the way"}')
+            await answer_503(route, "1", "unavailable", "lost on the way")
         else:
             await route.fulfill(response=response)
 
-    await page.route("**/api/sales/*/purchase", lose_the_first_answer)
-    await page.goto(f"{server.url}/rooms/{shop.room_id}")
-    await join_as_guest(page, "Cleo")
-    await expect(page.locator("#left")).to_have_text("5 left of 5")
+    page, sale = await buying_page(browser, server, "Cleo", 2, lose_the_first_answer)
     await page.click("#buy")
     await expect(page.locator("#res-text")).to_contain_text("Reserved for you: 1 ×")
     assert statuses == [201, 200] and keys[0] == keys[1], (statuses, keys)
     async with api_client(server.url) as c:
         state = (await c.get(f"/api/sales/{sale['id']}")).json()
     assert (state["remaining"], state["reserved"]) == (4, 1), state
-    await page.click("#pay")  # leave nothing reserved behind
-    await expect(page.locator("#res-text")).to_contain_text("Paid")
-    assert page.errors == [], page.errors  # type: ignore[attr-defined]
-    await page.context.close()
-    await settle_tracked(server.url)
+    await pay_and_close(page, server)
 
 
 async def test_after_503s_to_the_end_the_next_click_sends_the_same_attempt_again(
@@ -215,25 +237,17 @@ async def test_after_503s_to_the_end_the_next_click_sends_the_same_attempt_again
     """Every try of a click answered 503 (the server shedding load): the page gives up, keeps the
     attempt (it may have gone through), and holds its quantity; the next click sends the same key and
     quantity, and buys."""
-    async with api_client(server.url) as c:
-        shop = await new_shop(c)
-        await launch(c, shop, stock=5, per_user_limit=3)
-    page = await new_page(browser)
     sent: list[tuple[str, str | None]] = []
     shed = True
 
     async def busy_while_shedding(route: Route) -> None:
         sent.append((route.request.headers["idempotency-key"], route.request.post_data))
         if shed:
-            await route.fulfill(status=503, headers={"Retry-After": "0.01", "Content-Type": "application/json"},
-                                body='{"error": "busy", "message": "too busy right now; retry in a moment"}')
+            await answer_503(route, "0.01", "busy", "too busy right now; retry in a moment")
         else:
             await route.continue_()
 
-    await page.route("**/api/sales/*/purchase", busy_while_shedding)
-    await page.goto(f"{server.url}/rooms/{shop.room_id}")
-    await join_as_guest(page, "Dee")
-    await expect(page.locator("#left")).to_have_text("5 left of 5")
+    page, _ = await buying_page(browser, server, "Dee", 3, busy_while_shedding)
     await page.select_option("#qty", "2")
     await page.click("#buy")
     await expect(page.locator("#buy-error")).to_have_text("So many buyers right now! Try again.")
@@ -245,11 +259,7 @@ async def test_after_503s_to_the_end_the_next_click_sends_the_same_attempt_again
     await expect(page.locator("#res-text")).to_contain_text("Reserved for you: 2 ×")
     assert len({key for key, _ in sent}) == 1 and len({body for _, body in sent}) == 1, sent
     await expect(page.locator("#qty")).to_be_hidden()  # reserved: nothing more to choose
-    await page.click("#pay")  # leave nothing reserved behind
-    await expect(page.locator("#res-text")).to_contain_text("Paid")
-    assert page.errors == [], page.errors  # type: ignore[attr-defined]
-    await page.context.close()
-    await settle_tracked(server.url)
+    await pay_and_close(page, server)
 
 
 async def test_moderation_from_the_console(browser: Browser, server: ServerProcess) -> None:

@@ -18,8 +18,8 @@ from websockets.asyncio.client import connect
 
 from server.ids import new_id
 from server.inventory import keys
-from server.inventory.reconcile import reconcile
 from server.inventory.captures import LateCaptures
+from server.inventory.reconcile import reconcile
 from server.inventory.sweeper import Sweeper
 from server.inventory.tables import LedgerEntry, Order
 from tests.inventory_support import (

@@ -163,13 +163,12 @@ class Buyer:
                     ctx.counters.rate_limited += 1
                     if not retry_429:
                         return outcome
-                    wait = retry_after(r, 1.0) * self.rng.uniform(1.0, 1.5)
+                    wait = self._retry_wait(r, 1.0)
                 elif outcome == "not_started":
                     wait = self.rng.uniform(0.05, 0.2)
                 elif outcome.startswith("http_5"):
                     ctx.counters.errors += 1
-                    # Jittered, as the room page does: a crowd told "retry in 1 s" comes back spread out.
-                    wait = retry_after(r, 0.5) * self.rng.uniform(1.0, 1.5)
+                    wait = self._retry_wait(r, 0.5)
                 else:
                     return outcome
             if try_no < ctx.mix.retries:
@@ -205,9 +204,14 @@ class Buyer:
             if r.status != 429 and r.status < 500:
                 answered = True  # a definite answer; a 429 or 5xx leaves it open
                 break
-            await asyncio.sleep(retry_after(r, 0.5) * self.rng.uniform(1.0, 1.5))
+            await asyncio.sleep(self._retry_wait(r, 0.5))
         if not answered:
             self.record.unknown_pays.append(order_id)  # it may have gone through: the verdict allows for it
+
+    def _retry_wait(self, r: Response, default: float) -> float:
+        """1 to 1.5 times the server's Retry-After, as the room page waits: a crowd told "retry in
+        1 s" comes back spread out."""
+        return retry_after(r, default) * self.rng.uniform(1.0, 1.5)
 
     def _record(self, key: str, try_no: int, at: float, t0: float, outcome: str, status: int, quantity: int,
                 order_id: str = "", kind: str = "purchase") -> None:

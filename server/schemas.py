@@ -155,6 +155,7 @@ class Health(Struct, kw_only=True):
     status: Literal["ok", "unavailable"]
     redis: str
     database: str
+    pubsub: Literal["ok", "down"]
 
 
 class ErrorOut(Struct, kw_only=True):

@@ -15,7 +15,7 @@ async def test_healthz_reports_both_backends(client: httpx.AsyncClient) -> None:
     r = await client.get("/healthz")
     assert r.status_code == 200
     assert r.headers["content-type"].startswith("application/json")
-    assert r.json() == {"status": "ok", "redis": "ok", "database": "ok"}
+    assert r.json() == {"status": "ok", "redis": "ok", "database": "ok", "pubsub": "ok"}
 
 
 def wait_for_health(url: str, status: int, attempts: int = 100) -> httpx.Response:
@@ -28,7 +28,7 @@ def wait_for_health(url: str, status: int, attempts: int = 100) -> httpx.Respons
     return r
 
 
-def test_redis_down_gives_503_and_recovery_gives_200(tmp_path: Path) -> None:
+def test_redis_down_gives_503_and_recovery_gives_200_with_room_events_back(tmp_path: Path) -> None:
     engine = EmbeddedRedis(tmp_path, port=free_port())
     engine.start()
     try:
@@ -44,6 +44,12 @@ def test_redis_down_gives_503_and_recovery_gives_200(tmp_path: Path) -> None:
             assert body["status"] == "unavailable"
             assert body["redis"].startswith("error")
             assert body["database"] == "ok"
+            for _ in range(100):  # the pub/sub link notices on its next read, within moments
+                if body["pubsub"] == "down":
+                    break
+                time.sleep(0.1)
+                body = httpx.get(srv.url + "/healthz", timeout=10).json()
+            assert body["pubsub"] == "down", body
 
             r = httpx.get(srv.url + "/api/me", headers=bearer(token), timeout=30)
             assert r.status_code == 503, r.text
@@ -53,7 +59,7 @@ def test_redis_down_gives_503_and_recovery_gives_200(tmp_path: Path) -> None:
             engine.start()
             r = wait_for_health(srv.url, 200)
             assert r.status_code == 200, r.text
-            assert r.json() == {"status": "ok", "redis": "ok", "database": "ok"}
+            assert r.json() == {"status": "ok", "redis": "ok", "database": "ok", "pubsub": "ok"}
             assert httpx.get(srv.url + "/api/me", headers=bearer(token), timeout=10).status_code == 200
     finally:
         engine.stop()

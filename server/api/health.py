@@ -1,4 +1,4 @@
-"""GET /healthz: 200 when Redis and the database answer, 503 otherwise."""
+"""GET /healthz: 200 when Redis and the database answer and room events flow, 503 otherwise."""
 
 from __future__ import annotations
 
@@ -25,9 +25,11 @@ async def _check(coro: object) -> str:
 
 @router.endpoint("GET", "/healthz", response=Health, errors=(503,))
 async def healthz(call: Call[None]) -> Response:
-    """Liveness and readiness: both backends answer."""
+    """Readiness: both backends answer, and this process's pub/sub link is up (without it,
+    viewers who join wait for it and the room's events do not reach them)."""
     redis_state, db_state = await asyncio.gather(_check(call.services.redis.ping()),
                                                  _check(ping(call.services.db_engine)))
-    ok = redis_state == "ok" and db_state == "ok"
-    return json_response(Health(status="ok" if ok else "unavailable", redis=redis_state, database=db_state),
-                         200 if ok else 503)
+    pubsub_state = "ok" if call.services.hub.broker.connected.is_set() else "down"
+    ok = redis_state == db_state == pubsub_state == "ok"
+    return json_response(Health(status="ok" if ok else "unavailable", redis=redis_state, database=db_state,
+                                pubsub=pubsub_state), 200 if ok else 503)

@@ -40,6 +40,9 @@ SESSIONS_CHANNEL = "livesale:sessions"
 # The revoked sessions are read again this often while subscribed: a logout whose message was
 # lost (its publish failed, or a half-open link) is then seen within this long anyway.
 SESSIONS_RESYNC_S = 10.0
+# The longest wait between reconnects: every room in this process is silent until the link is
+# back, and a refused connect costs next to nothing.
+RECONNECT_MAX_S = 1.0
 
 OnMessage = Callable[[str, bytes], None]
 OnReconnect = Callable[[], Awaitable[None]]
@@ -132,7 +135,7 @@ class Broker:
                 self._sessions.lost()  # now, not after the backoff
                 log.warning("pub/sub connection lost (%r); retrying in %.1fs", exc, backoff)
                 await asyncio.sleep(backoff * (0.5 + random.random()))
-                backoff = min(backoff * 2, 5.0)
+                backoff = min(backoff * 2, RECONNECT_MAX_S)
             finally:
                 self._sessions.lost()  # however the link ended
                 try:

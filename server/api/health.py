@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Literal
 
 from starlette.responses import Response
 
@@ -29,7 +30,7 @@ async def healthz(call: Call[None]) -> Response:
     viewers who join wait for it and the room's events do not reach them)."""
     redis_state, db_state = await asyncio.gather(_check(call.services.redis.ping()),
                                                  _check(ping(call.services.db_engine)))
-    pubsub_state = "ok" if call.services.hub.broker.connected.is_set() else "down"
+    pubsub_state: Literal["ok", "down"] = "ok" if call.services.hub.broker.connected.is_set() else "down"
     ok = redis_state == db_state == pubsub_state == "ok"
     return json_response(Health(status="ok" if ok else "unavailable", redis=redis_state, database=db_state,
                                 pubsub=pubsub_state), 200 if ok else 503)

@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 from sqlalchemy import delete, text, update
 from sqlalchemy.exc import OperationalError
+from sqlalchemy.orm import make_transient
 from websockets.asyncio.client import connect
 
 from server.ids import new_id
@@ -21,7 +22,7 @@ from server.inventory import keys
 from server.inventory.captures import LateCaptures
 from server.inventory.reconcile import reconcile
 from server.inventory.sweeper import Sweeper
-from server.inventory.tables import LedgerEntry, Order
+from server.inventory.tables import LedgerEntry, Order, Sale
 from tests.inventory_support import (
     DB_SPARE,
     Actor,
@@ -354,6 +355,33 @@ async def test_sql_failure_keeps_entries_until_a_retry_writes_them(world: World)
     assert set(rows) == set(orders) | {late.order["id"]}
     report = await reconcile(world.stock, world.db, sale_id)
     assert report.ok and report.unpersisted == 0, report.lines()
+
+
+async def test_entries_of_a_sale_missing_in_sql_stay_pending_until_it_is_back(world: World) -> None:
+    """A database that lost a sale (restored from an older backup): its orders are kept in the
+    stream, unacknowledged, and written once the sale is restored; never dropped."""
+    sale = await world.add_sale(stock=5)
+    async with world.db.begin() as session:
+        row = await session.get(Sale, sale.sale_id)
+        assert row is not None
+        session.expunge(row)
+        make_transient(row)  # to be inserted again on restore
+        await session.execute(delete(Sale).where(Sale.id == sale.sale_id))
+    (buyer,) = await world.add_users(1)
+    reserved = await world.reserve(sale.sale_id, buyer)
+    assert reserved.order is not None
+    p = world.persister("restoring")
+    for _ in range(3):
+        assert await p.drain(sale.sale_id) == 0
+        assert await pending(world.stock, sale.sale_id) == 1
+    assert await sql_orders(world.db, sale.sale_id) == {}
+    assert not await p.settled(sale.sale_id)
+
+    async with world.db.begin() as session:
+        session.add(row)
+    assert await p.drain(sale.sale_id) == 1
+    assert await pending(world.stock, sale.sale_id) == 0
+    assert set(await sql_orders(world.db, sale.sale_id)) == {reserved.order["id"]}
 
 
 async def test_reconcile_reports_differences(world: World) -> None:

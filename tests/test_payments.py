@@ -12,9 +12,11 @@ import time
 from collections import Counter
 from collections.abc import AsyncIterator
 from pathlib import Path
+from collections.abc import Awaitable, Callable
 from typing import Any, cast
 
 import pytest
+from redis.asyncio import Redis
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from server.auth import Principal
@@ -23,8 +25,9 @@ from server.inventory.sales import SaleService
 from server.inventory import keys
 from server.inventory.stock import Outcome, Stock
 from server.inventory.captures import RETRY_AFTER_MS, LateCaptures
+from server.inventory.persister import Persister
 from server.inventory.reconcile import reconcile
-from tests.inventory_support import World
+from tests.inventory_support import DB_IN_PROCESS, World, open_redis, redis_db_url
 
 
 class RecordingPayments(SimulatedPayments):
@@ -182,6 +185,64 @@ async def test_a_payment_whose_request_died_is_captured_by_the_jobs_process_once
     assert await persister.settled(sale_id)
     report = await reconcile(stock, world.db, sale_id)
     assert report.ok and report.captures_owed == 0, report.lines()
+
+
+def after_first_round_trip(client: Redis, interlope: Callable[[], Awaitable[None]]) -> list[bool]:
+    """Run `interlope` once, right after the client's first command or pipeline is answered; the
+    list it returns holds True once it ran."""
+    ran: list[bool] = []
+
+    async def once() -> None:
+        if not ran:
+            ran.append(True)
+            await interlope()
+
+    command, make_pipeline = client.execute_command, client.pipeline
+
+    async def execute_command(*args: Any, **options: Any) -> Any:
+        reply = await command(*args, **options)  # type: ignore[no-untyped-call]
+        await once()
+        return reply
+
+    def pipeline(*args: Any, **options: Any) -> Any:
+        pipe = make_pipeline(*args, **options)
+        execute = pipe.execute
+
+        async def execute_then(*eargs: Any, **eoptions: Any) -> Any:
+            replies = await execute(*eargs, **eoptions)
+            await once()
+            return replies
+        pipe.execute = execute_then  # type: ignore[method-assign]
+        return pipe
+
+    client.execute_command = execute_command  # type: ignore[method-assign]
+    client.pipeline = pipeline  # type: ignore[method-assign]
+    return ran
+
+
+async def test_a_sale_is_not_settled_by_a_check_that_a_payment_overtook(
+        world: World, paying: Paying, redis_url: str) -> None:
+    """The ended sale's last reserved order is paid (its capture failing, so owed) and persisted by
+    another jobs process while settled() is looking: settled() answers from one instant, so it does
+    not close a sale that owes a capture (late captures visit open sales only)."""
+    service, stock, _, me, sale_id, order_id = paying
+    service.payments = FailingCapturePayments()
+    other = world.persister("other")
+    assert await stock.end(sale_id, "host")
+    for _ in range(3):  # the reservation reaches SQL: nothing pending
+        await other.drain(sale_id)
+
+    async def pay_and_persist() -> None:
+        assert (await service.pay(me, order_id)).status == "paid"
+        await other.drain(sale_id)
+
+    async with open_redis(redis_db_url(redis_url, DB_IN_PROCESS), 2) as client:  # the world's, hooked
+        ran = after_first_round_trip(client, pay_and_persist)
+        checker = Persister(client, stock, world.db, consumer="checker")
+        settled = await checker.settled(sale_id)
+        assert ran and await captures_due(world, sale_id) == 1
+        assert not settled
+        assert not await checker.settled(sale_id)
 
 
 async def test_a_provider_failing_at_capture_fails_no_paid_order_and_holds_up_no_other_capture(

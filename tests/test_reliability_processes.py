@@ -29,6 +29,7 @@ from tests.inventory_support import (
     get_sale,
     idem_key,
     launch,
+    launch_raw,
     new_guest,
     new_shop,
     paid,
@@ -175,6 +176,7 @@ async def test_purchases_go_on_while_the_database_is_locked_and_sql_catches_up(
     shop = await new_shop(api_a)
     sale = await launch(api_a, shop, stock=50, per_user_limit=4)
     buyers = [await new_guest(api_a, f"locked{i}") for i in range(6)]
+    unlaunched = await new_shop(api_a)
     db_path = a.data_dir / "livesale.db"
 
     # Another program takes SQLite's write lock and keeps it (BEGIN EXCLUSIVE; the server waits
@@ -186,6 +188,9 @@ async def test_purchases_go_on_while_the_database_is_locked_and_sql_catches_up(
         probe = asyncio.create_task(api_a.post("/api/products", json={"name": "Blocked", "price_cents": 100,
                                                                      "commission_rate_bp": 0},
                                                headers=shop.host.auth))
+        # So does a launch, which leaves no sale behind: a sale in Redis but not in SQL could be
+        # announced and sold by the jobs process, and its orders never reach SQL.
+        launching = asyncio.create_task(launch_raw(api_b, unlaunched, stock=5, starts_in_s=0))
         # Purchases touch only Redis: all go through, on both processes, and so does paying.
         orders: dict[str, list[dict[str, Any]]] = {}
         for i, buyer in enumerate(buyers):
@@ -195,6 +200,8 @@ async def test_purchases_go_on_while_the_database_is_locked_and_sql_catches_up(
         r = await asyncio.wait_for(probe, 60)
         assert r.status_code == 503 and r.json()["error"] == "unavailable", r.text
         assert r.headers["retry-after"] == "1"
+        r = await asyncio.wait_for(launching, 60)
+        assert r.status_code == 503 and r.json()["error"] == "unavailable", r.text
         # Reading SQL still works (WAL), and shows none of the new orders yet: the persister is held up.
         r = await api_b.get("/api/orders", headers=buyers[0].auth)
         assert r.status_code == 200 and r.json() == [], r.text
@@ -209,6 +216,10 @@ async def test_purchases_go_on_while_the_database_is_locked_and_sql_catches_up(
         report = await wait_reconciled(stock, db, sale["id"], timeout=40)
         assert report.ok, report.lines()
         assert (report.redis_orders, report.sql_orders) == (12, 12), report.lines()
+        states = [await stock.state(sale_id) for sale_id in await stock.open_sales()]
+        assert unlaunched.room_id not in {s["room_id"] for s in states if s is not None}
+    r = await api_a.get(f"/api/rooms/{unlaunched.room_id}/sales")
+    assert r.status_code == 200 and r.json() == [], r.text
     for buyer in buyers:
         r = await api_a.get("/api/orders", headers=buyer.auth)
         got = {o["order_id"]: o["status"] for o in r.json()}

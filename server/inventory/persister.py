@@ -29,7 +29,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from server import clock
 from server.inventory import keys, ledger
-from server.inventory.stock import Stock
+from server.inventory.stock import Stock, parse_state
 from server.inventory.tables import LedgerEntry, Order, Sale
 from server.loops import running
 from server.metrics import PERSISTED
@@ -78,6 +78,7 @@ class Persister:
         self.consumer = consumer or f"{socket.gethostname()}-{os.getpid()}"
         self.claim_idle_ms = claim_idle_ms
         self._failed: set[str] = set()  # sales whose last write failed
+        self._missing: set[str] = set()  # sales not in SQL, already logged
 
     # --- reading -----------------------------------------------------------------
     async def read(self, sale_id: str, count: int = BATCH, *, mine: bool = False) -> list[Entry]:
@@ -108,7 +109,9 @@ class Persister:
             await self.redis.xack(keys.log(sale_id), self.stock.group, *[eid for eid, _ in entries])
 
     # --- writing -----------------------------------------------------------------
-    async def apply(self, sale_id: str, entries: list[Entry]) -> None:
+    async def apply(self, sale_id: str, entries: list[Entry]) -> bool:
+        """Write the entries' changes in one transaction; False (nothing written) if the sale is
+        not in SQL."""
         latest: dict[str, dict[str, Any]] = {}
         ended: dict[str, Any] | None = None
         for _, fields in entries:
@@ -121,10 +124,15 @@ class Persister:
         async with self.db.begin() as db:
             sale = await db.get(Sale, sale_id)
             if sale is None:
-                # The launch's SQL commit failed after Redis accepted the sale; nobody could
-                # reach it, so it has no orders. Nothing to keep.
-                log.error("stream entries for sale %s, which is not in SQL; skipped", sale_id)
-                return
+                # A launch commits the sale before Redis has it, so this is a database that lost
+                # it (restored from an older backup, or another deployment's): keep the entries
+                # pending, for an operator to restore the sale, rather than drop orders.
+                if sale_id not in self._missing:
+                    self._missing.add(sale_id)
+                    log.error("sale %s is not in SQL; its %d+ stream entries stay pending until it is",
+                              sale_id, len(entries))
+                return False
+            self._missing.discard(sale_id)
             if latest:
                 await self._upsert_orders(db, sale, list(latest.values()))
                 await self._ledger(db, sale, [r for r in latest.values() if r["status"] == "paid"])
@@ -132,6 +140,7 @@ class Persister:
             if ended is not None:
                 await db.execute(update(Sale).where(Sale.id == sale_id, Sale.ended_at.is_(None))
                                  .values(ended_at=_ms(ended["ended_at"]), end_reason=ended["reason"]))
+        return True
 
     async def _upsert_orders(self, db: AsyncSession, sale: Sale, records: list[dict[str, Any]]) -> None:
         rows = [{
@@ -175,7 +184,8 @@ class Persister:
             entries = await self.read(sale_id)
         if entries:
             self._failed.add(sale_id)
-            await self.apply(sale_id, entries)
+            if not await self.apply(sale_id, entries):
+                return 0
             await self.ack(sale_id, entries)
             if not retry:
                 self._failed.discard(sale_id)
@@ -186,21 +196,34 @@ class Persister:
         if entries:
             log.warning("sale %s: rewriting %d entries a crashed persister left unacknowledged",
                         sale_id, len(entries))
-            await self.apply(sale_id, entries)
+            if not await self.apply(sale_id, entries):
+                return 0
             await self.ack(sale_id, entries)
         return len(entries)
 
     async def settled(self, sale_id: str) -> bool:
         """Ended, nothing reserved, no payment left to capture, and every stream entry persisted:
-        no change can follow."""
-        if await self.redis.zcard(keys.captures(sale_id)):
+        no change can follow. Read in one transaction: between separate reads the last reserved
+        order could be paid, its capture left owed and its entry persisted by another jobs
+        process, and a sale closed with a capture owed would never get it (late captures visit
+        open sales only)."""
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.zcard(keys.captures(sale_id))
+            pipe.hgetall(keys.sale(sale_id))
+            pipe.xinfo_groups(keys.log(sale_id))
+            owed, raw, groups = await pipe.execute(raise_on_error=False)
+        for reply in (owed, raw):
+            if isinstance(reply, Exception):
+                raise reply
+        if owed:
             return False  # also when the sale's hash is gone: the late captures still need the sale open
-        state = await self.stock.state(sale_id)
+        state = parse_state(raw)
         if state is None:
             return True
         if state["ended_at"] == 0 or state["reserved"] != 0:
             return False
-        groups = await self.redis.xinfo_groups(keys.log(sale_id))
+        if isinstance(groups, Exception):
+            raise groups
         group = self.stock.persister_group(groups)
         return group is not None and group["pending"] == 0 and group.get("lag") == 0
 

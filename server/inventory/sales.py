@@ -7,6 +7,7 @@ orders reach SQL through the persister, never on the buyer's clock.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from datetime import timedelta
@@ -20,7 +21,7 @@ from server import clock
 from server.auth import Principal
 from server.catalog import get_owned_product, get_owned_room
 from server.config import Settings
-from server.errors import ApiError, Conflict, Forbidden, NotFound, TooManyRequests, Unprocessable
+from server.errors import ApiError, Conflict, Forbidden, NotFound, TooManyRequests, Unavailable, Unprocessable
 from server.ids import looks_like_id, new_id
 from server.inventory.notifier import SaleNotifier
 from server.inventory.payments import Authorization, PaymentDeclined, PaymentProvider
@@ -33,6 +34,10 @@ from server.rooms import protocol
 from server.rooms.service import RoomService
 
 log = logging.getLogger("livesale.inventory.sales")
+
+# A launch waits at most this long (SQLite may wait 10 s for its write lock, at the insert and
+# again at the commit); the room's launch lock outlives it, so two launches never interleave.
+LAUNCH_TIMEOUT_S = 30.0
 
 _REFUSALS = {
     "sold_out": "sold out",
@@ -107,8 +112,12 @@ class SaleService:
         return sale_out(sale_id, await self._state(sale_id))
 
     async def launch(self, me: Principal, room_id: str, body: SaleIn) -> SaleOut:
-        async with self.rooms.store.launch_lock(room_id):
-            return await self._launch(me, room_id, body)
+        async with self.rooms.store.launch_lock(room_id, lease_s=2 * LAUNCH_TIMEOUT_S):
+            try:
+                async with asyncio.timeout(LAUNCH_TIMEOUT_S):  # ends well inside the lock's lease
+                    return await self._launch(me, room_id, body)
+            except TimeoutError:
+                raise Unavailable("the launch took too long; check the room's sales, then try again") from None
 
     async def _launch(self, me: Principal, room_id: str, body: SaleIn) -> SaleOut:
         async with self.db.begin() as db:
@@ -133,12 +142,13 @@ class SaleService:
             db.add(sale)
             info = {"product": {"id": product.id, "name": product.name, "description": product.description,
                                 "image_url": product.image_url, "list_price_cents": product.price_cents}}
-            # Redis before the SQL commit: if Redis fails the sale never existed; if the
-            # commit fails, the Redis sale has no room pointer and nobody can reach it.
-            await self.stock.create(Terms(
-                sale_id=sale.id, room_id=room.id, stock=body.stock, per_user_limit=body.per_user_limit,
-                price_cents=body.price_cents, starts_at_ms=clock.to_ms(starts_at),
-                ends_at_ms=clock.to_ms(sale.ends_at), payment_timeout_ms=body.payment_timeout_s * 1000, info=info))
+        # SQL first: from the moment the sale is in Redis the sweeper may announce it and buyers
+        # may order, and the persister can only write orders of a sale that is in SQL. If Redis
+        # fails here, the SQL row is a sale that never opened: nothing reads it without its Redis state.
+        await self.stock.create(Terms(
+            sale_id=sale.id, room_id=room.id, stock=body.stock, per_user_limit=body.per_user_limit,
+            price_cents=body.price_cents, starts_at_ms=clock.to_ms(starts_at),
+            ends_at_ms=clock.to_ms(sale.ends_at), payment_timeout_ms=body.payment_timeout_s * 1000, info=info))
         await self.rooms.store.set_active_sale(room.id, sale.id)
         out = await self.get(sale.id)
         await self.rooms.tell(room.id, protocol.Sale(sale=out))

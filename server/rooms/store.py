@@ -138,11 +138,12 @@ class RoomStore:
             await self.redis.hset(keys.state(room_id), "sale", sale_id)
 
     @contextlib.asynccontextmanager
-    async def launch_lock(self, room_id: str) -> AsyncIterator[None]:
+    async def launch_lock(self, room_id: str, lease_s: float) -> AsyncIterator[None]:
         """One sale launch at a time per room, across processes (the check for a running
-        sale and the new sale's creation must not interleave)."""
+        sale and the new sale's creation must not interleave). The holder must be done within
+        `lease_s`: after it the lock lapses, so that a crashed launch does not block the room."""
         key, token = keys.tag(room_id) + ":launching", secrets.token_hex(8)
-        if not await self.redis.set(key, token, nx=True, px=10_000):
+        if not await self.redis.set(key, token, nx=True, px=int(lease_s * 1000)):
             raise Conflict("another sale is being launched in this room", code="sale_running")
         try:
             yield

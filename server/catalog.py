@@ -11,10 +11,24 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from server import clock
 from server.auth import Principal
-from server.errors import Forbidden, NotFound
+from server.errors import Forbidden, NotFound, Unprocessable
 from server.ids import looks_like_id
 from server.models import Product, Room, RoomProduct, User
 from server.schemas import HostOut, ProductOut, RoomOut
+
+
+BP = 10_000
+
+
+def max_commission_bp(platform_fee_bp: int) -> int:
+    """The highest commission a product may pay: with the platform's fee it must fit in the sale."""
+    return BP - platform_fee_bp
+
+
+def check_commission(rate_bp: int, platform_fee_bp: int) -> None:
+    if rate_bp > max_commission_bp(platform_fee_bp):
+        raise Unprocessable(f"commission_rate_bp can be at most {max_commission_bp(platform_fee_bp)}: the platform "
+                            f"takes {platform_fee_bp} bp of each sale", field="commission_rate_bp")
 
 
 def product_out(p: Product) -> ProductOut:

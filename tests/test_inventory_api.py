@@ -11,10 +11,12 @@ from typing import Any
 
 import httpx
 import pytest
+from sqlalchemy import update
 
 from server.clock import from_ms, iso
 from server.ids import new_id
 from server.inventory.tables import Sale
+from server.models import Product
 from tests.inventory_support import (
     Actor,
     Shop,
@@ -181,6 +183,21 @@ async def test_end_is_for_the_owner_only(api: httpx.AsyncClient, shop: Shop, oth
     assert_error(await api.post(f"/api/sales/{sale['id']}/end"), 401, "unauthorized")
     assert_error(await api.post(f"/api/sales/{new_id('sale')}/end", headers=shop.host.auth), 404, "sale_not_found")
     assert (await get_sale(api, sale["id"]))["status"] == "active"
+
+
+async def test_a_commission_that_no_longer_fits_beside_the_platform_fee_is_not_launched(
+        api: httpx.AsyncClient, shop: Shop, server: ServerProcess) -> None:
+    """A product priced at 96% commission before the platform's fee (5%) was raised to it: commission
+    and fee would pay out more than the sale takes in, so the launch is refused until it is lowered."""
+    async with open_sql(server_db_path(server)) as db:
+        async with db.begin() as session:
+            await session.execute(update(Product).where(Product.id == shop.product_id).values(commission_rate_bp=9600))
+    r = await launch_raw(api, shop)
+    assert_error(r, 409, "commission_too_high")
+    assert (await api.get(f"/api/rooms/{shop.room_id}/sales")).json() == []
+    r = await api.patch(f"/api/products/{shop.product_id}", json={"commission_rate_bp": 9500}, headers=shop.host.auth)
+    assert r.status_code == 200, r.text
+    await end_sale(api, shop, (await launch(api, shop))["id"])
 
 
 # --- one sale per room ------------------------------------------------------------------------

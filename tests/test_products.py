@@ -38,18 +38,20 @@ async def test_create_product_returns_it_with_defaults(api: httpx.AsyncClient, h
 @pytest.mark.parametrize("image_url", ["https://cdn.example/tea.png", "http://cdn.example/a?b=c#d",
                                        "/static/demo/tea.svg"])
 async def test_create_product_with_all_fields(api: httpx.AsyncClient, host: dict[str, Any], image_url: str) -> None:
-    body = {"name": "  Jasmine\u200b tea ", "price_cents": 1, "commission_rate_bp": 10_000,
+    body = {"name": "  Jasmine\u200b tea ", "price_cents": 1, "commission_rate_bp": 9_500,
             "description": "<b>Spring</b>\nharvest", "image_url": image_url}
     p = await create_product(api, host["token"], **body)
     assert p["name"] == "Jasmine tea"
     assert p["description"] == "<b>Spring</b>\nharvest"
     assert p["image_url"] == image_url
-    assert (p["price_cents"], p["commission_rate_bp"]) == (1, 10_000)
+    assert (p["price_cents"], p["commission_rate_bp"]) == (1, 9_500)
     assert (await api.get(f"/api/products/{p['id']}")).json() == p
 
 
 async def test_commission_bounds_are_inclusive(api: httpx.AsyncClient, host: dict[str, Any]) -> None:
     assert (await create_product(api, host["token"], commission_rate_bp=0))["commission_rate_bp"] == 0
+    # The top: all that the platform's fee (5% here) leaves of a sale.
+    assert (await create_product(api, host["token"], commission_rate_bp=9500))["commission_rate_bp"] == 9500
     assert (await create_product(api, host["token"], price_cents=100_000_000))["price_cents"] == 100_000_000
 
 
@@ -72,6 +74,7 @@ async def test_anonymous_cannot_create_products(api: httpx.AsyncClient) -> None:
     ({"price_cents": 100_000_001}, "price_cents"),
     ({"price_cents": 10 ** 30}, "price_cents"),
     ({"commission_rate_bp": 10_001}, "commission_rate_bp"),
+    ({"commission_rate_bp": 9_501}, "commission_rate_bp"),  # with the platform's 5% fee, over the sale
     ({"commission_rate_bp": -1}, "commission_rate_bp"),
     ({"commission_rate_bp": 12.5}, "commission_rate_bp"),
     ({"commission_rate_bp": "2000"}, "commission_rate_bp"),
@@ -194,6 +197,7 @@ async def test_partial_edit_keeps_other_fields(api: httpx.AsyncClient, host: dic
     ({"price_cents": 10.5}, "price_cents"),
     ({"price_cents": None}, "price_cents"),
     ({"commission_rate_bp": 10_001}, "commission_rate_bp"),
+    ({"commission_rate_bp": 9_501}, "commission_rate_bp"),
     ({"name": "  "}, "name"),
     ({"name": None}, "name"),
     ({"description": None}, "description"),

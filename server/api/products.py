@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from msgspec import UnsetType
 from sqlalchemy import select
 
 from server.api.endpoint import Call, Router
-from server.catalog import get_owned_product, get_product, product_out
+from server.catalog import check_commission, get_owned_product, get_product, product_out
 from server.ids import new_id
 from server.models import Product
 from server.schemas import ProductIn, ProductOut, ProductPatch
@@ -17,6 +18,7 @@ router = Router("products")
 async def create_product(call: Call[ProductIn]) -> ProductOut:
     """Create a product (hosts only)."""
     b = call.body
+    check_commission(b.commission_rate_bp, call.services.settings.platform_fee_bp)
     product = Product(id=new_id("prd"), host_id=call.me.user_id, name=b.name, description=b.description,
                       image_url=b.image_url, price_cents=b.price_cents, commission_rate_bp=b.commission_rate_bp)
     async with call.services.db.begin() as db:
@@ -44,6 +46,8 @@ async def read_product(call: Call[None]) -> ProductOut:
                  errors=(404,))
 async def edit_product(call: Call[ProductPatch]) -> ProductOut:
     """Edit a product's fields (owner only). Running sales keep the price they launched with."""
+    if not isinstance(call.body.commission_rate_bp, UnsetType):
+        check_commission(call.body.commission_rate_bp, call.services.settings.platform_fee_bp)
     async with call.services.db.begin() as db:
         product = await get_owned_product(db, call.param("product_id"), call.me)
         call.body.apply_to(product)

@@ -6,7 +6,8 @@
     host_commission = commission - referral_share           (so the two always sum to commission)
     platform_fee    = gmv * platform_fee_bp // 10000
 
-Rounding is always down, in integers; the rates are those fixed when the sale launched.
+Rounding is always down, in integers; the rates are those fixed when the sale launched, and
+commission + platform_fee never exceed gmv (catalog.check_commission, and the launch's check).
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from server import clock
 from server.auth import Principal
-from server.catalog import get_owned_product, get_owned_room
+from server.catalog import get_owned_product, get_owned_room, max_commission_bp
 from server.config import Settings
 from server.errors import ApiError, Conflict, Forbidden, NotFound, TooManyRequests, Unavailable, Unprocessable
 from server.ids import looks_like_id, new_id
@@ -125,6 +125,12 @@ class SaleService:
             if room.status == "ended":
                 raise Conflict("this room has ended", code="room_ended")
             product = await get_owned_product(db, body.product_id, me)
+            if product.commission_rate_bp > max_commission_bp(self.settings.platform_fee_bp):
+                # The platform's fee was raised since the product was priced: commission and fee
+                # together would pay out more than the sale takes in.
+                raise Conflict(f"this product's commission ({product.commission_rate_bp} bp) and the platform's "
+                               f"fee ({self.settings.platform_fee_bp} bp) add up to more than the sale; "
+                               "lower the commission first", code="commission_too_high")
             current = await self.rooms.store.active_sale(room.id)
             if current is not None:
                 state = await self.stock.state(current)

@@ -103,13 +103,14 @@ class Sessions:
         principal = self._decoded(token)
         if time.time() > principal.expires_at:
             raise Unauthorized("session expired, log in again", code="session_expired")
-        if self.in_sync:
-            revoked = principal.session_id in self._revoked
-        else:
-            revoked = await self._redis.zscore(REVOKED_KEY, principal.session_id) is not None
-        if revoked:
+        if await self.is_revoked(principal.session_id):
             raise Unauthorized("session has been logged out", code="session_revoked")
         return principal
+
+    async def is_revoked(self, session_id: str) -> bool:
+        if self.in_sync:
+            return session_id in self._revoked
+        return await self._redis.zscore(REVOKED_KEY, session_id) is not None
 
     async def revoke(self, principal: Principal) -> None:
         """Revoke in Redis; the caller then publishes the session id to the other processes."""
@@ -120,15 +121,19 @@ class Sessions:
         self._revoked[principal.session_id] = principal.expires_at
 
     # --- the in-memory copy, fed by the broker's sessions channel ---------------------------
-    async def sync(self) -> None:
+    async def sync(self) -> set[str]:
         """The sessions channel is subscribed: load every revocation made before, and trust
-        the copy from now on (later ones arrive as messages)."""
+        the copy from now on (later ones arrive as messages). Returns the sessions the copy
+        did not have: logouts whose message was missed."""
         now = time.time()
         rows = cast(list[tuple[bytes, float]],
                     await self._redis.zrangebyscore(REVOKED_KEY, now, "+inf", withscores=True))
         self._prune(now)
-        self._revoked.update((sid.decode(), float(exp)) for sid, exp in rows)
+        loaded = {sid.decode(): float(exp) for sid, exp in rows}
+        missed = loaded.keys() - self._revoked.keys()
+        self._revoked.update(loaded)
         self.in_sync = True
+        return missed
 
     def lost(self) -> None:
         """The channel's link is down: messages may be missed, so ask Redis until the next sync."""

@@ -77,7 +77,7 @@ async def wire(settings: Settings, redis_url: str) -> Wired:
     listener = make_listener(redis_url)  # connects only if the broker runs
     sessions = Sessions(settings.secret_key, settings.token_ttl_s, redis)
     broker = Broker(redis, listener, lambda room_id, data: hub.on_message(room_id, data), lambda: hub.resync(),
-                    lambda session_id: hub.end_session(session_id), sessions)
+                    lambda session_ids: hub.end_sessions(session_ids), sessions)
     store = RoomStore(redis, broker)
     hub = Hub(store, broker, load_meta)
     await broker.detect()

@@ -53,6 +53,18 @@ async def test_a_viewer_that_falls_behind_is_closed_with_try_again_later() -> No
     assert drain(conn) == [Close(protocol.TRY_AGAIN_LATER, "too slow: reconnect")]
 
 
+def test_a_viewer_whose_welcome_is_late_holds_no_more_than_a_queue_of_frames() -> None:
+    """Frames wait for the welcome (a resync reading the room) only up to the queue's size."""
+    conn = Connection("room_x", None, is_host=False)
+    for i in range(QUEUE_FRAMES):
+        conn.offer(f"f{i}")
+    assert not conn.closed
+    conn.offer("one too many")
+    assert conn.closed and len(conn.early) == QUEUE_FRAMES
+    conn.start("welcome")
+    assert drain(conn) == [Close(protocol.TRY_AGAIN_LATER, "too slow: reconnect")]
+
+
 class _Idle:
     """Stands in for the store, broker and meta loader: the tick below touches none of them."""
 

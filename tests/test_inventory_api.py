@@ -16,7 +16,7 @@ from sqlalchemy import update
 from server.clock import from_ms, iso
 from server.ids import new_id
 from server.inventory.tables import Sale
-from server.models import Product
+from server.models import Product, Room
 from tests.inventory_support import (
     Actor,
     Shop,
@@ -165,6 +165,22 @@ async def test_ending_the_room_ends_its_sale(api: httpx.AsyncClient, shop: Shop)
     assert_error(await buy(api, buyer, sale["id"]), 409, "ended")
     await paid(api, buyer, order["order_id"])  # a reservation stays payable until its pay-by
     assert_error(await launch_raw(api, shop), 409, "room_ended")
+
+
+async def test_ending_the_room_again_completes_an_end_that_failed_after_its_commit(
+        api: httpx.AsyncClient, shop: Shop, server: ServerProcess) -> None:
+    """The first call committed `ended` and then failed (Redis away) before it ended the sale: the
+    host's retry still ends it."""
+    sale = await launch(api, shop, stock=3)
+    async with open_sql(server_db_path(server)) as db:
+        async with db.begin() as session:
+            await session.execute(update(Room).where(Room.id == shop.room_id).values(status="ended"))
+    assert (await get_sale(api, sale["id"]))["status"] == "active"
+    r = await api.post(f"/api/rooms/{shop.room_id}/end", headers=shop.host.auth)
+    assert r.status_code == 200 and r.json()["status"] == "ended", r.text
+    s = await get_sale(api, sale["id"])
+    assert (s["status"], s["end_reason"]) == ("ended", "host")
+    assert_error(await buy(api, await new_guest(api), sale["id"]), 409, "ended")
 
 
 async def test_a_scheduled_sale_ended_early_refuses_with_ended(api: httpx.AsyncClient, shop: Shop) -> None:

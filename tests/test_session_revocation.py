@@ -102,8 +102,10 @@ async def test_lost_makes_it_ask_redis_again_until_the_next_sync(redis: Redis) -
     assert not mine.in_sync
     assert await refused(mine, token) == "session_revoked"  # asked Redis
 
-    await mine.sync()  # the link is back: the missed revocation is loaded
+    # The link is back: the missed revocation is loaded, and reported (the broker closes its sockets).
+    assert await mine.sync() == {principal.session_id}
     assert mine.in_sync
+    assert await mine.sync() == set()  # known now: not reported again
     await redis.delete(REVOKED_KEY)
     assert await refused(mine, token) == "session_revoked"  # and kept in memory
 

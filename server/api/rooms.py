@@ -76,16 +76,17 @@ async def edit_room(call: Call[RoomPatch]) -> RoomOut:
 async def _transition(call: Call[None], target: Literal["live", "ended"]) -> RoomOut:
     async with call.services.db.begin() as db:
         room = await get_owned_room(db, call.param("room_id"), call.me)
-        if room.status == target:
-            return await describe_room(db, room)  # repeating the call is harmless
-        if room.status == "ended":
-            raise Conflict("this room has ended; create a new one", code="room_ended")
-        room.status = target
-        if target == "live":
-            room.started_at = clock.utcnow()
-        else:
-            room.ended_at = clock.utcnow()
+        if room.status != target:
+            if room.status == "ended":
+                raise Conflict("this room has ended; create a new one", code="room_ended")
+            room.status = target
+            if target == "live":
+                room.started_at = clock.utcnow()
+            else:
+                room.ended_at = clock.utcnow()
         out = await describe_room(db, room)
+    # Also when repeated: the call that changed the status may have failed after its commit, and
+    # each step below is harmless to take twice (viewers may see the same event again).
     if target == "live":
         await call.services.rooms.room_changed(out)
     else:

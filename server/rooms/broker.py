@@ -16,9 +16,10 @@ A message is one byte of audience then the event's JSON:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
-from typing import Awaitable, Callable, Protocol
+from typing import Awaitable, Callable, Collection, Protocol
 
 from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
@@ -46,6 +47,7 @@ RECONNECT_MAX_S = 1.0
 
 OnMessage = Callable[[str, bytes], None]
 OnReconnect = Callable[[], Awaitable[None]]
+OnSessionsEnd = Callable[[Collection[str]], None]
 
 
 class SessionFeed(Protocol):
@@ -53,21 +55,23 @@ class SessionFeed(Protocol):
     subscribed (so nothing published from then on is missed), of each logout, and when the
     link is lost."""
 
-    async def sync(self) -> None: ...
+    async def sync(self) -> Collection[str]:
+        """Load every revocation; return the sessions it did not know of (their messages were missed)."""
+        ...
     def revoked(self, session_id: str) -> None: ...
     def lost(self) -> None: ...
 
 
 class Broker:
     def __init__(self, redis: Redis, listen: Redis, on_message: OnMessage, on_reconnect: OnReconnect,
-                 on_session_end: Callable[[str], None], sessions: SessionFeed) -> None:
+                 on_sessions_end: OnSessionsEnd, sessions: SessionFeed) -> None:
         self._redis = redis  # publishing: the shared client, with its retries
         # Listening: a client that never retries, so a dropped link always reaches run(),
         # which resubscribes and has the hub resend `welcome` (redis-py would otherwise
         # reconnect inside get_message and the events published meanwhile would vanish unseen).
         self._listen_client = listen
         self._on_message = on_message
-        self._on_session_end = on_session_end
+        self._on_sessions_end = on_sessions_end
         self._sessions = sessions
         self._sessions_due: float | None = None  # when to (re)load the revoked sessions
         self._on_reconnect = on_reconnect
@@ -104,9 +108,16 @@ class Broker:
             return
         self._wanted.add(room_id)
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._waiters.setdefault(room_id, []).append(fut)
+        waiters = self._waiters.setdefault(room_id, [])
+        waiters.append(fut)
         self._changed.set()
-        await fut
+        try:
+            await fut
+        finally:  # released, or the joiner gave up: forget its future
+            with contextlib.suppress(ValueError):
+                waiters.remove(fut)
+            if not waiters and self._waiters.get(room_id) is waiters:
+                del self._waiters[room_id]
 
     def unsubscribe(self, room_id: str) -> None:
         self._wanted.discard(room_id)
@@ -130,13 +141,17 @@ class Broker:
                 await self._listen(pubsub)
             except asyncio.CancelledError:
                 raise
-            except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+            except Exception as exc:  # whatever ended the link, the listener must go on
                 self.connected.clear()
                 self._sessions.lost()  # now, not after the backoff
-                log.warning("pub/sub connection lost (%r); retrying in %.1fs", exc, backoff)
+                if isinstance(exc, (RedisConnectionError, RedisTimeoutError, OSError)):
+                    log.warning("pub/sub connection lost (%r); retrying in %.1fs", exc, backoff)
+                else:
+                    log.exception("pub/sub listener failed; reconnecting in %.1fs", backoff)
                 await asyncio.sleep(backoff * (0.5 + random.random()))
                 backoff = min(backoff * 2, RECONNECT_MAX_S)
             finally:
+                self.connected.clear()
                 self._sessions.lost()  # however the link ended
                 try:
                     await pubsub.aclose()  # type: ignore[no-untyped-call]
@@ -151,9 +166,11 @@ class Broker:
             await (pubsub.ssubscribe(*add) if self.sharded else pubsub.subscribe(*add))
         if drop:
             await (pubsub.sunsubscribe(*drop) if self.sharded else pubsub.unsubscribe(*drop))
+        added = self._wanted - self._active
         self._active = set(self._wanted)
-        if not add:
-            self._release_waiters()
+        # Rooms subscribed before are ready now; the added ones once Redis confirms each.
+        for room_id in [r for r in self._waiters if r not in added]:
+            self._release_waiters(room_id)
 
     def _release_waiters(self, room_id: str | None = None) -> None:
         for rid in [room_id] if room_id is not None else list(self._waiters):
@@ -165,8 +182,10 @@ class Broker:
     async def _sync_sessions(self) -> None:
         loop = asyncio.get_running_loop()
         try:
-            await self._sessions.sync()
+            missed = await self._sessions.sync()
             self._sessions_due = loop.time() + SESSIONS_RESYNC_S
+            if missed:  # logouts whose message never came: close their sockets now
+                self._on_sessions_end(missed)
         except (RedisConnectionError, RedisTimeoutError, ResponseError, OSError) as exc:
             # Not the pub/sub link's fault (the read uses the shared pool): keep the link, let
             # requests ask Redis meanwhile, and try again soon.
@@ -190,7 +209,7 @@ class Broker:
                 if kind in ("message", "smessage"):
                     session_id = msg["data"].decode()
                     self._sessions.revoked(session_id)
-                    self._on_session_end(session_id)
+                    self._on_sessions_end((session_id,))
                 elif kind in ("subscribe", "ssubscribe"):
                     await self._sync_sessions()
                 continue

@@ -61,8 +61,13 @@ async def room_socket(ws: WebSocket) -> None:
     try:
         try:
             await hub.join(conn)
+            if principal is not None and await services.sessions.is_revoked(principal.session_id):
+                # Logged out after it was authenticated and before it joined: the logout's
+                # message found no socket to close.
+                await ws.close(protocol.SESSION_ENDED, "logged out")
+                return
             meta = await hub.welcome(conn)
-        except (asyncio.TimeoutError, OSError, ConnectionError, RedisError) as exc:
+        except (asyncio.TimeoutError, OSError, ConnectionError, RedisError, SQLAlchemyError) as exc:
             log.warning("join failed for room %s: %r", room_id, exc)
             await ws.send_text(protocol.error_frame("unavailable", UNAVAILABLE))
             await ws.close(protocol.TRY_AGAIN_LATER)

@@ -19,7 +19,7 @@ import os
 import secrets
 import time
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable, Coroutine
+from typing import Any, Awaitable, Callable, Collection, Coroutine
 
 import msgspec
 
@@ -28,7 +28,7 @@ from server.loops import running
 from server.metrics import CLOSED, CONNECTIONS, FRAMES
 from server.rooms import protocol
 from server.rooms.broker import CONTROL, EVERYONE, HOST, Broker
-from server.rooms.store import Counts, RoomStore
+from server.rooms.store import Counts, RoomStore, Snapshot
 
 log = logging.getLogger("livesale.rooms.hub")
 
@@ -96,6 +96,9 @@ class Connection:
         if self.closed:
             return
         if not self.ready:
+            if len(self.early) >= QUEUE_FRAMES:  # the welcome is late: no more waiting without bound
+                self.close(protocol.TRY_AGAIN_LATER, "too slow: reconnect", flush=False)
+                return
             self.early.append(frame)
             return
         self._put(frame)
@@ -152,6 +155,14 @@ class Connection:
         return not self.strikes.take()
 
 
+@dataclass(frozen=True)
+class RoomState:
+    """What a welcome shows of a room, read once for all who are welcomed together."""
+    snapshot: Snapshot
+    meta: dict[str, Any]
+    sale: dict[str, Any] | None
+
+
 @dataclass
 class LocalRoom:
     room_id: str
@@ -159,9 +170,11 @@ class LocalRoom:
     events: list[tuple[bytes, bytes]] = field(default_factory=list)
     likes: dict[str, list[int]] = field(default_factory=dict)  # user -> [frames, taps]
     likes_busy: bool = False
-    viewers_dirty: bool = False
+    viewers_dirty: bool = False   # joined or left here: publish the counts
+    recount: bool = False         # the heartbeat: publish the counts if they differ from viewers_sent
     viewers_busy: bool = False
     viewers_at: float = 0.0
+    viewers_sent: Counts | None = None
     banned: list[str] | None = None
     banned_at: float = 0.0
 
@@ -205,18 +218,28 @@ class Hub:
 
     async def welcome(self, conn: Connection) -> dict[str, Any]:
         """Queue the welcome (after join: the room's events already flow); return the room it showed."""
-        snap = await self.store.snapshot(conn.room_id)
-        meta = await self.room_meta(conn.room_id) or {}
+        state = await self._room_state(conn.room_id)
+        conn.start(self._welcome_frame(conn, state))
+        return state.meta
+
+    async def _room_state(self, room_id: str) -> RoomState:
+        snap = await self.store.snapshot(room_id)
+        meta = await self.room_meta(room_id) or {}
         sale = await self.load_sale(snap.sale_id) if snap.sale_id and self.load_sale else None
+        return RoomState(snap, meta, sale)
+
+    @staticmethod
+    def _welcome_frame(conn: Connection, state: RoomState) -> str:
         you = None
         if conn.principal is not None:
             p = conn.principal
             you = {"user_id": p.user_id, "name": p.name, "role": p.role, "is_host": conn.is_host}
-        event = protocol.Welcome(room=meta, you=you, pinned_product=snap.pin, sale=sale, likes=snap.likes,
+        snap = state.snapshot
+        event = protocol.Welcome(room=state.meta, you=you, pinned_product=snap.pin, sale=state.sale,
+                                 likes=snap.likes,
                                  viewers=protocol.Counts(online=snap.counts.online, peak=snap.counts.peak),
                                  history=snap.history, server_time=int(time.time() * 1000))
-        conn.start(protocol.batch([protocol.encode(event)]))
-        return meta
+        return protocol.batch([protocol.encode(event)])
 
     # --- shared state the connections read -----------------------------------------
     async def room_meta(self, room_id: str) -> dict[str, Any] | None:
@@ -274,21 +297,34 @@ class Hub:
             for conn in list(room.conns):
                 conn.close(int(control["code"]), str(control.get("reason", "")))
 
-    def end_session(self, session_id: str) -> None:
-        """The session logged out: close its sockets here."""
+    def end_sessions(self, session_ids: Collection[str]) -> None:
+        """The sessions logged out: close their sockets here."""
         for room in self.rooms.values():
             for conn in list(room.conns):
-                if conn.principal is not None and conn.principal.session_id == session_id:
+                if conn.principal is not None and conn.principal.session_id in session_ids:
                     conn.close(protocol.SESSION_ENDED, "logged out")
 
     async def resync(self) -> None:
-        """After a pub/sub outage events may have been lost: send everyone a fresh welcome."""
+        """After a pub/sub outage events may have been lost: send everyone a fresh welcome (the
+        room read once, however many watch it), and count everyone present again (entries not
+        refreshed during a long outage have expired). A room that cannot be read now (Redis
+        or the database away again) closes its viewers with 1013: they reconnect later."""
         for room in list(self.rooms.values()):
             self._meta.pop(room.room_id, None)
-            for conn in list(room.conns):
-                if not conn.closed:
-                    conn.ready = False
-                    await self.welcome(conn)
+            conns = [c for c in room.conns if not c.closed]
+            for conn in conns:
+                conn.ready = False  # what comes meanwhile follows the new welcome
+            try:
+                await self._refresh_presence({room.room_id: conns})
+                state = await self._room_state(room.room_id)
+            except Exception as exc:
+                log.warning("resync of room %s failed (%r); its %d viewers reconnect", room.room_id, exc, len(conns))
+                for conn in conns:
+                    conn.close(protocol.TRY_AGAIN_LATER, "could not resync: reconnect", flush=False)
+                continue
+            room.viewers_dirty = True
+            for conn in conns:
+                conn.start(self._welcome_frame(conn, state))
 
     # --- the tick -----------------------------------------------------------------------
     def _flush_events(self, room: LocalRoom) -> None:
@@ -324,21 +360,35 @@ class Hub:
         finally:
             room.likes_busy = False
 
-    async def _publish_viewers(self, room: LocalRoom) -> None:
+    async def _publish_viewers(self, room: LocalRoom, only_if_changed: bool) -> None:
         try:
             counts = await self.store.counts(room.room_id)
+            if only_if_changed and counts == room.viewers_sent:
+                return
             await self.broker.publish(room.room_id, EVERYONE,
                                       protocol.encode(protocol.Viewers(online=counts.online, peak=counts.peak)))
+            room.viewers_sent = counts
         finally:
             room.viewers_busy = False
 
     async def _heartbeat(self) -> None:
         now = time.time()
-        for room in self.rooms.values():
+        present: dict[str, list[Connection]] = {}
+        for room_id, room in self.rooms.items():
             for conn in room.conns:
                 if conn.principal is not None and conn.principal.expires_at <= now:
                     conn.close(protocol.SESSION_ENDED, "session expired")
-        await self.store.refresh({rid: [c.id for c in r.conns] for rid, r in self.rooms.items() if r.conns})
+            if room.conns:
+                present[room_id] = list(room.conns)
+                room.recount = True  # viewers of a process that died drop out of presence: tell the room
+        await self._refresh_presence(present)
+
+    async def _refresh_presence(self, present: dict[str, list[Connection]]) -> None:
+        await self.store.refresh({rid: [c.id for c in conns] for rid, conns in present.items()})
+        # A connection that left during the refresh may have been added back after its leave.
+        left = {rid: [c.id for c in conns if c.closed] for rid, conns in present.items()}
+        if any(left.values()):
+            await self.store.forget(left)
 
     def _end_stalled(self, now: float) -> None:
         """End the connections whose peer stopped reading: their send has waited too long."""
@@ -358,9 +408,11 @@ class Hub:
             if room.likes and not room.likes_busy:
                 likes, room.likes, room.likes_busy = room.likes, {}, True
                 self._spawn(self._flush_likes(room, likes))
-            if room.viewers_dirty and not room.viewers_busy and now - room.viewers_at >= VIEWERS_EVERY_S:
-                room.viewers_busy, room.viewers_dirty, room.viewers_at = True, False, now
-                self._spawn(self._publish_viewers(room))
+            if (room.viewers_dirty or room.recount) and not room.viewers_busy \
+                    and now - room.viewers_at >= VIEWERS_EVERY_S:
+                only_if_changed = not room.viewers_dirty  # a recount is told only if it differs
+                room.viewers_busy, room.viewers_dirty, room.recount, room.viewers_at = True, False, False, now
+                self._spawn(self._publish_viewers(room, only_if_changed))
             if not room.conns and not room.likes and not room.likes_busy and not room.viewers_dirty \
                     and not room.viewers_busy:
                 del self.rooms[room_id]

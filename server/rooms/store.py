@@ -66,13 +66,23 @@ class RoomStore:
         return Counts(int(online), int(peak))
 
     async def refresh(self, room_conns: dict[str, list[str]]) -> None:
-        """Push back the expiry of this process's live connections."""
+        """Push back the expiry of this process's live connections; add back any that expired
+        meanwhile (Redis away for longer than PRESENCE_TTL_MS, or restarted without them)."""
         if not room_conns:
             return
         expiry = int(time.time() * 1000) + PRESENCE_TTL_MS
         async with self.redis.pipeline(transaction=False) as pipe:
             for room_id, conn_ids in room_conns.items():
-                pipe.zadd(keys.presence(room_id), {c: expiry for c in conn_ids}, xx=True)
+                if conn_ids:
+                    pipe.zadd(keys.presence(room_id), {c: expiry for c in conn_ids})
+            await pipe.execute()
+
+    async def forget(self, room_conns: dict[str, list[str]]) -> None:
+        """Remove connections from presence (they left while a refresh was adding them back)."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for room_id, conn_ids in room_conns.items():
+                if conn_ids:
+                    pipe.zrem(keys.presence(room_id), *conn_ids)
             await pipe.execute()
 
     # --- chat -------------------------------------------------------------------

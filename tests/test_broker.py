@@ -1,0 +1,229 @@
+"""The room layer's link to Redis, in-process against a Valkey of its own (these tests cut its
+pub/sub links): the broker's listener never dies, joins are never left waiting, logouts whose
+message was lost still close their sockets, and the hub's resync and heartbeat put presence, counts
+and welcomes right after an outage."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+from redis.asyncio import Redis
+
+from server.auth import REVOKED_KEY, Principal, Sessions
+from server.embedded_redis import EmbeddedRedis
+from server.ids import new_id
+from server.redis_pool import make_listener, make_redis
+from server.rooms import broker as broker_module
+from server.rooms import keys, protocol
+from server.rooms.broker import Broker
+from server.rooms.hub import Close, Connection, Hub
+from server.rooms.store import Counts, RoomStore
+from tests.support import eventually, free_port
+
+
+@pytest.fixture(scope="module")
+def engine_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    engine = EmbeddedRedis(tmp_path_factory.mktemp("valkey-broker"), port=free_port())
+    url = engine.start()
+    try:
+        yield url
+    finally:
+        engine.stop()
+
+
+@dataclass
+class Layer:
+    """One process's room layer: its broker (running), store and hub (ticked by the tests)."""
+    redis: Redis
+    broker: Broker
+    store: RoomStore
+    hub: Hub
+    sessions: Sessions
+    reconnects: int = 0
+    fail_next_reconnect: bool = False
+
+
+def meta_of(room_id: str) -> dict[str, Any]:
+    return {"id": room_id, "title": "broker test", "status": "live", "host": {"id": "usr_h", "name": "h"}}
+
+
+@pytest.fixture
+async def layer(engine_url: str) -> AsyncIterator[Layer]:
+    redis, listen = make_redis(engine_url, 8), make_listener(engine_url)
+    sessions = Sessions("broker-test-secret-" + "b" * 32, 3600, redis)
+    hub: Hub
+
+    async def load_meta(room_id: str) -> dict[str, Any] | None:
+        return meta_of(room_id)
+
+    async def on_reconnect() -> None:
+        the.reconnects += 1
+        if the.fail_next_reconnect:
+            the.fail_next_reconnect = False
+            raise RuntimeError("the database went away during the resync")
+        await hub.resync()
+
+    broker = Broker(redis, listen, lambda room_id, data: hub.on_message(room_id, data), on_reconnect,
+                    lambda ids: hub.end_sessions(ids), sessions)
+    store = RoomStore(redis, broker)
+    hub = Hub(store, broker, load_meta)
+    the = Layer(redis, broker, store, hub, sessions)
+    await broker.detect()
+    task = asyncio.create_task(broker.run())
+    try:
+        await asyncio.wait_for(broker.connected.wait(), 5)
+        yield the
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await redis.aclose(close_connection_pool=True)
+        await listen.aclose(close_connection_pool=True)
+
+
+async def cut_pubsub(redis: Redis) -> None:
+    """Drop every pub/sub link to the engine, as a network blip or a Redis failover does."""
+    killed = await redis.execute_command("CLIENT", "KILL", "TYPE", "pubsub")  # type: ignore[no-untyped-call]
+    assert int(killed) >= 1
+
+
+def drain(conn: Connection) -> list[str | Close]:
+    return [conn.queue.get_nowait() for _ in range(conn.queue.qsize())]
+
+
+async def joined(hub: Hub, principal: Principal | None = None) -> Connection:
+    conn = Connection(new_id("room"), principal, is_host=False)
+    await hub.join(conn)
+    await hub.welcome(conn)
+    drain(conn)
+    return conn
+
+
+async def test_a_room_rejoined_while_its_unsubscribe_is_pending_is_ready_at_once(layer: Layer) -> None:
+    """The room's last viewer left (the tick dropped it, still subscribed) and, before the listener
+    synced, one joins it again while another joins a new room: both joins return."""
+    broker = layer.broker
+    old, new = new_id("room"), new_id("room")
+    await asyncio.wait_for(broker.subscribe(old), 5)
+    broker.unsubscribe(old)
+    rejoin = asyncio.create_task(broker.subscribe(old))
+    first = asyncio.create_task(broker.subscribe(new))
+    await asyncio.wait_for(asyncio.gather(rejoin, first), 5)
+    assert broker._waiters == {}  # noqa: SLF001  # nobody left waiting, no futures kept
+
+
+async def test_a_join_that_gives_up_leaves_no_waiter_behind(layer: Layer) -> None:
+    room = new_id("room")
+    with pytest.raises(asyncio.TimeoutError):
+        await asyncio.wait_for(layer.broker.subscribe(room), 0)
+    assert room not in layer.broker._waiters  # noqa: SLF001
+
+
+async def test_the_listener_outlives_a_failing_resync_and_events_flow_again(layer: Layer) -> None:
+    conn = await joined(layer.hub)
+    layer.fail_next_reconnect = True
+    await cut_pubsub(layer.redis)
+    await eventually(lambda: asyncio.sleep(0, layer.reconnects >= 2), timeout=10, what="a second reconnect")
+    await asyncio.wait_for(layer.broker.connected.wait(), 10)
+    frames = drain(conn)
+    assert frames and '"type":"welcome"' in str(frames[-1])  # the second resync welcomed the viewer again
+    await layer.broker.publish(conn.room_id, broker_module.EVERYONE, b'{"type":"probe"}')
+
+    async def delivered() -> bool:
+        layer.hub.tick()
+        return any('"probe"' in str(f) for f in drain(conn))
+    await eventually(delivered, timeout=5, what="an event published after the failed resync")
+
+
+async def test_a_logout_whose_message_was_lost_closes_its_sockets_at_the_next_sessions_sync(
+        layer: Layer, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(broker_module, "SESSIONS_RESYNC_S", 0.2)
+    await cut_pubsub(layer.redis)  # the next link reads the sessions at the patched interval
+    await eventually(lambda: asyncio.sleep(0, layer.reconnects >= 1), timeout=10, what="a reconnect")
+    token = layer.sessions.issue("usr_lost", "viewer", "lost")
+    principal = await layer.sessions.verify(token)
+    conn = await joined(layer.hub, principal)
+    # The logout is recorded in Redis, and its message never published (the publish failed).
+    await layer.redis.zadd(REVOKED_KEY, {principal.session_id: time.time() + 3600})
+    await eventually(lambda: asyncio.sleep(0, conn.closed), timeout=5, what="the socket closed")
+    assert drain(conn)[-1] == Close(protocol.SESSION_ENDED, "logged out")
+
+
+async def test_a_resync_that_cannot_read_the_room_closes_its_viewers_to_reconnect(layer: Layer) -> None:
+    conn = await joined(layer.hub)
+
+    async def database_away(room_id: str) -> dict[str, Any] | None:
+        raise RuntimeError("the database went away")
+    layer.hub.load_meta = database_away
+    await layer.hub.resync()
+    assert conn.closed
+    assert drain(conn) == [Close(protocol.TRY_AGAIN_LATER, "could not resync: reconnect")]
+
+
+async def test_a_resync_welcomes_every_viewer_of_a_room_from_one_read(layer: Layer) -> None:
+    first = await joined(layer.hub)
+    second = Connection(first.room_id, None, is_host=False)
+    await layer.hub.join(second)
+    await layer.hub.welcome(second)
+    drain(second)
+    reads = 0
+    load_meta = layer.hub.load_meta
+
+    async def counting(room_id: str) -> dict[str, Any] | None:
+        nonlocal reads
+        reads += 1
+        return await load_meta(room_id)
+    layer.hub.load_meta = counting
+    await layer.hub.resync()
+    assert reads == 1
+    for conn in (first, second):
+        frames = drain(conn)
+        assert len(frames) == 1 and '"type":"welcome"' in str(frames[0])
+
+
+async def test_presence_lost_in_an_outage_is_restored_by_the_heartbeat(layer: Layer) -> None:
+    """Redis away for longer than presence lasts (or restarted without it): the viewers still here
+    count again, and one that left meanwhile does not come back."""
+    staying = await joined(layer.hub)
+    leaving = Connection(staying.room_id, None, is_host=False)
+    await layer.hub.join(leaving)
+    await layer.redis.delete(keys.presence(staying.room_id))
+    assert (await layer.store.counts(staying.room_id)).online == 0
+    await layer.hub.leave(leaving)
+    layer.hub.rooms[staying.room_id].conns.add(leaving)  # left during the heartbeat's refresh
+    await layer.hub._heartbeat()  # noqa: SLF001
+    layer.hub.rooms[staying.room_id].conns.discard(leaving)
+    members = await layer.redis.zrange(keys.presence(staying.room_id), 0, -1)
+    assert [m.decode() for m in members] == [staying.id]
+
+
+async def counts_told(hub: Hub, conn: Connection) -> list[str]:
+    """Tick until this process's count publishing is done; the viewers frames the viewer got."""
+    room = hub.rooms[conn.room_id]
+    frames: list[str | Close] = []
+    for _ in range(40):
+        room.viewers_at = 0.0  # no once-a-second spacing here
+        hub.tick()
+        await asyncio.sleep(0.05)
+        hub.tick()  # deliver what the publish brought back
+        frames += drain(conn)
+        if not (room.viewers_dirty or room.recount or room.viewers_busy):
+            break
+    return [f for f in frames if isinstance(f, str) and '"viewers"' in f]
+
+
+async def test_the_heartbeat_tells_the_room_when_viewers_elsewhere_dropped_out(layer: Layer) -> None:
+    """Another process died with three viewers: once their presence lapses, this process's heartbeat
+    recounts and publishes the new count; a recount that finds no change publishes nothing."""
+    conn = await joined(layer.hub)
+    await counts_told(layer.hub, conn)  # the join's own count
+    layer.hub.rooms[conn.room_id].viewers_sent = Counts(online=4, peak=4)  # told while the other lived
+    await layer.hub._heartbeat()  # noqa: SLF001
+    told = await counts_told(layer.hub, conn)
+    assert len(told) == 1 and '"online":1' in told[0], told
+    await layer.hub._heartbeat()  # noqa: SLF001
+    assert await counts_told(layer.hub, conn) == []

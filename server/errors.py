@@ -32,6 +32,11 @@ class Unauthorized(ApiError):
     code = "unauthorized"
 
 
+class PaymentRequired(ApiError):
+    status = 402
+    code = "payment_declined"
+
+
 class Forbidden(ApiError):
     status = 403
     code = "forbidden"

@@ -20,7 +20,8 @@ from redis.asyncio import Redis
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from server.auth import Principal
-from server.inventory.payments import Authorization, SimulatedPayments
+from server.errors import PaymentRequired
+from server.inventory.payments import Authorization, PaymentDeclined, SimulatedPayments
 from server.inventory.sales import SaleService
 from server.inventory import keys
 from server.inventory.stock import Outcome, Stock
@@ -185,6 +186,24 @@ async def test_a_payment_whose_request_died_is_captured_by_the_jobs_process_once
     assert await persister.settled(sale_id)
     report = await reconcile(stock, world.db, sale_id)
     assert report.ok and report.captures_owed == 0, report.lines()
+
+
+class DecliningPayments(RecordingPayments):
+    async def authorize(self, order_id: str, amount_cents: int, buyer_id: str) -> Authorization:
+        raise PaymentDeclined("the card was declined")
+
+
+async def test_a_declined_payment_answers_402_and_leaves_the_order_reserved(paying: Paying) -> None:
+    service, stock, _, me, sale_id, order_id = paying
+    service.payments = declining = DecliningPayments()
+    with pytest.raises(PaymentRequired) as refused:
+        await service.pay(me, order_id)
+    assert (refused.value.status, refused.value.code) == (402, "payment_declined")
+    stored = await stock.order(sale_id, order_id)
+    assert stored is not None and stored["status"] == "reserved"
+    assert declining.calls == []
+    service.payments = RecordingPayments()  # another card
+    assert (await service.pay(me, order_id)).status == "paid"
 
 
 def after_first_round_trip(client: Redis, interlope: Callable[[], Awaitable[None]]) -> list[bool]:

@@ -21,7 +21,8 @@ from server import clock
 from server.auth import Principal
 from server.catalog import get_owned_product, get_owned_room, max_commission_bp
 from server.config import Settings
-from server.errors import ApiError, Conflict, Forbidden, NotFound, TooManyRequests, Unavailable, Unprocessable
+from server.errors import (Conflict, Forbidden, NotFound, PaymentRequired, TooManyRequests, Unavailable,
+                           Unprocessable)
 from server.ids import looks_like_id, new_id
 from server.inventory.notifier import SaleNotifier
 from server.inventory.payments import Authorization, PaymentDeclined, PaymentProvider
@@ -254,7 +255,7 @@ class SaleService:
         try:
             auth = await self.payments.authorize(order_id, amount, me.user_id)
         except PaymentDeclined as exc:
-            raise ApiError(str(exc), code="payment_declined") from None
+            raise PaymentRequired(str(exc)) from None
         outcome = await self.stock.pay(sale_id, order_id, me.user_id, auth.reference)
         if outcome.status not in ("paid", "already_paid"):
             await self.payments.void(auth)

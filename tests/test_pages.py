@@ -262,6 +262,35 @@ async def test_after_503s_to_the_end_the_next_click_sends_the_same_attempt_again
     await pay_and_close(page, server)
 
 
+async def test_a_viewer_logged_out_elsewhere_is_asked_to_sign_in_and_not_reconnected_in_a_loop(
+        browser: Browser, server: ServerProcess) -> None:
+    async with api_client(server.url) as c:
+        shop = await new_shop(c)
+    page = await new_page(browser)
+    sockets: list[str] = []
+    page.on("websocket", lambda ws: sockets.append(ws.url))
+    await page.goto(f"{server.url}/rooms/{shop.room_id}")
+    await join_as_guest(page, "Ines")
+    await expect(page.locator("#conn-state")).to_have_text("")
+    token = next(c["value"] for c in await page.context.cookies() if c["name"] == "livesale_session")
+    async with api_client(server.url) as c:  # the same session logs out from another device
+        r = await c.post("/api/auth/logout", headers={"Authorization": f"Bearer {token}"})
+        assert r.status_code == 200, r.text
+    await expect(page.locator("#conn-state")).to_have_text("Your session ended. Sign in to keep watching.")
+    await expect(page.locator("#signin")).to_be_visible()
+    await expect(page.locator("#whoami")).to_have_text("")
+    opened = len(sockets)
+    await page.wait_for_timeout(1500)  # a reconnect would come within 0.75 s (the first backoff)
+    assert len(sockets) == opened, sockets
+    await page.fill("#guest-name", "Ines again")
+    await page.click("#guest-form button[type=submit]")
+    await expect(page.locator("#whoami")).to_have_text("Hi, Ines again")
+    await expect(page.locator("#conn-state")).to_have_text("")
+    assert len(sockets) == opened + 1
+    assert page.errors == [], page.errors  # type: ignore[attr-defined]
+    await page.context.close()
+
+
 async def test_moderation_from_the_console(browser: Browser, server: ServerProcess) -> None:
     base = server.url
     password = "correct horse battery"

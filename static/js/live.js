@@ -2,7 +2,8 @@
 // and hands every event of every batch to one callback.
 
 const BACKOFF_MS = [500, 1000, 2000, 4000, 8000, 10000];
-const FINAL_CODES = new Set([1000, 1008, 1009, 4404]); // ended, abuse, too big, no room: don't retry
+// Ended, abuse, too big, session over (sign in again first), no room: retrying cannot help.
+const FINAL_CODES = new Set([1000, 1008, 1009, 4401, 4404]);
 
 export class RoomSocket {
   constructor(roomId, { onEvent, onState }) {

@@ -30,6 +30,13 @@ function onState(s, ev) {
   const text = { connecting: "Connecting…", open: "", reconnecting: "Reconnecting…", ended: "", closed: "Disconnected" }[s];
   $("#conn-state").textContent = text ?? "";
   if (s === "closed" && ev?.code === 4404) setOverlay("This room does not exist.");
+  if (s === "closed" && ev?.code === 4401) {
+    // Logged out (here or elsewhere) or expired: the session cookie is dead, so sign in again.
+    state.me = null;
+    renderMe();
+    $("#conn-state").textContent = "Your session ended. Sign in to keep watching.";
+    openSignin();
+  }
 }
 
 function onEvent(ev) {
@@ -106,6 +113,7 @@ function renderViewers(v) {
 function addChat(msg, fly) {
   if (state.chatIds.has(msg.id)) return; // events right after a welcome may repeat its history
   state.chatIds.add(msg.id);
+  if (state.chatIds.size > 1000) state.chatIds.delete(state.chatIds.values().next().value); // oldest
   const mine = state.me && msg.user.id === state.me.user_id;
   const list = $("#chat-list");
   list.append(el("li", { class: mine ? "me" : null, dataset: { id: msg.id } },

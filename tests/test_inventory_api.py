@@ -38,11 +38,13 @@ from tests.inventory_support import (
     paid,
     pay,
     sale_body,
+    server_backends,
     server_db_path,
     settle_tracked,
     wait_until,
 )
 from tests.support import ServerProcess, assert_error, bearer
+from tests.ws_support import of_type, open_viewer
 
 
 @pytest.fixture
@@ -181,6 +183,20 @@ async def test_ending_the_room_again_completes_an_end_that_failed_after_its_comm
     s = await get_sale(api, sale["id"])
     assert (s["status"], s["end_reason"]) == ("ended", "host")
     assert_error(await buy(api, await new_guest(api), sale["id"]), 409, "ended")
+
+
+async def test_ending_a_sale_again_tells_the_room_an_end_whose_answer_was_lost(
+        api: httpx.AsyncClient, shop: Shop, server: ServerProcess) -> None:
+    """The end script ran but its answer was lost (here: the sale is ended in Redis directly), so
+    nobody told the room: the host's retry does, and answers the sale as ended."""
+    sale = await launch(api, shop, stock=3)
+    async with open_viewer(server.url, shop.room_id, label="watching") as viewer:
+        async with server_backends(server) as (stock, _):
+            assert await stock.end(sale["id"], "host")
+        ended = await end_sale(api, shop, sale["id"])
+        assert (ended["status"], ended["end_reason"]) == ("ended", "host")
+        event = await viewer.expect(of_type("sale_ended", id=sale["id"]), what="sale_ended")
+        assert event["reason"] == "host"
 
 
 async def test_a_scheduled_sale_ended_early_refuses_with_ended(api: httpx.AsyncClient, shop: Shop) -> None:

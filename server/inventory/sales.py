@@ -164,22 +164,28 @@ class SaleService:
     async def end_room_sale(self, room_id: str) -> None:
         """The room ended: so does its sale (reserved orders may still be paid)."""
         sale_id = await self.rooms.store.active_sale(room_id)
-        if sale_id is not None and await self.stock.end(sale_id, "host"):
-            state = await self._state(sale_id)
-            await self.rooms.tell(room_id, protocol.SaleEnded(id=sale_id, reason="host", v=state["v"]))
+        if sale_id is not None:
+            await self._end(sale_id)
+
+    async def _end(self, sale_id: str) -> dict[str, Any]:
+        """End the sale and tell its room; the room is told also when the sale had ended already,
+        perhaps by this very call (a script whose answer was lost and that ran again), so that
+        no end goes untold (telling twice only repeats an event)."""
+        await self.stock.end(sale_id, "host")
+        state = await self._state(sale_id)
+        await self.rooms.tell(state["room_id"], protocol.SaleEnded(id=sale_id, reason=state["end_reason"] or "host",
+                                                                   v=state["v"]))
+        return state
 
     async def end(self, me: Principal, sale_id: str) -> SaleOut:
-        state = await self._state(sale_id)
+        await self._state(sale_id)  # 404 for an unknown sale before the SQL read
         async with self.db() as db:
             sale = await db.get(Sale, sale_id)
         if sale is None:
             raise NotFound("no such sale", code="sale_not_found")
         if sale.host_id != me.user_id:
             raise Forbidden("this sale belongs to another host", code="not_owner")
-        if await self.stock.end(sale_id, "host"):
-            state = await self._state(sale_id)
-            await self.rooms.tell(state["room_id"], protocol.SaleEnded(id=sale_id, reason="host", v=state["v"]))
-        return sale_out(sale_id, state)
+        return sale_out(sale_id, await self._end(sale_id))
 
     async def purchase(self, me: Principal, sale_id: str, idem_key: str, body: PurchaseIn,
                        ip: str | None) -> tuple[int, OrderOut]:
@@ -209,7 +215,10 @@ class SaleService:
         if outcome.status == "reserved":
             await self._announce(sale_id, outcome)
             return 201, order_out(sale_id, outcome.order, outcome.remaining)
-        return 200, order_out(sale_id, outcome.order, outcome.remaining)  # the same key again
+        # The same key again; perhaps a retry of a reservation whose answer was lost, whose
+        # update the room has not had yet (the notifier sends at most one per tick anyway).
+        self.notifier.touch(sale_id, await self._room_of(sale_id))
+        return 200, order_out(sale_id, outcome.order, outcome.remaining)
 
     async def _room_of(self, sale_id: str) -> str:
         room_id = self._rooms.get(sale_id)
@@ -267,8 +276,7 @@ class SaleService:
             await self.payments.void(auth)  # paid meanwhile by another request, with another hold
         if outcome.status == "paid" or await self.stock.capture_owed(sale_id, order_id):
             await self._capture(sale_id, order_id, Authorization(paid_with, amount))
-        if outcome.status == "paid":
-            self.notifier.touch(sale_id, await self._room_of(sale_id))
+        self.notifier.touch(sale_id, await self._room_of(sale_id))  # also "already_paid": see purchase()
         return order_out(sale_id, outcome.order)
 
     async def _capture(self, sale_id: str, order_id: str, auth: Authorization) -> None:
@@ -300,10 +308,9 @@ class SaleService:
         outcome = await self.stock.release(sale_id, order_id, "cancelled", me.user_id)
         if outcome.status == "no_order" or outcome.order is None:
             raise NotFound("no such order", code="order_not_found")
-        if outcome.status == "released":
-            self.notifier.touch(sale_id, await self._room_of(sale_id))
-        elif outcome.status != "cancelled":
+        if outcome.status not in ("released", "cancelled"):
             raise Conflict(f"this order is {outcome.status}", code=outcome.status)
+        self.notifier.touch(sale_id, await self._room_of(sale_id))  # also "cancelled": see purchase()
         return order_out(sale_id, outcome.order)
 
     async def orders_of(self, me: Principal, limit: int = 100) -> list[OrderOut]:

@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 from collections import defaultdict
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from sqlalchemy import delete, text, update
@@ -17,10 +18,14 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import make_transient
 from websockets.asyncio.client import connect
 
+from server.auth import Principal
+from server.errors import Conflict, NotFound
 from server.ids import new_id
 from server.inventory import keys
 from server.inventory.captures import LateCaptures
+from server.inventory.payments import SimulatedPayments
 from server.inventory.reconcile import reconcile
+from server.inventory.sales import SaleService
 from server.inventory.sweeper import Sweeper
 from server.inventory.tables import LedgerEntry, Order, Sale
 from tests.inventory_support import (
@@ -382,6 +387,51 @@ async def test_entries_of_a_sale_missing_in_sql_stay_pending_until_it_is_back(wo
     assert await p.drain(sale.sale_id) == 1
     assert await pending(world.stock, sale.sale_id) == 0
     assert set(await sql_orders(world.db, sale.sale_id)) == {reserved.order["id"]}
+
+
+async def test_a_settled_sale_is_archived_and_its_orders_are_answered_from_sql(world: World) -> None:
+    """Once settled, a sale keeps only its figures in Redis; its orders are read, paid again and
+    cancelled again from SQL, with the same answers as before, and a retried purchase makes nothing."""
+    sale = await world.add_sale(stock=5, limit=2)
+    payer, canceller = await world.add_users(2)
+    paid = await world.reserve(sale.sale_id, payer, key="pay-key", quantity=2)
+    kept = await world.reserve(sale.sale_id, canceller)
+    assert paid.order is not None and kept.order is not None
+    assert (await world.stock.pay(sale.sale_id, paid.order["id"], payer, "sim_ref")).status == "paid"
+    await world.stock.captured(sale.sale_id, paid.order["id"])
+    assert (await world.stock.release(sale.sale_id, kept.order["id"], "cancelled", canceller)).status == "released"
+    assert await world.stock.end(sale.sale_id, "host")
+    p = world.persister("archiving")
+    for _ in range(3):
+        await p.drain(sale.sale_id)
+    assert await p.settled(sale.sale_id)
+
+    await world.stock.archive(sale.sale_id)
+    assert sale.sale_id not in await world.stock.open_sales()
+    assert [k for k in keys.all_keys(sale.sale_id) if await world.redis.exists(k)] == [keys.sale(sale.sale_id)]
+    state = await world.stock.state(sale.sale_id)
+    assert state is not None and state["archived_at"] > 0
+    assert (state["remaining"], state["reserved"], state["paid"]) == (3, 0, 2)
+    report = await reconcile(world.stock, world.db, sale.sale_id)
+    assert report.ok and report.archived and report.sql_orders == 2, report.lines()
+
+    service = SaleService(cast(Any, None), world.stock, world.db, cast(Any, None), SimulatedPayments(),
+                          cast(Any, None))
+    me, them = (Principal(u, "viewer", u[-6:], "session", time.time() + 3600) for u in (payer, canceller))
+    assert (await service.order(me, paid.order["id"])).status == "paid"
+    assert (await service.pay(me, paid.order["id"])).status == "paid"  # paying again: the same answer
+    with pytest.raises(Conflict) as refused:
+        await service.cancel(me, paid.order["id"])
+    assert refused.value.code == "paid"
+    assert (await service.cancel(them, kept.order["id"])).status == "cancelled"  # again: the same answer
+    with pytest.raises(Conflict) as refused:
+        await service.pay(them, kept.order["id"])
+    assert refused.value.code == "cancelled"
+    with pytest.raises(NotFound):
+        await service.order(them, paid.order["id"])  # somebody else's
+    again = await world.reserve(sale.sale_id, payer, key="pay-key", quantity=2)
+    assert again.status == "ended"  # the key is forgotten, and nothing new is sold
+    assert (await reconcile(world.stock, world.db, sale.sale_id)).ok
 
 
 async def test_reconcile_reports_differences(world: World) -> None:

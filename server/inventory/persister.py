@@ -240,7 +240,7 @@ class Persister:
                     for sale_id in sales:
                         backlog |= await self.recover(sale_id) >= BATCH
                         if await self.settled(sale_id):
-                            await self.stock.close(sale_id)
+                            await self.stock.archive(sale_id)
                 if not backlog:
                     await asyncio.sleep(PASS_INTERVAL_S)
             except asyncio.CancelledError:

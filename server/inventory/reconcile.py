@@ -7,6 +7,8 @@ stream are reported as not yet persisted, not as differences.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from collections.abc import Iterable
+from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
@@ -27,6 +29,7 @@ class Report:
     sql_orders: int = 0
     unpersisted: int = 0
     captures_owed: int = 0  # paid orders whose payment is not captured yet (not a difference)
+    archived: bool = False  # settled: its orders are in SQL only
     problems: list[str] = field(default_factory=list)
 
     @property
@@ -36,7 +39,8 @@ class Report:
     def lines(self) -> list[str]:
         head = (f"sale {self.sale_id}: stock {self.stock} = remaining {self.remaining} + reserved {self.reserved}"
                 f" + paid {self.paid}; orders in Redis {self.redis_orders}, in SQL {self.sql_orders};"
-                f" stream entries not yet persisted {self.unpersisted}; payment captures owed {self.captures_owed}")
+                f" stream entries not yet persisted {self.unpersisted}; payment captures owed {self.captures_owed}"
+                + ("; archived" if self.archived else ""))
         return [head] + [f"  DIFF {p}" for p in self.problems] + ([] if self.problems else ["  OK"])
 
 
@@ -63,19 +67,13 @@ async def reconcile(stock: Stock, db: async_sessionmaker[AsyncSession], sale_id:
         report.problems.append(f"remaining is negative: {report.remaining}")
     if report.remaining + report.reserved + report.paid != report.stock:
         report.problems.append("remaining + reserved + paid != stock")
+    if state["archived_at"]:
+        await _reconcile_archived(report, db, state)
+        return report
 
     report.redis_orders = len(orders)
-    by_status = {"reserved": 0, "paid": 0}
-    per_buyer: dict[str, int] = {}
-    for o in orders.values():
-        if o["status"] in by_status:
-            by_status[o["status"]] += o["quantity"]
-            per_buyer[o["user_id"]] = per_buyer.get(o["user_id"], 0) + o["quantity"]
-    if by_status["reserved"] != report.reserved or by_status["paid"] != report.paid:
-        report.problems.append(f"counters disagree with the orders: orders hold {by_status}")
-    for buyer, held in per_buyer.items():
-        if held > state["limit"]:
-            report.problems.append(f"buyer {buyer} holds {held} > limit {state['limit']}")
+    _check_holdings(report, state["limit"], ((o["status"], o["quantity"], o["user_id"]) for o in orders.values()),
+                    "counters disagree with the orders")
 
     group = stock.persister_group(groups)
     report.unpersisted = (group["pending"] + (group.get("lag") or 0)) if group else 0
@@ -96,3 +94,30 @@ async def reconcile(stock: Stock, db: async_sessionmaker[AsyncSession], sale_id:
     for order_id in rows.keys() - orders.keys():
         report.problems.append(f"order {order_id} in SQL but not in Redis")
     return report
+
+
+async def _reconcile_archived(report: Report, db: async_sessionmaker[AsyncSession], state: dict[str, Any]) -> None:
+    """An archived sale's orders live in SQL only: its figures must add up to them."""
+    report.archived = True
+    async with db() as session:
+        if await session.get(Sale, report.sale_id) is None:
+            report.problems.append("sale not in SQL")
+        rows = (await session.scalars(select(Order).where(Order.sale_id == report.sale_id))).all()
+    report.sql_orders = len(rows)
+    _check_holdings(report, state["limit"], ((r.status, r.quantity, r.buyer_id) for r in rows),
+                    "archived sale's counters disagree with SQL")
+
+
+def _check_holdings(report: Report, limit: int, orders: Iterable[tuple[str, int, str]], problem: str) -> None:
+    """The units the orders (status, quantity, buyer) hold match the sale's counters; no buyer over the limit."""
+    by_status = {"reserved": 0, "paid": 0}
+    per_buyer: dict[str, int] = {}
+    for status, quantity, buyer in orders:
+        if status in by_status:
+            by_status[status] += quantity
+            per_buyer[buyer] = per_buyer.get(buyer, 0) + quantity
+    if by_status["reserved"] != report.reserved or by_status["paid"] != report.paid:
+        report.problems.append(f"{problem}: orders hold {by_status}")
+    for buyer, held in per_buyer.items():
+        if held > limit:
+            report.problems.append(f"buyer {buyer} holds {held} > limit {limit}")

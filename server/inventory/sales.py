@@ -242,14 +242,29 @@ class SaleService:
     async def order(self, me: Principal, order_id: str) -> OrderOut:
         sale_id = self._order_sale(order_id)
         o = await self.stock.order(sale_id, order_id)
-        if o is None or o["user_id"] != me.user_id:
+        if o is None:
+            return order_row_out(await self._archived_order(me, order_id))
+        if o["user_id"] != me.user_id:
             raise NotFound("no such order", code="order_not_found")
         return order_out(sale_id, o)
+
+    async def _archived_order(self, me: Principal, order_id: str) -> Order:
+        """An order no longer in Redis (its sale settled and was archived): SQL has its last state."""
+        async with self.db() as db:
+            row = await db.get(Order, order_id)
+        if row is None or row.buyer_id != me.user_id:
+            raise NotFound("no such order", code="order_not_found")
+        return row
 
     async def pay(self, me: Principal, order_id: str) -> OrderOut:
         sale_id = self._order_sale(order_id)
         o = await self.stock.order(sale_id, order_id)
-        if o is None or o["user_id"] != me.user_id:
+        if o is None:  # archived: settled, so paid (and captured) or released long ago
+            row = await self._archived_order(me, order_id)
+            if row.status != "paid":
+                raise Conflict(f"this order is {row.status}", code=row.status)
+            return order_row_out(row)
+        if o["user_id"] != me.user_id:
             raise NotFound("no such order", code="order_not_found")
         amount = o["price_cents"] * o["quantity"]
         if o["status"] == "paid":
@@ -307,7 +322,10 @@ class SaleService:
         sale_id = self._order_sale(order_id)
         outcome = await self.stock.release(sale_id, order_id, "cancelled", me.user_id)
         if outcome.status == "no_order" or outcome.order is None:
-            raise NotFound("no such order", code="order_not_found")
+            row = await self._archived_order(me, order_id)
+            if row.status != "cancelled":
+                raise Conflict(f"this order is {row.status}", code=row.status)
+            return order_row_out(row)
         if outcome.status not in ("released", "cancelled"):
             raise Conflict(f"this order is {outcome.status}", code=outcome.status)
         self.notifier.touch(sale_id, await self._room_of(sale_id))  # also "cancelled": see purchase()

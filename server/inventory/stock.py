@@ -8,6 +8,7 @@ everything before its first write and appends the change to the sale's stream.
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -76,6 +77,7 @@ def parse_state(raw: Mapping[bytes | str, bytes | str]) -> dict[str, Any] | None
     state["room_id"] = text(state["room_id"])
     state["info"] = msgspec.json.decode(state["info"])
     state["end_reason"] = text(state["end_reason"]) if "end_reason" in state else None
+    state["archived_at"] = int(state.get("archived_at", 0))  # 0: its orders are still in Redis
     return state
 
 
@@ -187,9 +189,17 @@ class Stock:
     async def open_sales(self) -> list[str]:
         return sorted(text(s) for s in await self.redis.smembers(self.open_key))
 
-    async def close(self, sale_id: str) -> None:
-        """Stop watching a sale whose every change is settled and persisted."""
-        await self.redis.srem(self.open_key, sale_id)
+    async def archive(self, sale_id: str) -> None:
+        """A sale whose every change is settled and persisted: stop watching it and free what
+        only served its selling (buyers, keys, orders, due times, stream); SQL has its orders.
+        The sale's hash stays (its figures, small) and says since when it is archived."""
+        exists = await self.redis.exists(keys.sale(sale_id))  # a missing hash never comes back
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.srem(self.open_key, sale_id)
+            pipe.delete(*(k for k in keys.all_keys(sale_id) if k != keys.sale(sale_id)))
+            if exists:
+                pipe.hset(keys.sale(sale_id), "archived_at", int(time.time() * 1000))
+            await pipe.execute()
 
     async def mark_started(self, sale_id: str) -> bool:
         """True for the one caller (of all processes) that gets to announce the start."""

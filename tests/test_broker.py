@@ -116,6 +116,29 @@ async def test_a_room_rejoined_while_its_unsubscribe_is_pending_is_ready_at_once
     assert broker._waiters == {}  # noqa: SLF001  # nobody left waiting, no futures kept
 
 
+async def test_a_room_joined_while_a_subscribe_is_under_way_is_subscribed_too(
+        layer: Layer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A subscribe waits (a full socket buffer, thousands of rooms after a reconnect); a room joined
+    meanwhile must reach Redis as well, not be taken for subscribed."""
+    first, second = new_id("room"), new_id("room")
+    started = asyncio.Event()
+    pubsub_class = type(layer.broker._listen_client.pubsub())  # noqa: SLF001
+    ssubscribe = pubsub_class.ssubscribe
+
+    async def slow_ssubscribe(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if any(first.encode() in (a if isinstance(a, bytes) else str(a).encode()) for a in args):
+            started.set()
+            await asyncio.sleep(0.2)
+        return await ssubscribe(self, *args, **kwargs)
+    monkeypatch.setattr(pubsub_class, "ssubscribe", slow_ssubscribe)
+    joining = asyncio.create_task(layer.broker.subscribe(first))
+    await asyncio.wait_for(started.wait(), 5)
+    await asyncio.wait_for(asyncio.gather(joining, layer.broker.subscribe(second)), 5)
+    counts = await layer.redis.execute_command(  # type: ignore[no-untyped-call]
+        "PUBSUB", "SHARDNUMSUB", keys.channel(first), keys.channel(second))
+    assert [int(n) for n in counts[1::2]] == [1, 1], counts
+
+
 async def test_a_join_that_gives_up_leaves_no_waiter_behind(layer: Layer) -> None:
     room = new_id("room")
     with pytest.raises(asyncio.TimeoutError):

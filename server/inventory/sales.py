@@ -262,7 +262,8 @@ class SaleService:
         if o is None:  # archived: settled, so paid (and captured) or released long ago
             row = await self._archived_order(me, order_id)
             if row.status != "paid":
-                raise Conflict(f"this order is {row.status}", code=row.status)
+                code = "cancelled" if row.status == "cancelled" else "expired"
+                raise Conflict(f"this order is {code}", code=code)
             return order_row_out(row)
         if o["user_id"] != me.user_id:
             raise NotFound("no such order", code="order_not_found")
@@ -324,7 +325,8 @@ class SaleService:
         if outcome.status == "no_order" or outcome.order is None:
             row = await self._archived_order(me, order_id)
             if row.status != "cancelled":
-                raise Conflict(f"this order is {row.status}", code=row.status)
+                code = "paid" if row.status == "paid" else "expired"
+                raise Conflict(f"this order is {code}", code=code)
             return order_row_out(row)
         if outcome.status not in ("released", "cancelled"):
             raise Conflict(f"this order is {outcome.status}", code=outcome.status)

@@ -160,14 +160,15 @@ class Broker:
 
     async def _sync(self, pubsub: PubSub) -> None:
         self._changed.clear()
-        add = [keys.channel(r) for r in self._wanted - self._active]
-        drop = [keys.channel(r) for r in self._active - self._wanted]
-        if add:
+        wanted = set(self._wanted)  # a change made during the awaits below sets _changed: the next sync's
+        added, dropped = wanted - self._active, self._active - wanted
+        if added:
+            add = [keys.channel(r) for r in added]
             await (pubsub.ssubscribe(*add) if self.sharded else pubsub.subscribe(*add))
-        if drop:
+        if dropped:
+            drop = [keys.channel(r) for r in dropped]
             await (pubsub.sunsubscribe(*drop) if self.sharded else pubsub.unsubscribe(*drop))
-        added = self._wanted - self._active
-        self._active = set(self._wanted)
+        self._active = wanted
         # Rooms subscribed before are ready now; the added ones once Redis confirms each.
         for room_id in [r for r in self._waiters if r not in added]:
             self._release_waiters(room_id)

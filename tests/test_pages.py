@@ -324,6 +324,13 @@ async def test_moderation_from_the_console(browser: Browser, server: ServerProce
     await viewer.press("#chat-input", "Enter")
     await expect(viewer.locator("#chat-error")).to_have_text("The host has muted you in this room.")
     await expect(console.locator("#modlog li.rejected", has_text="am I muted?")).to_have_count(1)
+    # The host's session is logged out from another device: the console asks to log in again.
+    token = next(c["value"] for c in await console.context.cookies() if c["name"] == "livesale_session")
+    async with httpx.AsyncClient(base_url=base) as client:
+        r = await client.post("/api/auth/logout", headers={"Authorization": f"Bearer {token}"})
+        assert r.status_code == 200, r.text
+    await expect(console.locator("#auth-error")).to_have_text("Your session ended; log in again.")
+    await expect(console.locator("#login-form")).to_be_visible()
     for page in (console, viewer):
         assert page.errors == [], page.errors  # type: ignore[attr-defined]
         await page.context.close()

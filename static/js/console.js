@@ -116,9 +116,17 @@ async function selectRoom(id) {
   renderProducts();
   renderSale();
   loadModeration();
-  state.socket = new RoomSocket(id, { onEvent, onState: () => {} });
+  state.socket = new RoomSocket(id, { onEvent, onState: onSocketState });
   state.socket.connect();
   pollStats();
+}
+
+function onSocketState(s, ev) {
+  if (s !== "closed" || ev?.code !== 4401) return;
+  // Logged out elsewhere, or expired: back to the sign-in form (or on, if signed in again meanwhile).
+  start().then(() => {
+    if (!state.me) $("#auth-error").textContent = "Your session ended; log in again.";
+  });
 }
 
 function renderRoom() {

@@ -529,7 +529,8 @@ class World:
         await self.stock.create(Terms(
             sale_id=sale.id, room_id=room.id, stock=stock, per_user_limit=limit, price_cents=price_cents,
             starts_at_ms=clock.to_ms(sale.starts_at), ends_at_ms=clock.to_ms(sale.ends_at),
-            payment_timeout_ms=timeout_ms, info={"product": {"id": product.id, "name": "thing"}}))
+            payment_timeout_ms=timeout_ms, info={"product": {"id": product.id, "name": "thing", "description": "",
+                                                               "image_url": None, "list_price_cents": price_cents}}))
         return InProcSale(sale.id, room.id, host_id, stock, limit, price_cents, commission_rate_bp)
 
     async def reserve(self, sale_id: str, user_id: str, key: str | None = None, quantity: int = 1,

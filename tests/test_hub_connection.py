@@ -8,7 +8,7 @@ import time
 from typing import Any, cast
 
 from server.rooms import protocol
-from server.rooms.hub import QUEUE_FRAMES, SEND_TIMEOUT_S, Close, Connection, Hub, LocalRoom
+from server.rooms.hub import EARLY_FRAMES, QUEUE_FRAMES, SEND_TIMEOUT_S, Close, Connection, Hub, LocalRoom
 
 
 def drain(conn: Connection) -> list[str | Close]:
@@ -53,14 +53,14 @@ async def test_a_viewer_that_falls_behind_is_closed_with_try_again_later() -> No
     assert drain(conn) == [Close(protocol.TRY_AGAIN_LATER, "too slow: reconnect")]
 
 
-def test_a_viewer_whose_welcome_is_late_holds_no_more_than_a_queue_of_frames() -> None:
-    """Frames wait for the welcome (a resync reading the room) only up to the queue's size."""
+def test_a_viewer_whose_welcome_is_late_holds_a_bounded_number_of_frames() -> None:
+    """Frames wait for the welcome (a join, a resync reading the room) only up to a bound."""
     conn = Connection("room_x", None, is_host=False)
-    for i in range(QUEUE_FRAMES):
+    for i in range(EARLY_FRAMES):
         conn.offer(f"f{i}")
     assert not conn.closed
     conn.offer("one too many")
-    assert conn.closed and len(conn.early) == QUEUE_FRAMES
+    assert conn.closed and len(conn.early) == EARLY_FRAMES
     conn.start("welcome")
     assert drain(conn) == [Close(protocol.TRY_AGAIN_LATER, "too slow: reconnect")]
 

@@ -14,6 +14,7 @@ from typing import Any, cast
 
 import pytest
 from sqlalchemy import delete, text, update
+from redis.exceptions import ConnectionError as RedisConnectionError
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import make_transient
 from websockets.asyncio.client import connect
@@ -26,6 +27,12 @@ from server.inventory.captures import LateCaptures
 from server.inventory.payments import SimulatedPayments
 from server.inventory.reconcile import reconcile
 from server.inventory.sales import SaleService
+from server.inventory.schemas import SaleIn
+from server.inventory.stock import Stock, Terms
+from server.rooms.broker import Broker
+from server.rooms.service import RoomService
+from server.rooms.store import RoomStore
+from server.config import Settings
 from server.inventory.sweeper import Sweeper
 from server.inventory.tables import LedgerEntry, Order, Sale
 from tests.inventory_support import (
@@ -432,6 +439,59 @@ async def test_a_settled_sale_is_archived_and_its_orders_are_answered_from_sql(w
     again = await world.reserve(sale.sale_id, payer, key="pay-key", quantity=2)
     assert again.status == "ended"  # the key is forgotten, and nothing new is sold
     assert (await reconcile(world.stock, world.db, sale.sale_id)).ok
+
+
+class FailingCreate(Stock):
+    """Redis fails at the launch's one Redis write: before it, or after it (the answer lost)."""
+
+    written = False
+
+    async def create(self, t: Terms) -> None:
+        if self.written:
+            await super().create(t)
+        raise RedisConnectionError("Redis went away during the launch")
+
+
+@pytest.mark.parametrize("written", [False, True], ids=["before-the-write", "answer-lost"])
+async def test_a_launch_that_fails_at_redis_never_leaves_a_second_sale_running(
+        world: World, tmp_path: Path, written: bool) -> None:
+    """Whatever fails, a sale in Redis is the room's: the host sees it (and can end it), and no
+    second sale runs beside it; a sale that never reached Redis shows nowhere and blocks nothing."""
+    broker = Broker(world.redis, world.redis, lambda room_id, data: None, asyncio.sleep, lambda ids: None,
+                    cast(Any, None))
+    await broker.detect()
+    rooms = RoomService(RoomStore(world.redis, broker), broker)
+    settings = Settings(data_dir=tmp_path, redis_url=None, database_url="", secret_key="")
+    earlier = await world.add_sale()  # the room's previous sale, ended
+    assert await world.stock.end(earlier.sale_id, "host")
+    await rooms.store.set_active_sale(earlier.room_id, earlier.sale_id)
+    host = Principal(earlier.host_id, "host", "host", "session", time.time() + 3600)
+    async with world.db() as session:
+        product_id = (await session.get(Sale, earlier.sale_id)).product_id  # type: ignore[union-attr]
+    body = SaleIn(product_id=product_id, price_cents=500, stock=3, per_user_limit=1, duration_s=600)
+    failing = FailingCreate(world.redis, world.stock.group.removeprefix("persister:"))
+    failing.written = written
+    try:
+        with pytest.raises(RedisConnectionError):
+            await SaleService(settings, failing, world.db, rooms, SimulatedPayments(), cast(Any, None)).launch(
+                host, earlier.room_id, body)
+    finally:
+        failing.disconnect()
+    service = SaleService(settings, world.stock, world.db, rooms, SimulatedPayments(), cast(Any, None))
+    failed = await rooms.store.active_sale(earlier.room_id)
+    assert failed not in (None, earlier.sale_id)
+    if written:
+        assert (await service.get(failed)).status == "active"
+        with pytest.raises(Conflict) as refused:
+            await service.launch(host, earlier.room_id, body)
+        assert refused.value.code == "sale_running"
+        assert (await service.end(host, failed)).status == "ended"
+    else:
+        assert failed not in await world.stock.open_sales()
+        with pytest.raises(NotFound):
+            await service.get(failed)  # nothing shows it
+    again = await service.launch(host, earlier.room_id, body)
+    assert again.status == "active" and await rooms.store.active_sale(earlier.room_id) == again.id
 
 
 async def test_reconcile_reports_differences(world: World) -> None:

@@ -89,7 +89,8 @@ class Persister:
         except ResponseError as exc:
             if "NOGROUP" not in str(exc):
                 raise
-            await self.stock.ensure_group(sale_id)
+            if await self.redis.sismember(self.stock.open_key, sale_id):  # not archived meanwhile
+                await self.stock.ensure_group(sale_id)
             return []
         return list(resp[0][1]) if resp else []  # type: ignore[index, arg-type]  # RESP2 reply: [[stream, entries]]
 

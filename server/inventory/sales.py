@@ -38,7 +38,8 @@ log = logging.getLogger("livesale.inventory.sales")
 
 # A launch waits at most this long (SQLite may wait 10 s for its write lock, at the insert and
 # again at the commit); the room's launch lock outlives it, so two launches never interleave.
-LAUNCH_TIMEOUT_S = 30.0
+LAUNCH_TIMEOUT_S = 25.0
+LAUNCH_LEASE_S = LAUNCH_TIMEOUT_S + 5.0
 
 _REFUSALS = {
     "sold_out": "sold out",
@@ -113,7 +114,7 @@ class SaleService:
         return sale_out(sale_id, await self._state(sale_id))
 
     async def launch(self, me: Principal, room_id: str, body: SaleIn) -> SaleOut:
-        async with self.rooms.store.launch_lock(room_id, lease_s=2 * LAUNCH_TIMEOUT_S):
+        async with self.rooms.store.launch_lock(room_id, lease_s=LAUNCH_LEASE_S):
             try:
                 async with asyncio.timeout(LAUNCH_TIMEOUT_S):  # ends well inside the lock's lease
                     return await self._launch(me, room_id, body)
@@ -150,13 +151,16 @@ class SaleService:
             info = {"product": {"id": product.id, "name": product.name, "description": product.description,
                                 "image_url": product.image_url, "list_price_cents": product.price_cents}}
         # SQL first: from the moment the sale is in Redis the sweeper may announce it and buyers
-        # may order, and the persister can only write orders of a sale that is in SQL. If Redis
-        # fails here, the SQL row is a sale that never opened: nothing reads it without its Redis state.
+        # may order, and the persister can only write orders of a sale that is in SQL. Then the
+        # room's pointer, so that a sale in Redis is always the room's, whatever fails after
+        # (a launch that failed anywhere leaves a sale that never opened, or one the host sees
+        # in the room and can end; never a second one running). Nothing reads a sale that has
+        # no Redis state.
+        await self.rooms.store.set_active_sale(room.id, sale.id)
         await self.stock.create(Terms(
             sale_id=sale.id, room_id=room.id, stock=body.stock, per_user_limit=body.per_user_limit,
             price_cents=body.price_cents, starts_at_ms=clock.to_ms(starts_at),
             ends_at_ms=clock.to_ms(sale.ends_at), payment_timeout_ms=body.payment_timeout_s * 1000, info=info))
-        await self.rooms.store.set_active_sale(room.id, sale.id)
         out = await self.get(sale.id)
         await self.rooms.tell(room.id, protocol.Sale(sale=out))
         return out
@@ -164,7 +168,7 @@ class SaleService:
     async def end_room_sale(self, room_id: str) -> None:
         """The room ended: so does its sale (reserved orders may still be paid)."""
         sale_id = await self.rooms.store.active_sale(room_id)
-        if sale_id is not None:
+        if sale_id is not None and await self.stock.state(sale_id) is not None:  # else it never opened
             await self._end(sale_id)
 
     async def _end(self, sale_id: str) -> dict[str, Any]:

@@ -39,6 +39,9 @@ META_TTL_S = 5.0
 BANNED_TTL_S = 5.0
 JOIN_TIMEOUT_S = 10.0
 QUEUE_FRAMES = int(os.environ.get("LIVESALE_WS_QUEUE_FRAMES", "64"))
+# Frames held for a viewer whose welcome is on its way (joining, or a resync): more than a
+# join may take (JOIN_TIMEOUT_S) at one frame per tick. They are shared strings: pointers only.
+EARLY_FRAMES = 256
 SEND_TIMEOUT_S = 10.0  # a send that cannot complete in this long means a dead or stalled peer
 STALL_CHECK_S = 1.0
 
@@ -96,7 +99,7 @@ class Connection:
         if self.closed:
             return
         if not self.ready:
-            if len(self.early) >= QUEUE_FRAMES:  # the welcome is late: no more waiting without bound
+            if len(self.early) >= EARLY_FRAMES:  # the welcome is late: no more waiting without bound
                 self.close(protocol.TRY_AGAIN_LATER, "too slow: reconnect", flush=False)
                 return
             self.early.append(frame)

@@ -24,6 +24,7 @@ from server.errors import Conflict, NotFound
 from server.ids import new_id
 from server.inventory import keys
 from server.inventory.captures import LateCaptures
+from server.inventory import persister as persister_module
 from server.inventory.payments import SimulatedPayments
 from server.inventory.reconcile import reconcile
 from server.inventory.sales import SaleService
@@ -57,7 +58,7 @@ from tests.inventory_support import (
     stream_entries,
     wait_persisted,
 )
-from tests.support import ServerProcess
+from tests.support import ServerProcess, eventually
 
 PLATFORM_FEE_BP = 500  # the server's defaults (LIVESALE_PLATFORM_FEE_BP, LIVESALE_REFERRAL_SHARE_BP)
 REFERRAL_SHARE_BP = 1000
@@ -439,6 +440,35 @@ async def test_a_settled_sale_is_archived_and_its_orders_are_answered_from_sql(w
     again = await world.reserve(sale.sale_id, payer, key="pay-key", quantity=2)
     assert again.status == "ended"  # the key is forgotten, and nothing new is sold
     assert (await reconcile(world.stock, world.db, sale.sale_id)).ok
+    # Another persister that still listed the sale reads nothing, and makes no stream again.
+    assert await world.persister("late").drain(sale.sale_id) == 0
+    assert not await world.redis.exists(keys.log(sale.sale_id))
+
+
+async def test_the_persister_loop_archives_a_sale_once_it_settles(world: World,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(persister_module, "CLAIM_EVERY_S", 0.1)
+    sale = await world.add_sale(stock=3)
+    (buyer,) = await world.add_users(1)
+    reserved = await world.reserve(sale.sale_id, buyer)
+    assert reserved.order is not None
+    loop = asyncio.create_task(world.persister("looping").run())
+    try:
+        async def archived() -> bool:
+            state = await world.stock.state(sale.sale_id)
+            return state is not None and state["archived_at"] > 0
+        await asyncio.sleep(0.5)
+        assert not await archived()  # on sale, then ended with an order reserved: not settled
+        assert await world.stock.end(sale.sale_id, "host")
+        await asyncio.sleep(0.5)
+        assert not await archived()
+        await world.stock.release(sale.sale_id, reserved.order["id"], "cancelled", buyer)
+        await eventually(archived, timeout=10, what="the sale archived")
+    finally:
+        loop.cancel()
+        await asyncio.gather(loop, return_exceptions=True)
+    assert set(await sql_orders(world.db, sale.sale_id)) == {reserved.order["id"]}
+    assert (await sql_orders(world.db, sale.sale_id))[reserved.order["id"]].status == "cancelled"
 
 
 class FailingCreate(Stock):

@@ -124,89 +124,98 @@ class Buyer:
         return f"{self.index}-{secrets.token_hex(8)}"
 
     async def buy(self, conn: Connection, key: str, quantity: int, *, retry_429: bool = True) -> str:
-        """Send one purchase until its outcome is known (or retries run out); return the outcome."""
+        """Send one purchase until its outcome is known (or retries run out); return the outcome.
+
+        The key stays *unanswered* (it may have reserved: the verdict allows for that) from a try
+        that may have run the script (a timeout, a dropped connection, a 5xx other than `busy`,
+        which is shed before it) until an answer settles it: 200/201 give its order, and any
+        other 4xx proves it made none (a used key is answered 200 before any other check)."""
         ctx = self.ctx
         path = f"/api/sales/{ctx.sale_id}/purchase"
         headers = {"Authorization": f"Bearer {self.record.token}", "Idempotency-Key": key}
         body = b'{"quantity":%d}' % quantity
         outcome = "none"
         unknown = False
-        for try_no in range(ctx.mix.retries + 1):
-            if time.monotonic() > ctx.deadline:
-                break
-            at = ctx.server_ms()
-            t0 = time.perf_counter()
-            wait = 0.0
-            try:
-                r = await conn.request("POST", path, body=body, headers=headers, timeout=ctx.mix.timeout_s)
-            except asyncio.CancelledError:
-                self.record.unknown_keys += 1  # cut off at the deadline mid-request: it may have reserved
-                raise
-            except HttpError as exc:
-                outcome = "timeout" if "Timeout" in str(exc) else "conn_error"
-                self._record(key, try_no, at, t0, outcome, 0, quantity)
-                ctx.counters.errors += 1
-                unknown = True
-                wait = 0.2 * 2 ** try_no * self.rng.uniform(0.5, 1.5)  # back off, then the same key again
-            else:
-                outcome = classify(r)
-                order_id = ""
-                if r.status in (200, 201):
-                    data = r.json()
-                    order_id = str(data["order_id"])
-                    self.orders[order_id] = int(data["quantity"])
-                    if r.status == 201:
-                        ctx.counters.reserved += 1
-                self._record(key, try_no, at, t0, outcome, r.status, quantity, order_id)
-                unknown = False
-                if outcome == "rate_limited":
-                    ctx.counters.rate_limited += 1
-                    if not retry_429:
-                        return outcome
-                    wait = self._retry_wait(r, 1.0)
-                elif outcome == "not_started":
-                    wait = self.rng.uniform(0.05, 0.2)
-                elif outcome.startswith("http_5"):
+        try:
+            for try_no in range(ctx.mix.retries + 1):
+                if time.monotonic() > ctx.deadline:
+                    break
+                at = ctx.server_ms()
+                t0 = time.perf_counter()
+                wait = 0.0
+                try:
+                    r = await conn.request("POST", path, body=body, headers=headers, timeout=ctx.mix.timeout_s)
+                except asyncio.CancelledError:
+                    unknown = True  # cut off at the deadline mid-request: it may have reserved
+                    raise
+                except HttpError as exc:
+                    outcome = "timeout" if "Timeout" in str(exc) else "conn_error"
+                    self._record(key, try_no, at, t0, outcome, 0, quantity)
                     ctx.counters.errors += 1
-                    wait = self._retry_wait(r, 0.5)
+                    unknown = True
+                    wait = 0.2 * 2 ** try_no * self.rng.uniform(0.5, 1.5)  # back off, then the same key again
                 else:
-                    return outcome
-            if try_no < ctx.mix.retries:
-                await asyncio.sleep(wait)
-        if unknown:
-            self.record.unknown_keys += 1
-        return outcome
+                    outcome = classify(r)
+                    order_id = ""
+                    if r.status in (200, 201):
+                        data = r.json()
+                        order_id = str(data["order_id"])
+                        self.orders[order_id] = int(data["quantity"])
+                        if r.status == 201:
+                            ctx.counters.reserved += 1
+                    self._record(key, try_no, at, t0, outcome, r.status, quantity, order_id)
+                    if r.status < 500:
+                        unknown = False
+                    elif r.error_code != "busy":
+                        unknown = True
+                    if outcome == "rate_limited":
+                        ctx.counters.rate_limited += 1
+                        if not retry_429:
+                            return outcome
+                        wait = self._retry_wait(r, 1.0)
+                    elif outcome == "not_started":
+                        wait = self.rng.uniform(0.05, 0.2)
+                    elif outcome.startswith("http_5"):
+                        ctx.counters.errors += 1
+                        wait = self._retry_wait(r, 0.5)
+                    else:
+                        return outcome
+                if try_no < ctx.mix.retries:
+                    await asyncio.sleep(wait)
+            return outcome
+        finally:  # also when cut off at the deadline while backing off
+            if unknown:
+                self.record.unknown_keys += 1
 
     async def pay(self, conn: Connection, order_id: str) -> None:
         ctx = self.ctx
         headers = {"Authorization": f"Bearer {self.record.token}"}
         answered = False
-        for try_no in range(ctx.mix.retries + 1):
-            if time.monotonic() > ctx.deadline:
-                break
-            at = ctx.server_ms()
-            t0 = time.perf_counter()
-            try:
-                r = await conn.request("POST", f"/api/orders/{order_id}/pay", headers=headers,
-                                       timeout=ctx.mix.timeout_s)
-            except asyncio.CancelledError:
-                self.record.unknown_pays.append(order_id)
-                raise
-            except HttpError as exc:
-                self._record(order_id, try_no, at, t0, "timeout" if "Timeout" in str(exc) else "conn_error",
-                             0, 0, order_id, kind="pay")
-                await asyncio.sleep(0.2 * 2 ** try_no * self.rng.uniform(0.5, 1.5))
-                continue  # paying again is safe: a paid order answers 200 and is charged once
-            outcome = "paid" if r.status == 200 else f"http_{r.status}_{r.error_code}"
-            self._record(order_id, try_no, at, t0, outcome, r.status, 0, order_id, kind="pay")
-            if r.status == 200:
-                self.record.paid.append(order_id)
-            if r.status != 429 and r.status < 500:
-                answered = True  # a definite answer; a 429 or 5xx leaves it open
-                break
-            await asyncio.sleep(self._retry_wait(r, 0.5))
-        if not answered:
-            self.record.unknown_pays.append(order_id)  # it may have gone through: the verdict allows for it
+        try:
+            for try_no in range(ctx.mix.retries + 1):
+                if time.monotonic() > ctx.deadline:
+                    break
+                at = ctx.server_ms()
+                t0 = time.perf_counter()
+                try:
+                    r = await conn.request("POST", f"/api/orders/{order_id}/pay", headers=headers,
+                                           timeout=ctx.mix.timeout_s)
+                except HttpError as exc:
+                    self._record(order_id, try_no, at, t0, "timeout" if "Timeout" in str(exc) else "conn_error",
+                                 0, 0, order_id, kind="pay")
+                    await asyncio.sleep(0.2 * 2 ** try_no * self.rng.uniform(0.5, 1.5))
+                    continue  # paying again is safe: a paid order answers 200 and is charged once
+                outcome = "paid" if r.status == 200 else f"http_{r.status}_{r.error_code}"
+                self._record(order_id, try_no, at, t0, outcome, r.status, 0, order_id, kind="pay")
+                if r.status == 200:
+                    self.record.paid.append(order_id)
+                if r.status != 429 and r.status < 500:
+                    answered = True  # a definite answer; a 429 or 5xx leaves it open
+                    break
+                await asyncio.sleep(self._retry_wait(r, 0.5))
+        finally:  # also when cut off at the deadline
+            if not answered:
+                self.record.unknown_pays.append(order_id)  # it may have gone through: the verdict allows for it
 
     def _retry_wait(self, r: Response, default: float) -> float:
         """1 to 1.5 times the server's Retry-After, as the room page waits: a crowd told "retry in

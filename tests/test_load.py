@@ -13,8 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from load.buyers import assign_styles
-from load.http import Response
+import asyncio
+import time
+
+from load.buyers import BuyContext, Buyer, assign_styles
+from load.http import HttpError, Response, Target
 from load.messages import Attempt, BuyerMix, BuyerRecord
 from load.stats import Histogram, percentile, summary
 from load.verify import demand, fold, verdict
@@ -153,3 +156,67 @@ async def test_the_verdict_fails_on_oversell_and_on_sql_drift() -> None:
     checks, facts = await verdict(drifted, good_sale, records, attempts, 2, 4, 0.6, [0])  # type: ignore[arg-type]
     assert [c.name for c in checks if not c.ok] == ["redis_equals_sql"]
     assert facts["sql_units"] == 1
+
+
+class ScriptedConnection:
+    """Stands in for one buyer's HTTP connection: answers each request with the next scripted
+    response (an HttpError is raised, as a timeout is)."""
+
+    def __init__(self, answers: list[Response | HttpError]) -> None:
+        self.answers = answers
+
+    async def request(self, method: str, path: str, **_: object) -> Response:
+        answer = self.answers.pop(0)
+        if isinstance(answer, HttpError):
+            raise answer
+        return answer
+
+
+def _error(status: int, code: str) -> Response:
+    return Response(status, {"retry-after": "0"}, json.dumps({"error": code, "message": code}).encode())
+
+
+def _buyer(retries: int = 3) -> Buyer:
+    ctx = BuyContext(target=Target("127.0.0.1", 1, "127.0.0.1:1"), sale_id="sale_x", starts_at_ms=0,
+                     offset_ms=0.0, limit=2, mix=BuyerMix(retries=retries, timeout_s=1.0),
+                     deadline=time.monotonic() + 60)
+    return Buyer(ctx, 0, BuyerRecord("usr_a", "t", "normal"), random.Random(1))
+
+
+TIMEOUT = HttpError("Timeout reading the answer")
+ORDER = Response(200, {}, json.dumps({"order_id": "ord_1", "quantity": 1}).encode())
+
+
+@pytest.mark.parametrize(("answers", "unknown"), [
+    ([TIMEOUT, _error(503, "unavailable"), _error(503, "unavailable"), _error(503, "unavailable")], 1),
+    ([_error(503, "unavailable")] * 4, 1),  # a 503 after the script may have run it
+    ([_error(503, "busy")] * 4, 0),  # shed before the script
+    ([TIMEOUT, _error(503, "busy"), _error(503, "busy"), _error(503, "busy")], 1),  # busy settles nothing
+    ([TIMEOUT, ORDER], 0),  # the retry got the order the lost answer made
+    ([TIMEOUT, _error(409, "sold_out")], 0),  # a used key would have been answered 200: it made none
+])
+async def test_a_key_stays_unanswered_until_an_answer_settles_it(answers: list[Response | HttpError],
+                                                                 unknown: int) -> None:
+    buyer = _buyer()
+    await buyer.buy(ScriptedConnection(list(answers)), "k1", 1)  # type: ignore[arg-type]
+    assert buyer.record.unknown_keys == unknown
+
+
+async def test_a_buyer_cut_off_while_backing_off_counts_its_key_unanswered() -> None:
+    buyer = _buyer()
+    task = asyncio.create_task(buyer.buy(ScriptedConnection([TIMEOUT] * 4), "k1", 1))  # type: ignore[arg-type]
+    await asyncio.sleep(0.05)  # the first try timed out; now it backs off
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert buyer.record.unknown_keys == 1
+
+
+async def test_below_demand_nobody_may_be_told_the_stock_ran_short() -> None:
+    records = [BuyerRecord("usr_a", "ta", "normal"), BuyerRecord("usr_b", "tb", "normal")]
+    attempts = [Attempt(0, "k1", 0, 0.0, 1.0, "reserved", 201, 1, "ord_1"),
+                Attempt(1, "k2", 0, 0.0, 1.0, "sold_out", 409, 1)]
+    sale = {"id": "sale_x", "stock": 100, "sold": 1, "remaining": 99, "reserved": 1, "paid": 0}
+    pool = FakeOrders({"ta": [_order("ord_1", 1)]})
+    checks, _ = await verdict(pool, sale, records, attempts, 2, 4, 1.0, [99])  # type: ignore[arg-type]
+    assert [c.name for c in checks if not c.ok] == ["sold_equals_demand"]

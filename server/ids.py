@@ -8,7 +8,7 @@ from __future__ import annotations
 import re
 import secrets
 
-_ID_RE = re.compile(r"^[a-z]{1,5}_[a-z2-7]{26}$")
+_ID_RE = re.compile(r"[a-z]{1,5}_[a-z2-7]{26}")
 _ALPHABET = "abcdefghijklmnopqrstuvwxyz234567"  # RFC 4648 base32, lower case
 _PAIRS = [_ALPHABET[i >> 5] + _ALPHABET[i & 31] for i in range(1024)]  # two characters per 10 bits
 
@@ -27,4 +27,4 @@ def new_id(prefix: str) -> str:
 
 
 def looks_like_id(value: str, prefix: str) -> bool:
-    return value.startswith(prefix + "_") and _ID_RE.match(value) is not None
+    return value.startswith(prefix + "_") and _ID_RE.fullmatch(value) is not None  # no trailing newline

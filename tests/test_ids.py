@@ -23,6 +23,7 @@ def test_ids_are_well_formed_and_distinct() -> None:
     made = [ids.new_id("sale") for _ in range(2000)]
     assert len(set(made)) == len(made)
     assert all(ids.looks_like_id(i, "sale") for i in made)
+    assert not any(ids.looks_like_id(i + suffix, "sale") for i in made[:5] for suffix in ("\n", " ", "x"))
     orders = [new_order_id(s) for s in made]
     assert [sale_of(o) for o in orders] == made  # an order id names its sale
 

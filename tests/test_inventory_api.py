@@ -245,6 +245,28 @@ async def test_second_sale_while_one_runs_is_sale_running(api: httpx.AsyncClient
     assert [s["id"] for s in listed] == [second["id"], first["id"]]  # newest first
 
 
+async def test_another_hosts_launch_attempts_never_hold_up_the_owners(api: httpx.AsyncClient, shop: Shop,
+                                                                     other: Actor) -> None:
+    """A launch takes the room's lock only once its caller is known to own the room: a stranger
+    spamming launches at it gets 403s and never makes the owner's launch answer `sale_running`."""
+    stop = asyncio.Event()
+
+    async def spam() -> int:
+        n = 0
+        while not stop.is_set() and n < 2000:
+            assert_error(await launch_raw(api, shop, other.token), 403, "not_owner")
+            n += 1
+        return n
+    spammers = [asyncio.create_task(spam()) for _ in range(4)]
+    try:
+        for _ in range(5):
+            sale = await launch(api, shop)  # 201 every time
+            await end_sale(api, shop, sale["id"])
+    finally:
+        stop.set()
+        assert all(n > 0 for n in await asyncio.gather(*spammers))
+
+
 async def test_concurrent_launches_in_one_room_start_one_sale(api: httpx.AsyncClient, shop: Shop) -> None:
     # Several rooms, ten launches at once in each: every room must end up with one running sale.
     # Found by this suite (the check for a running sale and the launch interleaved, so 2-5 sales

@@ -42,7 +42,7 @@ async def list_rooms(call: Call[None]) -> list[RoomOut]:
             raise Unprocessable("status must be scheduled, live or ended", field="status")
         stmt = stmt.where(Room.status == status)
     raw_limit = q.get("limit", "50")
-    if not (raw_limit.isascii() and raw_limit.isdigit()) or not 1 <= int(raw_limit) <= 100:
+    if not (len(raw_limit) <= 3 and raw_limit.isascii() and raw_limit.isdigit()) or not 1 <= int(raw_limit) <= 100:
         raise Unprocessable("limit must be an integer from 1 to 100", field="limit")
     if (host_id := q.get("host_id")) is not None:
         if not looks_like_id(host_id, "usr"):

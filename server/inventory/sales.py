@@ -114,6 +114,8 @@ class SaleService:
         return sale_out(sale_id, await self._state(sale_id))
 
     async def launch(self, me: Principal, room_id: str, body: SaleIn) -> SaleOut:
+        async with self.db() as db:  # the owner's room, before its lock: nobody else may hold it
+            await get_owned_room(db, room_id, me)
         async with self.rooms.store.launch_lock(room_id, lease_s=LAUNCH_LEASE_S):
             try:
                 async with asyncio.timeout(LAUNCH_TIMEOUT_S):  # ends well inside the lock's lease

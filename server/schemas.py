@@ -18,13 +18,16 @@ Username = Annotated[str, Meta(min_length=3, max_length=32, pattern=r"^[A-Za-z0-
 Password = Annotated[str, Meta(min_length=8, max_length=128)]
 DisplayName = Annotated[str, Meta(min_length=1, max_length=32)]
 Title = Annotated[str, Meta(min_length=1, max_length=120)]
-Description = Annotated[str, Meta(max_length=2000)]
+# Text kept as sent (line breaks and all) but never a NUL, which PostgreSQL cannot store.
+Description = Annotated[str, Meta(max_length=2000, pattern=r"^[^\x00]*\Z")]
 PriceCents = Annotated[int, Meta(ge=1, le=100_000_000, description="integer cents")]
 BasisPoints = Annotated[int, Meta(ge=0, le=10_000, description="basis points: 2000 = 20%")]
 # http(s) URLs only, so a `javascript:` URL can never reach an href or src.
-WebUrl = Annotated[str, Meta(max_length=2048, pattern=r"^https?://[^\s]+\Z")]
-# Images may also be served by this app (a path starting with one slash).
-ImageUrl = Annotated[str, Meta(max_length=2048, pattern=r"^(https?://[^\s]+|/[^/\s][^\s]*)\Z")]
+WebUrl = Annotated[str, Meta(max_length=2048, pattern=r"^https?://[^\s\x00-\x1f\x7f]+\Z")]
+# Images may also be served by this app (a path starting with one slash, and no backslash after it:
+# browsers read `/\host` as another host).
+ImageUrl = Annotated[str, Meta(max_length=2048,
+                                pattern=r"^(https?://[^\s\x00-\x1f\x7f]+|/[^/\\\s\x00-\x1f\x7f][^\s\x00-\x1f\x7f]*)\Z")]
 Timestamp = Annotated[str, Meta(description="ISO 8601, UTC")]
 
 
@@ -52,7 +55,7 @@ class RegisterIn(Input):
 
 
 class LoginIn(Input):
-    username: Annotated[str, Meta(min_length=1, max_length=64)]
+    username: Annotated[str, Meta(min_length=1, max_length=64, pattern=r"^[^\x00]*\Z")]
     password: Annotated[str, Meta(min_length=1, max_length=128)]
 
 

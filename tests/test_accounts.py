@@ -200,6 +200,7 @@ async def test_guest_accounts_cannot_log_in(api: httpx.AsyncClient) -> None:
     ({"username": "someone", "password": ""}, "password"),
     ({"username": 1, "password": PASSWORD}, "username"),
     ({"username": "someone", "password": PASSWORD, "remember": True}, "remember"),
+    ({"username": "some\u0000one", "password": PASSWORD}, "username"),  # PostgreSQL text holds no NUL
 ])
 async def test_login_validation_names_the_field(api: httpx.AsyncClient, body: dict[str, Any], field: str) -> None:
     assert_error(await api.post("/api/auth/login", json=body), 422, "invalid", field)

@@ -85,8 +85,11 @@ async def test_anonymous_cannot_create_products(api: httpx.AsyncClient) -> None:
     ({"name": 5}, "name"),
     ({"description": "d" * 2001}, "description"),
     ({"description": None}, "description"),
+    ({"description": "tea\u0000"}, "description"),  # PostgreSQL text holds no NUL
     ({"image_url": "javascript:alert(1)"}, "image_url"),
     ({"image_url": "JavaScript:alert(1)//http://x"}, "image_url"),
+    ({"image_url": "/\\evil.example/x.png"}, "image_url"),  # browsers read /\ as //
+    ({"image_url": "/static/tea\u0000.png"}, "image_url"),
     ({"image_url": "data:image/svg+xml;base64,PHN2Zz4="}, "image_url"),
     ({"image_url": "//evil.example/x.png"}, "image_url"),
     ({"image_url": "ftp://files.example/x.png"}, "image_url"),

@@ -52,6 +52,7 @@ async def test_create_room_with_stream_url(api: httpx.AsyncClient, host: dict[st
 @pytest.mark.parametrize(("body", "field"), [
     ({"title": "t", "stream_url": "javascript:alert(1)"}, "stream_url"),
     ({"title": "t", "stream_url": "ftp://stream.example/x"}, "stream_url"),
+    ({"title": "t", "stream_url": "https://stream.example/\u0000"}, "stream_url"),
     ({"title": "t", "stream_url": "rtmp://stream.example/live"}, "stream_url"),
     ({"title": "t", "stream_url": "/relative/path"}, "stream_url"),
     ({"title": "t", "stream_url": "//stream.example/x"}, "stream_url"),

@@ -8,7 +8,7 @@ from typing import Any
 import msgspec
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
-from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.exc import DataError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as SATimeoutError
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
@@ -59,6 +59,13 @@ async def on_unavailable(request: Request, exc: Exception) -> Response:
                           headers={"Retry-After": "1"})
 
 
+async def on_data_error(request: Request, exc: Exception) -> Response:
+    # A value the database cannot hold or compare (PostgreSQL: a NUL in text, a number out of its
+    # range) that validation let through: the request's fault, and nothing was written.
+    log.warning("database refused a value on %s: %s", request.url.path, type(exc.__cause__ or exc).__name__)
+    return error_response(422, "invalid", "a value in this request cannot be stored")
+
+
 async def on_client_gone(request: Request, exc: Exception) -> Response:
     # The client hung up while sending its body: nobody will read this answer.
     return error_response(400, "client_disconnected", "the client went away")
@@ -77,6 +84,7 @@ EXCEPTION_HANDLERS: dict[Any, Any] = {
     RedisTimeoutError: on_unavailable,
     SATimeoutError: on_unavailable,
     OperationalError: on_unavailable,
+    DataError: on_data_error,
     InterfaceError: on_unavailable,
     Exception: on_unexpected,
 }

@@ -4,10 +4,7 @@ security headers every response carries."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Awaitable, Callable
-
-from starlette.requests import Request
-from starlette.responses import FileResponse, Response
+from starlette.responses import FileResponse
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -18,7 +15,7 @@ CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' 
        "media-src 'self' blob: https: http:; connect-src 'self'; object-src 'none'; base-uri 'none'; "
        "frame-ancestors 'none'; form-action 'self'")
 
-_HEADERS = [
+SECURITY_HEADERS = [
     (b"x-content-type-options", b"nosniff"),
     (b"referrer-policy", b"same-origin"),
     (b"x-frame-options", b"DENY"),
@@ -39,21 +36,39 @@ class SecurityHeaders:
 
         async def send_with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":
-                message["headers"] = list(message.get("headers", [])) + _HEADERS
+                message["headers"] = list(message.get("headers", [])) + SECURITY_HEADERS
             await send(message)
 
         await self.app(scope, receive, send_with_headers)
 
 
-def routes(static_dir: Path) -> list[BaseRoute]:
-    def page(name: str) -> Callable[[Request], Awaitable[Response]]:
-        async def serve(request: Request) -> Response:
-            return FileResponse(static_dir / name, media_type="text/html", headers={"Cache-Control": "no-cache"})
-        return serve
+def _whole(scope: Scope) -> Scope:
+    """The request without Range headers: pages and static files are small and always sent whole
+    (Starlette would answer a bad range with a plain-text 400 or 416; every error here is JSON)."""
+    return {**scope, "headers": [(k, v) for k, v in scope["headers"] if k not in (b"range", b"if-range")]}
 
+
+class _Page:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        response = FileResponse(self.path, media_type="text/html", headers={"Cache-Control": "no-cache"})
+        await response(_whole(scope), receive, send)
+
+
+class _Static:
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self.app(_whole(scope) if scope["type"] == "http" else scope, receive, send)
+
+
+def routes(static_dir: Path) -> list[BaseRoute]:
     return [
-        Route("/", page("index.html"), methods=["GET"]),
-        Route("/rooms/{room_id}", page("room.html"), methods=["GET"]),
-        Route("/console", page("console.html"), methods=["GET"]),
-        Mount("/static", StaticFiles(directory=static_dir, check_dir=False), name="static"),
+        Route("/", _Page(static_dir / "index.html"), methods=["GET"]),
+        Route("/rooms/{room_id}", _Page(static_dir / "room.html"), methods=["GET"]),
+        Route("/console", _Page(static_dir / "console.html"), methods=["GET"]),
+        Mount("/static", _Static(StaticFiles(directory=static_dir, check_dir=False)), name="static"),
     ]

@@ -13,6 +13,9 @@ from typing import Any, AsyncIterator
 import httpx
 import pytest
 
+from starlette.requests import Request
+
+from server.api.responses import on_unexpected
 from tests.inventory_support import api_client, launch, new_shop, settle_tracked
 from tests.support import REPO, ServerProcess, create_room, register
 
@@ -344,6 +347,28 @@ async def test_pages_send_a_content_security_policy(server: ServerProcess) -> No
             csp = r.headers["content-security-policy"]
             assert "script-src 'self'" in csp and "object-src 'none'" in csp
             assert r.headers["x-content-type-options"] == "nosniff"
+
+
+@pytest.mark.parametrize("range_header", ["bytes=abc", "bytes=5-1", "bytes=999999999-"])
+async def test_pages_and_static_files_are_sent_whole_whatever_the_range(server: ServerProcess,
+                                                                        range_header: str) -> None:
+    async with httpx.AsyncClient(base_url=server.url) as client:
+        for path in ("/", "/console", "/static/js/live.js"):
+            whole = await client.get(path)
+            r = await client.get(path, headers={"Range": range_header})
+            assert (r.status_code, r.content) == (200, whole.content), (path, r.status_code, r.text[:100])
+        r = await client.post("/console")
+        assert r.status_code == 405 and r.json()["error"] == "method_not_allowed", r.text
+
+
+async def test_an_unexpected_error_still_carries_the_security_headers() -> None:
+    """The 500 is answered outside the SecurityHeaders middleware, so its handler adds them."""
+    request = Request({"type": "http", "method": "GET", "path": "/x", "headers": [], "query_string": b""})
+    response = await on_unexpected(request, RuntimeError("a bug"))
+    assert response.status_code == 500 and json.loads(bytes(response.body)) == {
+        "error": "internal", "message": "internal server error"}
+    assert "script-src 'self'" in response.headers["content-security-policy"]
+    assert response.headers["x-frame-options"] == "DENY"
 
 
 def test_screenshots_are_kept_in_docs() -> None:

@@ -15,6 +15,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
 from server.errors import ApiError
+from server.pages import SECURITY_HEADERS
 
 log = logging.getLogger("livesale.api")
 
@@ -73,7 +74,9 @@ async def on_client_gone(request: Request, exc: Exception) -> Response:
 
 async def on_unexpected(request: Request, exc: Exception) -> Response:
     log.exception("unhandled error on %s", request.url.path)
-    return error_response(500, "internal", "internal server error")
+    # Answered by Starlette's outermost middleware, outside SecurityHeaders: add them here.
+    return error_response(500, "internal", "internal server error",
+                          headers={k.decode(): v.decode() for k, v in SECURITY_HEADERS})
 
 
 EXCEPTION_HANDLERS: dict[Any, Any] = {

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass
 
 from redis.asyncio import Redis
@@ -24,9 +25,25 @@ class Limit:
 # The limits of the product, in one place (see docs/reliability.md).
 CHAT = Limit("chat", per_second=2, burst=5)
 LOGIN_PER_IP = Limit("login-ip", per_second=0.2, burst=10)  # slow brute force: 12 a minute after a burst
+# Per account, whatever the addresses: guesses at one password from many machines stay slow.
+LOGIN_PER_ACCOUNT = Limit("login-account", per_second=0.1, burst=20)
 REGISTER_PER_IP = Limit("register-ip", per_second=0.5, burst=20)
 PURCHASE_PER_USER = Limit("buy-user", per_second=5, burst=10)
 PURCHASE_PER_IP = Limit("buy-ip", per_second=200, burst=400)  # many buyers may share one NAT
+
+
+def address_key(ip: str) -> str:
+    """The subject of a per-address limit: an IPv4 address, or an IPv6 address's /64 (one
+    subscriber's network: the 2^64 addresses in it are one client's to choose from)."""
+    try:
+        address = ipaddress.ip_address(ip)
+    except ValueError:
+        return ip
+    if address.version == 4:
+        return ip
+    if address.ipv4_mapped is not None:
+        return str(address.ipv4_mapped)
+    return str(ipaddress.ip_network(f"{address}/64", strict=False))
 
 
 class Gate:

@@ -10,6 +10,7 @@ per-address limits are tried on B while accounts are made on A.
 from __future__ import annotations
 
 import asyncio
+import secrets
 import email.utils
 import sqlite3
 import time
@@ -335,6 +336,37 @@ async def test_logins_are_limited_per_address(pair: tuple[ServerProcess, ServerP
     for _ in range(3):
         r = await apis[0].post("/api/auth/login", json=body)
         assert r.status_code == 200, r.text
+
+
+async def test_guessing_one_password_from_many_addresses_is_limited_per_account(
+        pair: tuple[ServerProcess, ServerProcess], apis: tuple[httpx.AsyncClient, httpx.AsyncClient]) -> None:
+    """20 tries at once per account, then one every 10 s, whatever the addresses (here each try from
+    another one, as the proxy on 127.0.0.1 reports it)."""
+    user = await register(apis[0], "viewer", password=PASSWORD)
+    codes = []
+    for i in range(24):
+        r = await apis[1].post("/api/auth/login", json={"username": user["username"], "password": "wrong guess"},
+                               headers={"X-Forwarded-For": f"198.51.100.{i + 1}"})
+        codes.append(r.status_code)
+    assert codes[:20] == [401] * 20 and codes[-1] == 429, codes
+    r = await apis[1].post("/api/auth/login", json={"username": user["username"], "password": PASSWORD},
+                           headers={"X-Forwarded-For": "198.51.100.99"})
+    assert r.status_code == 429 and int(r.headers["retry-after"]) <= 10, r.text  # the right one waits too
+
+
+async def test_an_ipv6_client_is_limited_by_its_64_not_per_address(
+        pair: tuple[ServerProcess, ServerProcess], apis: tuple[httpx.AsyncClient, httpx.AsyncClient]) -> None:
+    """Guest sign-ups: 20 at once per address; every address of one /64 is one client's."""
+    prefix = "2001:db8:%x:%x" % (secrets.randbelow(1 << 16), secrets.randbelow(1 << 16))
+    codes = Counter()
+    for i in range(24):
+        r = await apis[1].post("/api/auth/guest", json={"name": f"six{i}"},
+                               headers={"X-Forwarded-For": f"{prefix}::{i + 1:x}"})
+        codes[r.status_code] += 1
+    assert codes[201] <= 21 and codes[429] >= 3, codes
+    r = await apis[1].post("/api/auth/guest", json={"name": "next door"},
+                           headers={"X-Forwarded-For": f"{prefix[:-1]}{'0' if prefix[-1] != '0' else '1'}::1"})
+    assert r.status_code == 201, r.text  # another /64 is another client
 
 
 async def test_like_frames_per_user_hold_across_processes(pair: tuple[ServerProcess, ServerProcess],

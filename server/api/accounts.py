@@ -19,7 +19,7 @@ from server.auth import COOKIE_NAME, hash_password, verify_password
 from server.errors import Conflict, NotFound, Unauthorized
 from server.ids import new_id
 from server.models import User
-from server.ratelimit import LOGIN_PER_IP, REGISTER_PER_IP, Limit
+from server.ratelimit import LOGIN_PER_ACCOUNT, LOGIN_PER_IP, REGISTER_PER_IP, Limit, address_key
 from server.schemas import AuthOut, GuestIn, LoginIn, RegisterIn, UserOut
 
 router = Router("accounts")
@@ -28,7 +28,7 @@ router = Router("accounts")
 async def _limit_ip(call: Call[Any], limit: Limit) -> None:
     ip = call.request.client.host if call.request.client else "unknown"
     if ip not in call.services.settings.rate_limit_exempt_ips:
-        await call.services.limiter.check(limit, ip)
+        await call.services.limiter.check(limit, address_key(ip))
 
 
 def user_out(user: User) -> UserOut:
@@ -71,6 +71,7 @@ async def register(call: Call[RegisterIn]) -> Response:
 async def login(call: Call[LoginIn]) -> Response:
     """Log in with username and password (slowed per address against brute force)."""
     await _limit_ip(call, LOGIN_PER_IP)
+    await call.services.limiter.check(LOGIN_PER_ACCOUNT, call.body.username.lower())
     async with call.services.db() as db:
         user = await db.scalar(select(User).where(User.username == call.body.username.lower()))
     ok = await verify_password(user.password_hash if user else None, call.body.password)

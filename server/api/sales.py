@@ -12,7 +12,7 @@ from server.inventory import ledger
 from server.inventory.sales import sale_out
 from server.inventory.schemas import EarningsOut, LedgerLine, OrderOut, PurchaseIn, SaleIn, SaleOut
 from server.inventory.tables import Sale
-from server.ratelimit import Gate
+from server.ratelimit import Gate, address_key
 
 router = Router("sales")
 
@@ -67,7 +67,7 @@ async def purchase(call: Call[PurchaseIn]) -> tuple[int, OrderOut]:
     with PURCHASE_GATE:
         return await call.services.sales.purchase(
             call.me, call.param("sale_id"), key, call.body,
-            None if ip in call.services.settings.rate_limit_exempt_ips else ip)
+            None if ip in call.services.settings.rate_limit_exempt_ips else address_key(ip))
 
 
 @router.endpoint("GET", "/api/orders", auth="user", response=list[OrderOut])

@@ -149,6 +149,20 @@ async def test_likes_faster_than_20_a_second_are_closed_with_1008(server: Server
         assert errors_in(events) == []
 
 
+async def test_pings_are_answered_up_to_30_at_once_and_a_flood_is_closed_with_1008(
+        server: ServerProcess, room: dict[str, Any]) -> None:
+    async with open_viewer(server.url, room["id"]) as v:
+        for _ in range(20):  # a clock sync's worth, and more
+            await v.send({"type": "ping"})
+        for _ in range(20):
+            await v.expect(lambda e: e["type"] == "pong", what="a pong")
+        for _ in range(40):
+            await v.send({"type": "ping"})
+        events, close = await v.expect_close()
+        assert close is not None and close.code == 1008 and close.reason == "pings too fast", close
+        assert errors_in(events) == []
+
+
 async def test_anonymous_viewers_cannot_chat_or_like(server: ServerProcess, room: dict[str, Any],
                                                     user: dict[str, Any]) -> None:
     async with open_viewer(server.url, room["id"]) as anon, \

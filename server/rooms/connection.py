@@ -129,6 +129,9 @@ async def _read(ws: WebSocket, conn: Connection, services: Services) -> None:
             _bad(conn, "malformed_json", "a frame must be one JSON object")
             continue
         if isinstance(msg, protocol.PingIn):
+            if not conn.pings.take():
+                conn.close(protocol.POLICY, "pings too fast")
+                continue
             conn.offer(protocol.batch([protocol.encode(protocol.Pong(ts=int(time.time() * 1000)))]))
         elif isinstance(msg, protocol.LikeIn):
             _like(conn, msg, services)

@@ -44,6 +44,7 @@ QUEUE_FRAMES = int(os.environ.get("LIVESALE_WS_QUEUE_FRAMES", "64"))
 EARLY_FRAMES = 256
 SEND_TIMEOUT_S = 10.0  # a send that cannot complete in this long means a dead or stalled peer
 STALL_CHECK_S = 1.0
+PINGS_PER_S, PINGS_BURST = 10, 30
 
 MetaLoader = Callable[[str], Awaitable[dict[str, Any] | None]]
 SaleLoader = Callable[[str], Awaitable[dict[str, Any] | None]]
@@ -74,7 +75,7 @@ class TokenBucket:
 
 class Connection:
     """One viewer's socket: a bounded queue of frames, drained by its writer task."""
-    __slots__ = ("id", "room_id", "principal", "is_host", "queue", "ready", "early", "closed", "likes_bucket",
+    __slots__ = ("id", "room_id", "principal", "is_host", "queue", "ready", "early", "closed", "likes_bucket", "pings",
                  "strikes", "writer", "sending_since", "__weakref__")
 
     def __init__(self, room_id: str, principal: Principal | None, is_host: bool) -> None:
@@ -87,6 +88,8 @@ class Connection:
         self.early: list[str | Close] = []  # what came before the welcome: frames, perhaps a close
         self.closed = False
         self.likes_bucket = TokenBucket(rate=20, burst=20)
+        # Pings: a client syncs its clock with a few, then sends one every 15 s; each costs a pong.
+        self.pings = TokenBucket(rate=PINGS_PER_S, burst=PINGS_BURST)
         # Abuse counter: invalid frames and refused messages; decays 1 per second.
         self.strikes = TokenBucket(rate=1, burst=20)
         # The writer task, and when its current send began (0: not sending). A send waits only

@@ -35,11 +35,11 @@ PURCHASE_PER_IP = Limit("buy-ip", per_second=200, burst=400)  # many buyers may 
 def address_key(ip: str) -> str:
     """The subject of a per-address limit: an IPv4 address, or an IPv6 address's /64 (one
     subscriber's network: the 2^64 addresses in it are one client's to choose from)."""
-    try:
-        address = ipaddress.ip_address(ip)
-    except ValueError:
+    if ":" not in ip:  # IPv4 (or no address at all): as it is, without parsing on every purchase
         return ip
-    if address.version == 4:
+    try:
+        address = ipaddress.IPv6Address(ip)
+    except ValueError:
         return ip
     if address.ipv4_mapped is not None:
         return str(address.ipv4_mapped)

@@ -69,7 +69,7 @@ async def register(call: Call[RegisterIn]) -> Response:
 
 @router.endpoint("POST", "/api/auth/login", body=LoginIn, response=AuthOut, errors=(401, 429))
 async def login(call: Call[LoginIn]) -> Response:
-    """Log in with username and password (slowed per address against brute force)."""
+    """Log in with username and password (slowed per address and per account against brute force)."""
     await _limit_ip(call, LOGIN_PER_IP)
     await call.services.limiter.check(LOGIN_PER_ACCOUNT, call.body.username.lower())
     async with call.services.db() as db:

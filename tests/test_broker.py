@@ -224,17 +224,24 @@ async def test_presence_lost_in_an_outage_is_restored_by_the_heartbeat(layer: La
     assert [m.decode() for m in members] == [staying.id]
 
 
-async def counts_told(hub: Hub, conn: Connection) -> list[str]:
-    """Tick until this process's count publishing is done; the viewers frames the viewer got."""
+async def counts_told(hub: Hub, conn: Connection, settle_s: float = 0.5) -> list[str]:
+    """Tick until this process's count publishing is done and whatever it published had `settle_s`
+    to come back through Redis; the viewers frames the viewer got meanwhile."""
     room = hub.rooms[conn.room_id]
     frames: list[str | Close] = []
-    for _ in range(40):
+    loop = asyncio.get_running_loop()
+    deadline, quiet_since = loop.time() + 10, None
+    while loop.time() < deadline:
         room.viewers_at = 0.0  # no once-a-second spacing here
         hub.tick()
         await asyncio.sleep(0.05)
         hub.tick()  # deliver what the publish brought back
         frames += drain(conn)
-        if not (room.viewers_dirty or room.recount or room.viewers_busy):
+        if room.viewers_dirty or room.recount or room.viewers_busy:
+            quiet_since = None
+        elif quiet_since is None:
+            quiet_since = loop.time()
+        elif loop.time() - quiet_since >= settle_s:
             break
     return [f for f in frames if isinstance(f, str) and '"viewers"' in f]
 

@@ -205,7 +205,11 @@ async def test_a_key_stays_unanswered_until_an_answer_settles_it(answers: list[R
 async def test_a_buyer_cut_off_while_backing_off_counts_its_key_unanswered() -> None:
     buyer = _buyer()
     task = asyncio.create_task(buyer.buy(ScriptedConnection([TIMEOUT] * 4), "k1", 1))  # type: ignore[arg-type]
-    await asyncio.sleep(0.05)  # the first try timed out; now it backs off
+    for _ in range(100):  # until the first try timed out; then it backs off (0.1 s at least)
+        if buyer.ctx.attempts:
+            break
+        await asyncio.sleep(0.001)
+    assert buyer.ctx.attempts and not task.done()
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task

@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 from redis.asyncio import Redis
+from redis.asyncio.client import PubSub
 
 from server.auth import REVOKED_KEY, Principal, Sessions
 from server.embedded_redis import EmbeddedRedis
@@ -122,15 +123,14 @@ async def test_a_room_joined_while_a_subscribe_is_under_way_is_subscribed_too(
     meanwhile must reach Redis as well, not be taken for subscribed."""
     first, second = new_id("room"), new_id("room")
     started = asyncio.Event()
-    pubsub_class = type(layer.broker._listen_client.pubsub())  # noqa: SLF001
-    ssubscribe = pubsub_class.ssubscribe
+    ssubscribe = PubSub.ssubscribe
 
     async def slow_ssubscribe(self: Any, *args: Any, **kwargs: Any) -> Any:
         if any(first.encode() in (a if isinstance(a, bytes) else str(a).encode()) for a in args):
             started.set()
             await asyncio.sleep(0.2)
         return await ssubscribe(self, *args, **kwargs)
-    monkeypatch.setattr(pubsub_class, "ssubscribe", slow_ssubscribe)
+    monkeypatch.setattr(PubSub, "ssubscribe", slow_ssubscribe)
     joining = asyncio.create_task(layer.broker.subscribe(first))
     await asyncio.wait_for(started.wait(), 5)
     await asyncio.wait_for(asyncio.gather(joining, layer.broker.subscribe(second)), 5)

@@ -12,6 +12,7 @@ import asyncio
 import random
 import secrets
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from load.http import Connection, HttpError, Response, Target
@@ -37,6 +38,11 @@ def retry_after(r: Response, default: float) -> float:
         return min(MAX_RETRY_AFTER_S, float(r.headers.get("retry-after", default)))
     except ValueError:
         return default
+
+
+def _lost(exc: HttpError) -> str:
+    """The outcome of a try whose answer never came."""
+    return "timeout" if "Timeout" in str(exc) else "conn_error"
 
 
 def classify(r: Response) -> str:
@@ -137,11 +143,7 @@ class Buyer:
         outcome = "none"
         unknown = False
         try:
-            for try_no in range(ctx.mix.retries + 1):
-                if time.monotonic() > ctx.deadline:
-                    break
-                at = ctx.server_ms()
-                t0 = time.perf_counter()
+            for try_no, at, t0 in self._tries():
                 wait = 0.0
                 try:
                     r = await conn.request("POST", path, body=body, headers=headers, timeout=ctx.mix.timeout_s)
@@ -149,11 +151,11 @@ class Buyer:
                     unknown = True  # cut off at the deadline mid-request: it may have reserved
                     raise
                 except HttpError as exc:
-                    outcome = "timeout" if "Timeout" in str(exc) else "conn_error"
+                    outcome = _lost(exc)
                     self._record(key, try_no, at, t0, outcome, 0, quantity)
                     ctx.counters.errors += 1
                     unknown = True
-                    wait = 0.2 * 2 ** try_no * self.rng.uniform(0.5, 1.5)  # back off, then the same key again
+                    wait = self._backoff(try_no)  # then the same key again
                 else:
                     outcome = classify(r)
                     order_id = ""
@@ -192,18 +194,13 @@ class Buyer:
         headers = {"Authorization": f"Bearer {self.record.token}"}
         answered = False
         try:
-            for try_no in range(ctx.mix.retries + 1):
-                if time.monotonic() > ctx.deadline:
-                    break
-                at = ctx.server_ms()
-                t0 = time.perf_counter()
+            for try_no, at, t0 in self._tries():
                 try:
                     r = await conn.request("POST", f"/api/orders/{order_id}/pay", headers=headers,
                                            timeout=ctx.mix.timeout_s)
                 except HttpError as exc:
-                    self._record(order_id, try_no, at, t0, "timeout" if "Timeout" in str(exc) else "conn_error",
-                                 0, 0, order_id, kind="pay")
-                    await asyncio.sleep(0.2 * 2 ** try_no * self.rng.uniform(0.5, 1.5))
+                    self._record(order_id, try_no, at, t0, _lost(exc), 0, 0, order_id, kind="pay")
+                    await asyncio.sleep(self._backoff(try_no))
                     continue  # paying again is safe: a paid order answers 200 and is charged once
                 outcome = "paid" if r.status == 200 else f"http_{r.status}_{r.error_code}"
                 self._record(order_id, try_no, at, t0, outcome, r.status, 0, order_id, kind="pay")
@@ -216,6 +213,18 @@ class Buyer:
         finally:  # also when cut off at the deadline
             if not answered:
                 self.record.unknown_pays.append(order_id)  # it may have gone through: the verdict allows for it
+
+    def _tries(self) -> Iterator[tuple[int, float, float]]:
+        """One request's tries while the run's deadline allows: the try's number, its send time on
+        the server's clock, and the counter its latency is timed from."""
+        for try_no in range(self.ctx.mix.retries + 1):
+            if time.monotonic() > self.ctx.deadline:
+                return
+            yield try_no, self.ctx.server_ms(), time.perf_counter()
+
+    def _backoff(self, try_no: int) -> float:
+        """The wait after a try whose answer was lost: doubling, with jitter."""
+        return 0.2 * 2.0 ** try_no * self.rng.uniform(0.5, 1.5)
 
     def _retry_wait(self, r: Response, default: float) -> float:
         """1 to 1.5 times the server's Retry-After, as the room page waits: a crowd told "retry in

@@ -257,11 +257,15 @@ async def test_a_sale_is_not_settled_by_a_check_that_a_payment_overtook(
 
     async with open_redis(redis_db_url(redis_url, DB_IN_PROCESS), 2) as client:  # the world's, hooked
         ran = after_first_round_trip(client, pay_and_persist)
-        checker = Persister(client, stock, world.db, consumer="checker")
-        settled = await checker.settled(sale_id)
-        assert ran and await captures_due(world, sale_id) == 1
-        assert not settled
-        assert not await checker.settled(sale_id)
+        hooked = Stock(client, world.stock.group.removeprefix("persister:"))  # the checker reads through it
+        checker = Persister(client, hooked, world.db, consumer="checker")
+        try:
+            settled = await checker.settled(sale_id)
+            assert ran and await captures_due(world, sale_id) == 1
+            assert not settled
+            assert not await checker.settled(sale_id)
+        finally:
+            hooked.disconnect()
 
 
 async def test_a_provider_failing_at_capture_fails_no_paid_order_and_holds_up_no_other_capture(

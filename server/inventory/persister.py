@@ -29,7 +29,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from server import clock
 from server.inventory import keys, ledger
-from server.inventory.stock import Stock, parse_state
+from server.inventory.stock import Stock
 from server.inventory.tables import LedgerEntry, Order, Sale
 from server.loops import running
 from server.metrics import PERSISTED
@@ -208,24 +208,15 @@ class Persister:
         order could be paid, its capture left owed and its entry persisted by another jobs
         process, and a sale closed with a capture owed would never get it (late captures visit
         open sales only)."""
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.zcard(keys.captures(sale_id))
-            pipe.hgetall(keys.sale(sale_id))
-            pipe.xinfo_groups(keys.log(sale_id))
-            owed, raw, groups = await pipe.execute(raise_on_error=False)
-        for reply in (owed, raw):
-            if isinstance(reply, Exception):
-                raise reply
-        if owed:
+        books = await self.stock.books(sale_id)
+        if books.captures_owed:
             return False  # also when the sale's hash is gone: the late captures still need the sale open
-        state = parse_state(raw)
+        state = books.state
         if state is None:
             return True
         if state["ended_at"] == 0 or state["reserved"] != 0:
             return False
-        if isinstance(groups, Exception):
-            raise groups
-        group = self.stock.persister_group(groups)
+        group = books.group
         return group is not None and group["pending"] == 0 and group.get("lag") == 0
 
     async def run(self) -> None:

@@ -13,8 +13,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from server.inventory import keys
-from server.inventory.stock import Stock, parse_orders, parse_state
+from server.inventory.stock import Stock
 from server.inventory.tables import Order, Sale
 
 
@@ -48,19 +47,12 @@ async def reconcile(stock: Stock, db: async_sessionmaker[AsyncSession], sale_id:
     report = Report(sale_id)
     # One atomic look at Redis first; SQL is read after, and compared only if nothing was in
     # flight then (a batch committed between two reads would look like a lost order).
-    async with stock.redis.pipeline(transaction=True) as pipe:
-        pipe.hgetall(keys.sale(sale_id))
-        pipe.hgetall(keys.orders(sale_id))
-        pipe.xinfo_groups(keys.log(sale_id))
-        pipe.zcard(keys.captures(sale_id))
-        raw_state, raw_orders, groups, owed = await pipe.execute(raise_on_error=False)
-    state, orders = parse_state(raw_state), parse_orders(raw_orders)
-    if isinstance(groups, Exception):  # no stream yet: nothing was ever logged
-        groups = []
+    books = await stock.books(sale_id, orders=True)
+    state, orders = books.state, books.orders
     if state is None:
         report.problems.append("sale not in Redis")
         return report
-    report.captures_owed = int(owed)
+    report.captures_owed = books.captures_owed
     report.stock, report.remaining = state["stock"], state["remaining"]
     report.reserved, report.paid = state["reserved"], state["paid"]
     if report.remaining < 0:
@@ -75,7 +67,7 @@ async def reconcile(stock: Stock, db: async_sessionmaker[AsyncSession], sale_id:
     _check_holdings(report, state["limit"], ((o["status"], o["quantity"], o["user_id"]) for o in orders.values()),
                     "counters disagree with the orders")
 
-    group = stock.persister_group(groups)
+    group = books.group
     report.unpersisted = (group["pending"] + (group.get("lag") or 0)) if group else 0
     if report.unpersisted:
         return report  # SQL is behind; comparing order by order would only list what is in flight

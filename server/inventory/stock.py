@@ -61,6 +61,15 @@ class Outcome:
     retry_after_ms: int = 0  # when rate_limited
 
 
+@dataclass(frozen=True)
+class Books:
+    """One instant of a sale's bookkeeping in Redis (Stock.books)."""
+    state: dict[str, Any] | None
+    captures_owed: int
+    group: dict[str, Any] | None  # this deployment's persister group; None while the sale has no stream
+    orders: dict[str, dict[str, Any]]  # only when asked for
+
+
 def _outcome(raw: list[Any]) -> Outcome:
     record = msgspec.json.decode(raw[1]) if raw[1] else None
     return Outcome(raw[0].decode(), record, *(int(x) for x in raw[2:]))
@@ -120,6 +129,25 @@ class Stock:
     def persister_group(self, groups: list[dict[str, Any]]) -> dict[str, Any] | None:
         """This deployment's persister group among a sale stream's XINFO GROUPS, if there."""
         return next((g for g in groups if g["name"] in (self.group, self.group.encode())), None)
+
+    async def books(self, sale_id: str, *, orders: bool = False) -> Books:
+        """The sale's hash, its captures owed, this deployment's persister group and, if asked,
+        its orders, read in one transaction: separate reads could straddle a change (a payment
+        landing between them; a batch persisted between them)."""
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hgetall(keys.sale(sale_id))
+            pipe.zcard(keys.captures(sale_id))
+            pipe.xinfo_groups(keys.log(sale_id))
+            if orders:
+                pipe.hgetall(keys.orders(sale_id))
+            replies = await pipe.execute(raise_on_error=False)
+        raw_state, owed, groups, *raw_orders = replies
+        for reply in (raw_state, owed, *raw_orders):
+            if isinstance(reply, Exception):
+                raise reply
+        return Books(state=parse_state(raw_state), captures_owed=int(owed),
+                     group=None if isinstance(groups, ResponseError) else self.persister_group(groups),
+                     orders=parse_orders(raw_orders[0]) if raw_orders else {})
 
     async def ensure_group(self, sale_id: str) -> None:
         try:

@@ -7,6 +7,8 @@ import httpx
 import pytest
 
 from server.embedded_redis import EmbeddedRedis
+from tests.inventory_support import DB_POSTGRES, redis_db_url
+from tests.postgres import Postgres, find_bin_dir
 from tests.support import ServerProcess, cookieless_client, free_port, guest, register
 
 
@@ -20,9 +22,43 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 
 @pytest.fixture(scope="session")
+def postgres() -> Iterator[Postgres]:
+    """One real PostgreSQL for the session, started only if a test asks for it."""
+    bin_dir = find_bin_dir()
+    if bin_dir is None:
+        pytest.skip("PostgreSQL is not installed (apt-get install postgresql, or set LIVESALE_TEST_PG_BIN)")
+    pg = Postgres(bin_dir)
+    try:
+        pg.start()
+        yield pg
+    finally:
+        pg.stop()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+async def sql_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A fresh, empty database: a SQLite file, then a PostgreSQL database (the tests using this run on both)."""
+    if request.param == "sqlite":
+        return f"sqlite+aiosqlite:///{tmp_path / 'test.db'}"
+    pg: Postgres = request.getfixturevalue("postgres")
+    return await pg.new_database()
+
+
+@pytest.fixture(scope="session")
 def server(tmp_path_factory: pytest.TempPathFactory, redis_url: str) -> Iterator[ServerProcess]:
     """A real `livesale serve` shared by the tests that need no private one."""
     with ServerProcess(tmp_path_factory.mktemp("server"), redis_url=redis_url) as proc:
+        yield proc
+
+
+@pytest.fixture(scope="session")
+async def pg_server(tmp_path_factory: pytest.TempPathFactory, redis_url: str,
+                    postgres: Postgres) -> AsyncIterator[ServerProcess]:
+    """A real `livesale serve` whose database is PostgreSQL (and its own Redis database index):
+    modules that declare `server = on_both_databases()` run their tests on it too."""
+    env = {"DATABASE_URL": await postgres.new_database("srv")}
+    with ServerProcess(tmp_path_factory.mktemp("pg-server"), redis_url=redis_db_url(redis_url, DB_POSTGRES),
+                       env=env) as proc:
         yield proc
 
 

@@ -51,6 +51,7 @@ DB_IN_PROCESS = 9
 DB_WORKERS2 = 10
 DB_CRASH = 11
 DB_SPARE = 12
+DB_POSTGRES = 13  # the session's server on PostgreSQL (conftest's `pg_server`)
 
 PERSIST_TIMEOUT_S = 15.0
 # A restarted server claims what the killed one read but never acknowledged once it has been
@@ -380,8 +381,9 @@ async def open_redis(url: str, connections: int = 64) -> AsyncIterator[Redis]:
 
 
 @asynccontextmanager
-async def open_sql(path: Path) -> AsyncIterator[async_sessionmaker[AsyncSession]]:
-    engine = make_engine(f"sqlite+aiosqlite:///{path}")
+async def open_sql(where: Path | str) -> AsyncIterator[async_sessionmaker[AsyncSession]]:
+    """A SQLite file by its path, or any database by its SQLAlchemy URL."""
+    engine = make_engine(where if isinstance(where, str) else f"sqlite+aiosqlite:///{where}")
     try:
         yield make_sessionmaker(engine)
     finally:
@@ -392,10 +394,14 @@ def server_db_path(srv: ServerProcess) -> Path:
     return srv.data_dir / "livesale.db"
 
 
+def server_db_url(srv: ServerProcess) -> str:
+    return srv.env.get("DATABASE_URL") or f"sqlite+aiosqlite:///{server_db_path(srv)}"
+
+
 @asynccontextmanager
 async def server_backends(srv: ServerProcess) -> AsyncIterator[tuple[Stock, async_sessionmaker[AsyncSession]]]:
-    """The Redis and the SQLite file a running test server uses (read side, for checks)."""
-    async with open_redis(srv.env["REDIS_URL"], 8) as redis, open_sql(server_db_path(srv)) as db:
+    """The Redis and the SQL database a running test server uses (read side, for checks)."""
+    async with open_redis(srv.env["REDIS_URL"], 8) as redis, open_sql(server_db_url(srv)) as db:
         stock = Stock(redis, srv.deployment)
         try:
             yield stock, db
@@ -474,7 +480,7 @@ class InProcSale:
 
 
 class World:
-    """Real Redis (its own database index) + Stock + a SQLite file, built in-process."""
+    """Real Redis (its own database index) + Stock + a SQL database (a SQLite file, or a URL), in-process."""
 
     def __init__(self, redis: Redis, engine: AsyncEngine) -> None:
         self.redis = redis
@@ -484,8 +490,8 @@ class World:
 
     @classmethod
     @asynccontextmanager
-    async def open(cls, redis_url: str, db_path: Path, db_index: int = DB_IN_PROCESS) -> AsyncIterator[World]:
-        engine = make_engine(f"sqlite+aiosqlite:///{db_path}")
+    async def open(cls, redis_url: str, database: Path | str, db_index: int = DB_IN_PROCESS) -> AsyncIterator[World]:
+        engine = make_engine(database if isinstance(database, str) else f"sqlite+aiosqlite:///{database}")
         redis = make_redis(redis_db_url(redis_url, db_index), 64)
         world: World | None = None
         try:

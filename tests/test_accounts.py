@@ -8,7 +8,11 @@ from typing import Any, AsyncIterator
 import httpx
 import pytest
 
+from tests.postgres import on_both_databases
 from tests.support import assert_error, bearer, guest, register, unique
+
+# Every test here that uses a server runs on SQLite, then on PostgreSQL.
+server = on_both_databases()
 
 PASSWORD = "correct horse battery"
 

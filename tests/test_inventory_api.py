@@ -39,12 +39,16 @@ from tests.inventory_support import (
     pay,
     sale_body,
     server_backends,
-    server_db_path,
+    server_db_url,
     settle_tracked,
     wait_until,
 )
+from tests.postgres import on_both_databases
 from tests.support import ServerProcess, assert_error, bearer
 from tests.ws_support import of_type, open_viewer
+
+# Every test here that uses a server runs on SQLite, then on PostgreSQL.
+server = on_both_databases()
 
 
 @pytest.fixture
@@ -122,7 +126,7 @@ async def test_buying_after_the_end_by_time_is_ended(api: httpx.AsyncClient, ser
     assert_error(await buy(api, buyer, sale["id"]), 409, "ended")
     assert (await get_sale(api, sale["id"]))["remaining"] == sale["stock"]
     # The end reaches SQL through the persister.
-    async with open_sql(server_db_path(server)) as db:
+    async with open_sql(server_db_url(server)) as db:
         async def persisted() -> Sale | None:
             async with db() as session:
                 row = await session.get(Sale, sale["id"])
@@ -174,7 +178,7 @@ async def test_ending_the_room_again_completes_an_end_that_failed_after_its_comm
     """The first call committed `ended` and then failed (Redis away) before it ended the sale: the
     host's retry still ends it."""
     sale = await launch(api, shop, stock=3)
-    async with open_sql(server_db_path(server)) as db:
+    async with open_sql(server_db_url(server)) as db:
         async with db.begin() as session:
             await session.execute(update(Room).where(Room.id == shop.room_id).values(status="ended"))
     assert (await get_sale(api, sale["id"]))["status"] == "active"
@@ -221,7 +225,7 @@ async def test_a_commission_that_no_longer_fits_beside_the_platform_fee_is_not_l
         api: httpx.AsyncClient, shop: Shop, server: ServerProcess) -> None:
     """A product priced at 96% commission before the platform's fee (5%) was raised to it: commission
     and fee would pay out more than the sale takes in, so the launch is refused until it is lowered."""
-    async with open_sql(server_db_path(server)) as db:
+    async with open_sql(server_db_url(server)) as db:
         async with db.begin() as session:
             await session.execute(update(Product).where(Product.id == shop.product_id).values(commission_rate_bp=9600))
     r = await launch_raw(api, shop)

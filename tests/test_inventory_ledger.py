@@ -15,7 +15,7 @@ from typing import Any, cast
 import pytest
 from sqlalchemy import delete, text, update
 from redis.exceptions import ConnectionError as RedisConnectionError
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import make_transient
 from websockets.asyncio.client import connect
 
@@ -71,8 +71,9 @@ async def _settle(server: ServerProcess) -> AsyncIterator[None]:
 
 
 @pytest.fixture
-async def world(redis_url: str, tmp_path: Path) -> AsyncIterator[World]:
-    async with World.open(redis_url, tmp_path / "inproc.db") as w:
+async def world(redis_url: str, sql_url: str) -> AsyncIterator[World]:
+    """On SQLite, then on PostgreSQL."""
+    async with World.open(redis_url, sql_url) as w:
         yield w
 
 
@@ -350,13 +351,13 @@ async def test_sql_failure_keeps_entries_until_a_retry_writes_them(world: World)
     p = world.persister("flaky")
     async with world.engine.begin() as conn:  # a real failure: the table is gone for a moment
         await conn.execute(text("ALTER TABLE orders RENAME TO orders_away"))
-    with pytest.raises(OperationalError):
+    with pytest.raises(DBAPIError):  # SQLite's OperationalError, PostgreSQL's ProgrammingError
         await p.drain(sale_id)
     assert await pending(world.stock, sale_id) == 9
     (buyer,) = await world.add_users(1)
     late = await world.reserve(sale_id, buyer)  # a change made while SQL is away
     assert late.status == "reserved" and late.order is not None
-    with pytest.raises(OperationalError):
+    with pytest.raises(DBAPIError):
         await p.drain(sale_id)  # still away: the same entries, still pending
     async with world.engine.begin() as conn:
         await conn.execute(text("ALTER TABLE orders_away RENAME TO orders"))

@@ -68,8 +68,9 @@ async def shop(api: httpx.AsyncClient, host: Actor) -> Shop:
 
 
 @pytest.fixture
-async def world(redis_url: str, tmp_path: Path) -> AsyncIterator[World]:
-    async with World.open(redis_url, tmp_path / "inproc.db") as w:
+async def world(redis_url: str, sql_url: str) -> AsyncIterator[World]:
+    """On SQLite, then on PostgreSQL."""
+    async with World.open(redis_url, sql_url) as w:
         yield w
 
 

@@ -48,8 +48,9 @@ STEP_TIMEOUT_S = 30.0  # a guard against a hung step, not an assertion about spe
 
 
 @pytest.fixture
-async def world(redis_url: str, tmp_path: Path) -> AsyncIterator[World]:
-    async with World.open(redis_url, tmp_path / "prop.db") as w:
+async def world(redis_url: str, sql_url: str) -> AsyncIterator[World]:
+    """On SQLite, then on PostgreSQL."""
+    async with World.open(redis_url, sql_url) as w:
         yield w
 
 

@@ -1,7 +1,7 @@
 """The purchase spike: thousands of concurrent attempts on a small stock, over real HTTP, against a
-real server (one worker; two workers sharing Redis and SQLite; one killed with SIGKILL mid-spike
-and restarted). Nothing is oversold, no buyer passes the limit, no order is made twice, and SQL
-ends up holding exactly Redis's orders."""
+real server (one worker; one on PostgreSQL; two workers sharing Redis and SQLite; one killed with
+SIGKILL mid-spike and restarted). Nothing is oversold, no buyer passes the limit, no order is made
+twice, and SQL ends up holding exactly Redis's orders."""
 
 from __future__ import annotations
 
@@ -179,6 +179,12 @@ async def check_reconcile_cli(srv: ServerProcess, sale_id: str) -> None:
 async def test_spike_one_worker(server: ServerProcess) -> None:
     """2,100 attempts from 500 buyers at once on a stock of 100."""
     await run_spike(server, 500)
+
+
+async def test_spike_on_postgresql(pg_server: ServerProcess) -> None:
+    """The same on a server whose database is PostgreSQL (250 buyers): the persister's upserts
+    and reconcile, on the other dialect."""
+    await run_spike(pg_server, 250)
 
 
 async def test_spike_two_workers(workers2: ServerProcess) -> None:

@@ -89,8 +89,9 @@ class Notes:
 
 
 @pytest.fixture
-async def world(redis_url: str, tmp_path: Path) -> AsyncIterator[World]:
-    async with World.open(redis_url, tmp_path / "payments.db") as w:
+async def world(redis_url: str, sql_url: str) -> AsyncIterator[World]:
+    """On SQLite, then on PostgreSQL."""
+    async with World.open(redis_url, sql_url) as w:
         yield w
 
 

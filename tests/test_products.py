@@ -9,6 +9,7 @@ import httpx
 import pytest
 
 from server.ids import new_id
+from tests.postgres import on_both_databases
 from tests.support import (
     ServerProcess,
     assert_error,
@@ -16,6 +17,9 @@ from tests.support import (
     create_product,
     register,
 )
+
+# Every test here that uses a server runs on SQLite, then on PostgreSQL.
+server = on_both_databases()
 
 VALID = {"name": "Tea", "price_cents": 1999, "commission_rate_bp": 2000}
 

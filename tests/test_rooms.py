@@ -9,12 +9,16 @@ import httpx
 import pytest
 
 from server.ids import new_id
+from tests.postgres import on_both_databases
 from tests.support import (
     assert_error,
     bearer,
     create_room,
     register,
 )
+
+# Every test here that uses a server runs on SQLite, then on PostgreSQL.
+server = on_both_databases()
 
 RANK = {"live": 0, "scheduled": 1, "ended": 2}
 

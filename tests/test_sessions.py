@@ -11,6 +11,7 @@ import httpx
 import pytest
 from itsdangerous import TimestampSigner, URLSafeTimedSerializer
 
+from tests.postgres import on_both_databases
 from tests.support import (
     ServerProcess,
     assert_error,
@@ -19,6 +20,9 @@ from tests.support import (
     guest,
     register,
 )
+
+# Every test here that uses a server runs on SQLite, then on PostgreSQL.
+server = on_both_databases()
 
 SERVER_KEY = "test-secret-" + "k" * 40
 SALT = "livesale.session.v1"

@@ -13,6 +13,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from server.ids import new_id
+from tests.postgres import on_both_databases
 from tests.support import (
     ServerProcess,
     bearer,
@@ -33,6 +34,9 @@ from tests.ws_support import (
     stats,
     sync_point,
 )
+
+# Every test here that uses a server runs on SQLite, then on PostgreSQL.
+server = on_both_databases()
 
 ROOM_KEYS = {"id", "title", "stream_url", "status", "host", "url", "created_at", "started_at", "ended_at"}
 WELCOME_KEYS = {"type", "room", "you", "pinned_product", "sale", "likes", "viewers", "history", "server_time"}

@@ -1,0 +1,144 @@
+"""A private PostgreSQL server for the tests: Debian's binaries (`apt-get install postgresql`),
+a fresh cluster in a temporary directory, TCP on 127.0.0.1 only, stopped by the session.
+
+PostgreSQL refuses to run as root; as root the cluster belongs to the `postgres` user the Debian
+package creates (or `nobody`). Durability is off (fsync): a test database is thrown away."""
+
+from __future__ import annotations
+
+import asyncio
+import glob
+import os
+import pwd
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import IO
+
+import asyncpg
+import pytest
+
+from tests.support import ServerProcess, free_port
+
+USER = "livesale"
+
+
+def find_bin_dir() -> Path | None:
+    """LIVESALE_TEST_PG_BIN, else the newest /usr/lib/postgresql/*/bin, else `initdb` on PATH."""
+    if configured := os.environ.get("LIVESALE_TEST_PG_BIN"):
+        return Path(configured)
+    versions = sorted(glob.glob("/usr/lib/postgresql/*/bin/postgres"),
+                      key=lambda p: int(Path(p).parent.parent.name) if Path(p).parent.parent.name.isdigit() else 0)
+    if versions:
+        return Path(versions[-1]).parent
+    found = shutil.which("initdb")
+    return Path(found).resolve().parent if found else None
+
+
+def _run_as() -> str | None:
+    if os.geteuid() != 0:
+        return None
+    for name in ("postgres", "nobody"):
+        try:
+            pwd.getpwnam(name)
+            return name
+        except KeyError:
+            continue
+    raise RuntimeError("running as root, and there is neither a `postgres` nor a `nobody` user to run PostgreSQL as")
+
+
+class Postgres:
+    def __init__(self, bin_dir: Path) -> None:
+        self.bin_dir = bin_dir
+        self.port = free_port()
+        self.user = _run_as()
+        # Not under pytest's tmp dirs: those are private to root, and the server may run as another user.
+        self.dir = Path(tempfile.mkdtemp(prefix="livesale-pg-"))
+        self.data = self.dir / "data"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def _spawn(self, argv: list[str], log: IO[bytes], *, own_session: bool = False) -> subprocess.Popen[bytes]:
+        return subprocess.Popen(argv, user=self.user, cwd=self.dir, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=own_session)
+
+    def start(self, timeout: float = 60.0) -> str:
+        if self.user is not None:
+            shutil.chown(self.dir, user=self.user)
+        log = open(self.dir / "postgres.log", "ab")
+        try:
+            init = self._spawn([str(self.bin_dir / "initdb"), "-D", str(self.data), "-U", USER, "--auth=trust",
+                                "-E", "UTF8", "--locale=C", "--no-sync"], log)
+            if init.wait(timeout) != 0:
+                raise RuntimeError(f"initdb failed:\n{self.log()}")
+            self.proc = self._spawn(
+                [str(self.bin_dir / "postgres"), "-D", str(self.data), "-p", str(self.port),
+                 "-c", "listen_addresses=127.0.0.1", "-c", "unix_socket_directories=",
+                 "-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off",
+                 "-c", "max_connections=300"], log, own_session=True)
+        finally:
+            log.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"postgres exited with {self.proc.returncode}:\n{self.log()}")
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=1):
+                    pass
+                return self.url("postgres")
+            except OSError:
+                time.sleep(0.1)
+        self.stop()
+        raise RuntimeError(f"postgres did not listen in {timeout}s:\n{self.log()}")
+
+    def url(self, database: str) -> str:
+        return f"postgresql+asyncpg://{USER}@127.0.0.1:{self.port}/{database}"
+
+    async def new_database(self, prefix: str = "t") -> str:
+        """A fresh, empty database; its SQLAlchemy URL."""
+        name = f"{prefix}_{secrets.token_hex(6)}"
+        deadline = time.monotonic() + 30
+        while True:  # the server listens a moment before it accepts logins
+            try:
+                conn = await asyncpg.connect(host="127.0.0.1", port=self.port, user=USER, database="postgres")
+                break
+            except (asyncpg.CannotConnectNowError, ConnectionError, OSError):
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.1)
+        try:
+            await conn.execute(f'CREATE DATABASE "{name}"')
+        finally:
+            await conn.close()
+        return self.url(name)
+
+    def log(self) -> str:
+        path = self.dir / "postgres.log"
+        return path.read_text(errors="replace")[-5000:] if path.exists() else ""
+
+    def stop(self, timeout: float = 30.0) -> None:
+        proc, self.proc = self.proc, None
+        if proc is not None and proc.poll() is None:
+            proc.send_signal(signal.SIGINT)  # "fast" shutdown: ends sessions, no waiting for clients
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def on_both_databases() -> object:
+    """A module's `server` fixture that is the session's shared server (SQLite), then the one on
+    PostgreSQL: `server = on_both_databases()` runs the module's tests that use a server on both."""
+    @pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+    def server(request: pytest.FixtureRequest, server: ServerProcess) -> ServerProcess:
+        if request.param == "sqlite":
+            return server  # conftest's
+        pg: ServerProcess = request.getfixturevalue("pg_server")
+        return pg
+    return server

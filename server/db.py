@@ -59,12 +59,20 @@ def make_sessionmaker(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
     return async_sessionmaker(engine, expire_on_commit=False)
 
 
+# The advisory lock held while the schema is created on PostgreSQL (any constant: "livesale").
+SCHEMA_LOCK_KEY = int.from_bytes(b"livesale", "big") >> 1
+
+
 async def create_schema(engine: AsyncEngine) -> None:
     # Import every module that declares tables so they are on Base.metadata.
     import server.inventory.tables  # noqa: F401
     import server.models  # noqa: F401
 
     async with engine.begin() as conn:
+        if conn.dialect.name == "postgresql":
+            # Servers starting at once on a new database would each CREATE TABLE, and PostgreSQL
+            # fails all but one on its catalog's unique index: one at a time, the others find the tables.
+            await conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": SCHEMA_LOCK_KEY})
         await conn.run_sync(Base.metadata.create_all)
 
 

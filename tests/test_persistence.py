@@ -1,11 +1,17 @@
-"""A restart on the same data dir keeps accounts, sessions, logouts, products and rooms."""
+"""A restart on the same data dir keeps accounts, sessions, logouts, products and rooms; servers
+starting together on a new database create its schema once."""
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import httpx
+from sqlalchemy import inspect
 
+from server.app import ensure_schema
+from server.config import Settings
+from server.db import Base, make_engine
 from tests.support import ServerProcess, bearer
 
 PASSWORD = "correct horse battery"
@@ -48,3 +54,17 @@ def test_restart_with_embedded_valkey_keeps_data(data_dir: Path) -> None:
         assert [r["id"] for r in c.get("/api/rooms", params={"status": "live"}).json()] == [room.json()["id"]]
         taken = c.post("/api/auth/register", json={"username": "keeper", "password": PASSWORD, "role": "viewer"})
         assert taken.status_code == 409
+
+
+async def test_servers_starting_together_create_the_schema_once(sql_url: str, tmp_path: Path) -> None:
+    """Six start-ups at once on a new database (SQLite, then PostgreSQL, where concurrent CREATE
+    TABLEs fail on the catalog): every one succeeds and the schema is whole."""
+    settings = Settings(data_dir=tmp_path, redis_url=None, database_url=sql_url, secret_key="")
+    await asyncio.gather(*(ensure_schema(settings) for _ in range(6)))
+    engine = make_engine(sql_url)
+    try:
+        async with engine.connect() as conn:
+            tables = set(await conn.run_sync(lambda sync: inspect(sync).get_table_names()))
+    finally:
+        await engine.dispose()
+    assert tables == set(Base.metadata.tables)

@@ -51,7 +51,8 @@ DB_IN_PROCESS = 9
 DB_WORKERS2 = 10
 DB_CRASH = 11
 DB_SPARE = 12
-DB_POSTGRES = 13  # the session's server on PostgreSQL (conftest's `pg_server`)
+DB_POSTGRES = 7      # the session's server on PostgreSQL (conftest's `pg_server`)
+DB_PG_OUTAGE = 6     # test_reliability_postgres: a server whose PostgreSQL goes away
 
 PERSIST_TIMEOUT_S = 15.0
 # A restarted server claims what the killed one read but never acknowledged once it has been

@@ -9,7 +9,6 @@ import random
 import time
 from collections.abc import AsyncIterator
 from datetime import datetime
-from pathlib import Path
 from typing import Any
 
 import httpx

@@ -15,7 +15,6 @@ import asyncio
 from collections import defaultdict
 from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest

@@ -11,7 +11,6 @@ import secrets
 import time
 from collections import Counter
 from collections.abc import AsyncIterator
-from pathlib import Path
 from collections.abc import Awaitable, Callable
 from typing import Any, cast
 

@@ -36,6 +36,9 @@ class Base(DeclarativeBase):
     pass
 
 
+CONNECT_TIMEOUT_S = 10.0
+
+
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur = dbapi_conn.cursor()
     # WAL lets readers run beside the persister's writes; busy_timeout makes the
@@ -52,7 +55,9 @@ def make_engine(url: str) -> AsyncEngine:
         engine = create_async_engine(url, pool_size=5, max_overflow=5, pool_timeout=30)
         event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
         return engine
-    return create_async_engine(url, pool_size=10, max_overflow=10, pool_pre_ping=True, pool_timeout=30)
+    # asyncpg waits 60 s for a connection by default; a request should hear "unavailable" sooner.
+    return create_async_engine(url, pool_size=10, max_overflow=10, pool_pre_ping=True, pool_timeout=30,
+                               connect_args={"timeout": CONNECT_TIMEOUT_S})
 
 
 def make_sessionmaker(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:

@@ -67,29 +67,32 @@ class Postgres:
                                 start_new_session=own_session)
 
     def start(self, timeout: float = 60.0) -> str:
+        """A new cluster, then the server on it; the URL of its `postgres` database."""
         if self.user is not None:
             shutil.chown(self.dir, user=self.user)
-        log = open(self.dir / "postgres.log", "ab")
-        try:
+        with open(self.dir / "postgres.log", "ab") as log:
             init = self._spawn([str(self.bin_dir / "initdb"), "-D", str(self.data), "-U", USER, "--auth=trust",
                                 "-E", "UTF8", "--locale=C", "--no-sync"], log)
             if init.wait(timeout) != 0:
                 raise RuntimeError(f"initdb failed:\n{self.log()}")
+        self.resume(timeout)
+        return self.url("postgres")
+
+    def resume(self, timeout: float = 60.0) -> None:
+        """Run the server on the cluster (again, after `halt`), on the same port."""
+        with open(self.dir / "postgres.log", "ab") as log:
             self.proc = self._spawn(
                 [str(self.bin_dir / "postgres"), "-D", str(self.data), "-p", str(self.port),
                  "-c", "listen_addresses=127.0.0.1", "-c", "unix_socket_directories=",
                  "-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off",
                  "-c", "max_connections=300"], log, own_session=True)
-        finally:
-            log.close()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"postgres exited with {self.proc.returncode}:\n{self.log()}")
             try:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=1):
-                    pass
-                return self.url("postgres")
+                    return
             except OSError:
                 time.sleep(0.1)
         self.stop()
@@ -120,7 +123,8 @@ class Postgres:
         path = self.dir / "postgres.log"
         return path.read_text(errors="replace")[-5000:] if path.exists() else ""
 
-    def stop(self, timeout: float = 30.0) -> None:
+    def halt(self, timeout: float = 30.0) -> None:
+        """Stop the server, keeping the cluster (`resume` starts it again)."""
         proc, self.proc = self.proc, None
         if proc is not None and proc.poll() is None:
             proc.send_signal(signal.SIGINT)  # "fast" shutdown: ends sessions, no waiting for clients
@@ -129,6 +133,9 @@ class Postgres:
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
+
+    def stop(self) -> None:
+        self.halt()
         shutil.rmtree(self.dir, ignore_errors=True)
 
 

@@ -32,7 +32,7 @@ from server.embedded_redis import EmbeddedRedis
 from server.inventory.reconcile import Report, reconcile
 from server.inventory.stock import Stock
 from server.redis_pool import make_redis
-from tests.inventory_support import api_client, redis_db_url
+from tests.inventory_support import api_client, redis_db_url, server_db_url
 from tests.support import ServerProcess, eventually, free_port
 
 DB_PAIR = 13       # test_reliability_processes: two processes on one data dir
@@ -65,8 +65,8 @@ async def open_redis(url: str, connections: int = 8) -> AsyncIterator[Redis]:
 
 @asynccontextmanager
 async def backends(srv: ServerProcess) -> AsyncIterator[tuple[Stock, async_sessionmaker[AsyncSession]]]:
-    """The Redis and the SQLite file a running test server uses, for checks from the test."""
-    engine = make_engine(f"sqlite+aiosqlite:///{srv.data_dir / 'livesale.db'}")
+    """The Redis and the SQL database a running test server uses, for checks from the test."""
+    engine = make_engine(server_db_url(srv))
     try:
         async with open_redis(srv.env["REDIS_URL"]) as redis:
             stock = Stock(redis, srv.deployment)
@@ -174,9 +174,8 @@ async def wait_reconciled(stock: Stock, db: async_sessionmaker[AsyncSession], sa
     """Poll `reconcile` until SQL has caught up with Redis and agrees with it; return that report.
 
     Not tests/inventory_support.wait_persisted, which returns the first report with nothing left in
-    the stream: reconcile reads SQL before the stream's state, so a batch committed in between shows
-    as orders "missing in SQL" (see docs/reliability.md, known bugs). A real loss never reconciles,
-    so polling for agreement still fails on one."""
+    the stream, agreeing or not: here a disagreement may be SQL still catching up after an outage.
+    A real loss never reconciles, so polling for agreement still fails on one."""
     async def agreed() -> Report | None:
         report = await reconcile(stock, db, sale_id)
         return report if report.unpersisted == 0 and report.ok else None

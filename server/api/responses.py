@@ -8,7 +8,7 @@ from typing import Any
 import msgspec
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
-from sqlalchemy.exc import DataError, InterfaceError, OperationalError
+from sqlalchemy.exc import DataError, DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as SATimeoutError
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
@@ -60,6 +60,14 @@ async def on_unavailable(request: Request, exc: Exception) -> Response:
                           headers={"Retry-After": "1"})
 
 
+async def on_database_error(request: Request, exc: Exception) -> Response:
+    # The driver's own errors (PostgreSQL: a session ended by a server shutting down) answer 503
+    # when SQLAlchemy found the connection gone; anything else is a bug.
+    if isinstance(exc, DBAPIError) and exc.connection_invalidated:
+        return await on_unavailable(request, exc)
+    return await on_unexpected(request, exc)
+
+
 async def on_data_error(request: Request, exc: Exception) -> Response:
     # A value the database cannot hold or compare (PostgreSQL: a NUL in text, a number out of its
     # range) that validation let through: the request's fault, and nothing was written.
@@ -89,5 +97,9 @@ EXCEPTION_HANDLERS: dict[Any, Any] = {
     OperationalError: on_unavailable,
     DataError: on_data_error,
     InterfaceError: on_unavailable,
+    DBAPIError: on_database_error,
+    # A backend that cannot be reached at all: asyncpg raises the socket's error as it is
+    # (refused, unreachable, timed out), where SQLite and redis-py raise their own.
+    OSError: on_unavailable,
     Exception: on_unexpected,
 }

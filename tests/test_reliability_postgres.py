@@ -1,0 +1,77 @@
+"""A server whose PostgreSQL goes away and comes back: SQL work answers 503 (never a 500, never a
+dropped connection), purchases and payments go on in Redis, and SQL catches up afterwards."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from tests.inventory_support import (
+    DB_PG_OUTAGE,
+    api_client,
+    bought,
+    get_sale,
+    launch,
+    new_guest,
+    new_shop,
+    paid,
+    redis_db_url,
+)
+from tests.postgres import Postgres, find_bin_dir
+from tests.reliability_support import backends, wait_health, wait_reconciled
+from tests.support import ServerProcess
+
+pytestmark = pytest.mark.reliability
+
+
+@pytest.fixture
+def own_postgres() -> Iterator[Postgres]:
+    """A PostgreSQL of this test's own, as this test stops it."""
+    bin_dir = find_bin_dir()
+    if bin_dir is None:
+        pytest.skip("PostgreSQL is not installed (apt-get install postgresql, or set LIVESALE_TEST_PG_BIN)")
+    pg = Postgres(bin_dir)
+    try:
+        pg.start()
+        yield pg
+    finally:
+        pg.stop()
+
+
+async def test_postgresql_away_answers_503_and_sql_catches_up(own_postgres: Postgres, redis_url: str,
+                                                             tmp_path: Path) -> None:
+    env = {"DATABASE_URL": await own_postgres.new_database()}
+    with ServerProcess(tmp_path / "srv", redis_url=redis_db_url(redis_url, DB_PG_OUTAGE), env=env) as srv:
+        async with api_client(srv.url) as api:
+            shop = await new_shop(api)
+            sale = await launch(api, shop, stock=20, per_user_limit=4)
+            buyers = [await new_guest(api, f"pg{i}") for i in range(3)]
+            own_postgres.halt()
+
+            # Everything that needs SQL says so: 503 `unavailable`, Retry-After, on a connection that stays usable.
+            for method, path, body in [("GET", "/api/products", None), ("GET", "/api/orders", None),
+                                       ("POST", "/api/products", {"name": "Away", "price_cents": 100,
+                                                                  "commission_rate_bp": 0})]:
+                r = await api.request(method, path, json=body, headers=shop.host.auth)
+                assert r.status_code == 503 and r.json()["error"] == "unavailable", (path, r.text)
+                assert r.headers["retry-after"] == "1"
+            r = await api.post("/api/auth/guest", json={"name": "Late"})
+            assert r.status_code == 503 and r.json()["error"] == "unavailable", r.text
+            r = await api.get("/healthz")
+            assert r.status_code == 503 and r.json()["database"].startswith("error"), r.text
+
+            # Purchases and payments touch only Redis: they go on.
+            orders = [await bought(api, b, sale["id"]) for b in buyers]
+            await paid(api, buyers[0], orders[0]["order_id"])
+            assert (await get_sale(api, sale["id"]))["sold"] == 3
+
+            own_postgres.resume()
+            await wait_health(api, 200)
+            r = await api.get("/api/orders", headers=buyers[0].auth)
+            assert r.status_code == 200, r.text
+        async with backends(srv) as (stock, db):
+            report = await wait_reconciled(stock, db, sale["id"], timeout=40)
+            assert (report.redis_orders, report.sql_orders) == (3, 3), report.lines()
+        assert "Traceback" not in srv.log_path.read_text(errors="replace"), srv.log()

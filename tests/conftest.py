@@ -45,10 +45,16 @@ async def sql_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 
 
 @pytest.fixture(scope="session")
-def server(tmp_path_factory: pytest.TempPathFactory, redis_url: str) -> Iterator[ServerProcess]:
-    """A real `livesale serve` shared by the tests that need no private one."""
+def sqlite_server(tmp_path_factory: pytest.TempPathFactory, redis_url: str) -> Iterator[ServerProcess]:
+    """A real `livesale serve` shared by the tests that need no private one (SQLite, Redis database 0)."""
     with ServerProcess(tmp_path_factory.mktemp("server"), redis_url=redis_url) as proc:
         yield proc
+
+
+@pytest.fixture(scope="session")
+def server(sqlite_server: ServerProcess) -> ServerProcess:
+    """The shared server; `server = on_both_databases()` in a module makes it `pg_server` as well."""
+    return sqlite_server
 
 
 @pytest.fixture(scope="session")

@@ -1,8 +1,10 @@
 """A private PostgreSQL server for the tests: Debian's binaries (`apt-get install postgresql`),
-a fresh cluster in a temporary directory, TCP on 127.0.0.1 only, stopped by the session.
+a fresh cluster in a temporary directory, TCP on 127.0.0.1 only with a random password, stopped
+by whoever started it.
 
 PostgreSQL refuses to run as root; as root the cluster belongs to the `postgres` user the Debian
-package creates (or `nobody`). Durability is off (fsync): a test database is thrown away."""
+package creates (or `nobody`), with that user's own group. Durability is off (fsync): a test
+database is thrown away."""
 
 from __future__ import annotations
 
@@ -40,13 +42,12 @@ def find_bin_dir() -> Path | None:
     return Path(found).resolve().parent if found else None
 
 
-def _run_as() -> str | None:
+def _run_as() -> pwd.struct_passwd | None:
     if os.geteuid() != 0:
         return None
     for name in ("postgres", "nobody"):
         try:
-            pwd.getpwnam(name)
-            return name
+            return pwd.getpwnam(name)
         except KeyError:
             continue
     raise RuntimeError("running as root, and there is neither a `postgres` nor a `nobody` user to run PostgreSQL as")
@@ -57,23 +58,36 @@ class Postgres:
         self.bin_dir = bin_dir
         self.port = free_port()
         self.user = _run_as()
+        self.password = secrets.token_urlsafe(16)
         # Not under pytest's tmp dirs: those are private to root, and the server may run as another user.
         self.dir = Path(tempfile.mkdtemp(prefix="livesale-pg-"))
         self.data = self.dir / "data"
         self.proc: subprocess.Popen[bytes] | None = None
 
     def _spawn(self, argv: list[str], log: IO[bytes], *, own_session: bool = False) -> subprocess.Popen[bytes]:
-        return subprocess.Popen(argv, user=self.user, cwd=self.dir, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=own_session)
+        u = self.user
+        return subprocess.Popen(argv, cwd=self.dir, stdout=log, stderr=subprocess.STDOUT, start_new_session=own_session,
+                                user=u.pw_uid if u else None, group=u.pw_gid if u else None,
+                                extra_groups=[] if u else None)
 
     def start(self, timeout: float = 60.0) -> str:
         """A new cluster, then the server on it; the URL of its `postgres` database."""
         if self.user is not None:
-            shutil.chown(self.dir, user=self.user)
+            os.chown(self.dir, self.user.pw_uid, self.user.pw_gid)
+        pwfile = self.dir / "pwfile"
+        pwfile.write_text(self.password)
+        if self.user is not None:
+            os.chown(pwfile, self.user.pw_uid, self.user.pw_gid)
         with open(self.dir / "postgres.log", "ab") as log:
-            init = self._spawn([str(self.bin_dir / "initdb"), "-D", str(self.data), "-U", USER, "--auth=trust",
-                                "-E", "UTF8", "--locale=C", "--no-sync"], log)
-            if init.wait(timeout) != 0:
+            init = self._spawn([str(self.bin_dir / "initdb"), "-D", str(self.data), "-U", USER, "--pwfile", str(pwfile),
+                                "--auth=scram-sha-256", "-E", "UTF8", "--locale=C", "--no-sync"], log)
+            try:
+                failed = init.wait(timeout) != 0
+            except subprocess.TimeoutExpired:
+                init.kill()
+                init.wait()
+                failed = True
+            if failed:
                 raise RuntimeError(f"initdb failed:\n{self.log()}")
         self.resume(timeout)
         return self.url("postgres")
@@ -99,20 +113,24 @@ class Postgres:
         raise RuntimeError(f"postgres did not listen in {timeout}s:\n{self.log()}")
 
     def url(self, database: str) -> str:
-        return f"postgresql+asyncpg://{USER}@127.0.0.1:{self.port}/{database}"
+        return f"postgresql+asyncpg://{USER}:{self.password}@127.0.0.1:{self.port}/{database}"
+
+    async def connect(self, database: str = "postgres") -> asyncpg.Connection:
+        """A connection of the test's own, as the superuser (waits while the server starts up)."""
+        deadline = time.monotonic() + 30
+        while True:  # the server listens a moment before it accepts logins
+            try:
+                return await asyncpg.connect(host="127.0.0.1", port=self.port, user=USER, password=self.password,
+                                             database=database, timeout=5)
+            except (asyncpg.CannotConnectNowError, OSError):  # OSError: refused, or no answer in 5 s
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.1)
 
     async def new_database(self, prefix: str = "t") -> str:
         """A fresh, empty database; its SQLAlchemy URL."""
         name = f"{prefix}_{secrets.token_hex(6)}"
-        deadline = time.monotonic() + 30
-        while True:  # the server listens a moment before it accepts logins
-            try:
-                conn = await asyncpg.connect(host="127.0.0.1", port=self.port, user=USER, database="postgres")
-                break
-            except (asyncpg.CannotConnectNowError, ConnectionError, OSError):
-                if time.monotonic() > deadline:
-                    raise
-                await asyncio.sleep(0.1)
+        conn = await self.connect()
         try:
             await conn.execute(f'CREATE DATABASE "{name}"')
         finally:
@@ -141,11 +159,11 @@ class Postgres:
 
 def on_both_databases() -> object:
     """A module's `server` fixture that is the session's shared server (SQLite), then the one on
-    PostgreSQL: `server = on_both_databases()` runs the module's tests that use a server on both."""
+    PostgreSQL: `server = on_both_databases()` runs the module's tests that use a server on both.
+    It asks for the two by their own names: asking for `server` here would hand the parameter on
+    to the session fixture, which would then be restarted at every switch."""
     @pytest.fixture(scope="module", params=["sqlite", "postgresql"])
-    def server(request: pytest.FixtureRequest, server: ServerProcess) -> ServerProcess:
-        if request.param == "sqlite":
-            return server  # conftest's
-        pg: ServerProcess = request.getfixturevalue("pg_server")
-        return pg
+    def server(request: pytest.FixtureRequest) -> ServerProcess:
+        chosen: ServerProcess = request.getfixturevalue("sqlite_server" if request.param == "sqlite" else "pg_server")
+        return chosen
     return server

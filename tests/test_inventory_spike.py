@@ -184,7 +184,10 @@ async def test_spike_one_worker(server: ServerProcess) -> None:
 async def test_spike_on_postgresql(pg_server: ServerProcess) -> None:
     """The same on a server whose database is PostgreSQL (250 buyers): the persister's upserts
     and reconcile, on the other dialect."""
-    await run_spike(pg_server, 250)
+    try:
+        await run_spike(pg_server, 250)
+    finally:  # the autouse `_settle` settles the shared SQLite server's sales only
+        await settle_tracked(pg_server.url)
 
 
 async def test_spike_two_workers(workers2: ServerProcess) -> None:

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, Awaitable, Callable
 
-from sqlalchemy import DateTime, event, text
+from sqlalchemy import DateTime, event, make_url, text
 from sqlalchemy.engine import Dialect
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 from sqlalchemy.orm import DeclarativeBase
@@ -55,9 +55,26 @@ def make_engine(url: str) -> AsyncEngine:
         engine = create_async_engine(url, pool_size=5, max_overflow=5, pool_timeout=30)
         event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
         return engine
-    # asyncpg waits 60 s for a connection by default; a request should hear "unavailable" sooner.
-    return create_async_engine(url, pool_size=10, max_overflow=10, pool_pre_ping=True, pool_timeout=30,
-                               connect_args={"timeout": CONNECT_TIMEOUT_S})
+    creator = {"async_creator": _asyncpg_connect(url)} if make_url(url).get_driver_name() == "asyncpg" else {}
+    return create_async_engine(url, pool_size=10, max_overflow=10, pool_pre_ping=True, pool_timeout=30, **creator)
+
+
+def _asyncpg_connect(url: str) -> Callable[[], Awaitable[Any]]:
+    """asyncpg's connect, bounded in time (asyncpg waits 60 s by default), and raising PostgreSQL's
+    "cannot connect" (SQLSTATE 08001) where asyncpg raises the socket's own error (refused,
+    unreachable, unresolvable, no answer in time): every caller then gets SQLAlchemy's DBAPIError
+    for a database it cannot reach, never a bare OSError."""
+    import asyncpg  # type: ignore[import-untyped]  # no type hints; only its connect and one error class are used
+
+    sa_url = make_url(url)
+    args, params = sa_url.get_dialect()().create_connect_args(sa_url)
+
+    async def connect() -> Any:
+        try:
+            return await asyncpg.connect(*args, timeout=CONNECT_TIMEOUT_S, **params)
+        except OSError as exc:  # TimeoutError is one
+            raise asyncpg.exceptions.ClientCannotConnectError(f"cannot reach the database: {exc!r}") from exc
+    return connect
 
 
 def make_sessionmaker(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:

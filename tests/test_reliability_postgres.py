@@ -1,8 +1,11 @@
-"""A server whose PostgreSQL goes away and comes back: SQL work answers 503 (never a 500, never a
-dropped connection), purchases and payments go on in Redis, and SQL catches up afterwards."""
+"""A server whose PostgreSQL goes away and comes back, or ends its session mid-request: SQL work
+answers 503 (never a 500, never a dropped connection), purchases and payments go on in Redis, and
+SQL catches up afterwards."""
 
 from __future__ import annotations
 
+import asyncio
+import time
 from pathlib import Path
 from typing import Iterator
 
@@ -18,6 +21,7 @@ from tests.inventory_support import (
     new_shop,
     paid,
     redis_db_url,
+    settle_tracked,
 )
 from tests.postgres import Postgres, find_bin_dir
 from tests.reliability_support import backends, wait_health, wait_reconciled
@@ -74,4 +78,39 @@ async def test_postgresql_away_answers_503_and_sql_catches_up(own_postgres: Post
         async with backends(srv) as (stock, db):
             report = await wait_reconciled(stock, db, sale["id"], timeout=40)
             assert (report.redis_orders, report.sql_orders) == (3, 3), report.lines()
+        await settle_tracked(srv.url)
+        assert "Traceback" not in srv.log_path.read_text(errors="replace"), srv.log()
+
+
+async def test_a_session_ended_mid_request_answers_503(own_postgres: Postgres, redis_url: str,
+                                                       tmp_path: Path) -> None:
+    """The database ends the session of a request waiting on it (an administrator, a failover):
+    that request answers 503, and the next one gets a new connection."""
+    url = await own_postgres.new_database()
+    env = {"DATABASE_URL": url}
+    with ServerProcess(tmp_path / "srv", redis_url=redis_db_url(redis_url, DB_PG_OUTAGE), env=env) as srv:
+        async with api_client(srv.url) as api:
+            shop = await new_shop(api)
+            lock = await own_postgres.connect(url.rsplit("/", 1)[1])
+            try:
+                tx = lock.transaction()
+                await tx.start()
+                await lock.execute("LOCK TABLE products IN ACCESS EXCLUSIVE MODE")
+                waiting = asyncio.create_task(api.get("/api/products", headers=shop.host.auth))
+                deadline = time.monotonic() + 15
+                pids: list[int] = []
+                while not pids and time.monotonic() < deadline:
+                    await asyncio.sleep(0.05)
+                    pids = [r["pid"] for r in await lock.fetch(
+                        "SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
+                        "AND wait_event_type = 'Lock' AND pid <> pg_backend_pid()")]
+                assert pids, "the request never waited on the lock"
+                await lock.execute("SELECT pg_terminate_backend(pid) FROM unnest($1::int[]) AS pid", pids)
+                r = await asyncio.wait_for(waiting, 30)
+                assert r.status_code == 503 and r.json()["error"] == "unavailable", r.text
+                await tx.rollback()
+            finally:
+                await lock.close()
+            r = await api.get("/api/products", headers=shop.host.auth)
+            assert r.status_code == 200, r.text
         assert "Traceback" not in srv.log_path.read_text(errors="replace"), srv.log()

@@ -60,12 +60,19 @@ async def on_unavailable(request: Request, exc: Exception) -> Response:
                           headers={"Retry-After": "1"})
 
 
+# PostgreSQL's SQLSTATEs for "cannot serve now", not "this request is wrong": class 08 (connection;
+# server/db.py raises 08001 for a server it cannot reach), 53 (insufficient resources: too many
+# connections), 57P01 to 57P03 (shutting down, crashed, starting up).
+UNAVAILABLE_SQLSTATES = ("08", "53", "57P01", "57P02", "57P03")
+
+
 async def on_database_error(request: Request, exc: Exception) -> Response:
-    # The driver's own errors (PostgreSQL: a session ended by a server shutting down) answer 503
-    # when SQLAlchemy found the connection gone; anything else is a bug.
-    if isinstance(exc, DBAPIError) and exc.connection_invalidated:
+    # The driver's errors that SQLAlchemy leaves generic: 503 when the database is away, or the
+    # connection was found gone mid-request; anything else is a bug, for the 500 handler outside.
+    state = str(getattr(getattr(exc, "orig", None), "sqlstate", None) or "")
+    if (isinstance(exc, DBAPIError) and exc.connection_invalidated) or state.startswith(UNAVAILABLE_SQLSTATES):
         return await on_unavailable(request, exc)
-    return await on_unexpected(request, exc)
+    raise exc
 
 
 async def on_data_error(request: Request, exc: Exception) -> Response:
@@ -98,8 +105,5 @@ EXCEPTION_HANDLERS: dict[Any, Any] = {
     DataError: on_data_error,
     InterfaceError: on_unavailable,
     DBAPIError: on_database_error,
-    # A backend that cannot be reached at all: asyncpg raises the socket's error as it is
-    # (refused, unreachable, timed out), where SQLite and redis-py raise their own.
-    OSError: on_unavailable,
     Exception: on_unexpected,
 }

@@ -464,3 +464,21 @@ async def test_orders_need_a_login(api: httpx.AsyncClient) -> None:
     assert_error(await api.get("/api/me/earnings"), 401, "unauthorized")
     r = await api.get("/api/orders", headers=bearer("not-a-token"))
     assert_error(r, 401, "invalid_token")
+
+
+async def test_room_figures_stay_exact_past_32_bits(api: httpx.AsyncClient, hosts: tuple[Actor, Actor]) -> None:
+    """One paid order worth more than 2**31 cents (22 units at $1M): the room's figures are exact
+    (PostgreSQL multiplied the two 32-bit columns in 32 bits and answered 500)."""
+    shop = await new_shop(api, host=hosts[0], price_cents=100_000_000, commission_rate_bp=1000)
+    sale = await launch(api, shop, price_cents=100_000_000, stock=22, per_user_limit=100)
+    buyer = await new_guest(api, "whale")
+    order = await bought(api, buyer, sale["id"], quantity=22)
+    await paid(api, buyer, order["order_id"])
+
+    async def persisted() -> dict[str, Any] | None:
+        r = await api.get(f"/api/rooms/{shop.room_id}/stats", headers=hosts[0].auth)
+        assert r.status_code == 200, r.text
+        return r.json() if r.json()["paid_orders"] == 1 and r.json()["commission_cents"] else None
+    stats = await wait_until(persisted, what="the paid order in the room's figures")
+    assert (stats["units_sold"], stats["gmv_cents"]) == (22, 2_200_000_000)
+    assert stats["commission_cents"] == 2_200_000_000 * 1000 // 10_000

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from sqlalchemy import case, distinct, func, select
+from sqlalchemy import BigInteger, case, cast, distinct, func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from server.inventory.tables import LedgerEntry, Order, Sale
@@ -14,7 +14,8 @@ async def room_sales_figures(db: AsyncSession, room_id: str) -> dict[str, int]:
         select(func.count(Order.id),
                func.sum(case((paid, 1), else_=0)),
                func.sum(case((paid, Order.quantity), else_=0)),
-               func.sum(case((paid, Order.quantity * Order.unit_price_cents), else_=0)),
+               # 64-bit: PostgreSQL multiplies two 32-bit columns in 32 bits (100 units at $1M overflow).
+               func.sum(case((paid, cast(Order.quantity, BigInteger) * Order.unit_price_cents), else_=0)),
                func.count(distinct(Order.buyer_id)))
         .join(Sale, Sale.id == Order.sale_id).where(Sale.room_id == room_id))).one()
     commission = await db.scalar(select(func.sum(LedgerEntry.amount_cents)).where(

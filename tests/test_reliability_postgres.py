@@ -1,6 +1,6 @@
 """A server whose PostgreSQL goes away and comes back, or ends its session mid-request: SQL work
 answers 503 (never a 500, never a dropped connection), purchases and payments go on in Redis, and
-SQL catches up afterwards."""
+SQL catches up afterwards. And a value PostgreSQL refuses answers 422."""
 
 from __future__ import annotations
 
@@ -9,7 +9,14 @@ import time
 from pathlib import Path
 from typing import Iterator
 
+import msgspec
 import pytest
+from sqlalchemy import text
+from sqlalchemy.exc import DBAPIError
+from starlette.requests import Request
+
+from server.api.responses import on_database_error
+from server.db import create_schema, make_engine
 
 from tests.inventory_support import (
     DB_PG_OUTAGE,
@@ -114,3 +121,23 @@ async def test_a_session_ended_mid_request_answers_503(own_postgres: Postgres, r
             r = await api.get("/api/products", headers=shop.host.auth)
             assert r.status_code == 200, r.text
         assert "Traceback" not in srv.log_path.read_text(errors="replace"), srv.log()
+
+
+async def test_a_value_postgresql_refuses_answers_422(postgres: Postgres) -> None:
+    """A value validation let through but PostgreSQL cannot hold (a NUL in text, too long, out of
+    range): asyncpg's errors reach SQLAlchemy as a generic DBAPIError, answered 422, not 500."""
+    engine = make_engine(await postgres.new_database())
+    try:
+        await create_schema(engine)
+        insert = text("INSERT INTO users (id, username, name, role) VALUES (:id, :username, 'n', 'viewer')")
+        for statement, params in [(insert, {"id": "u1", "username": "a\x00"}),
+                                  (insert, {"id": "u2", "username": "a" * 65}),
+                                  (text("SELECT CAST(:n AS integer) + 1"), {"n": 2**31 - 1})]:
+            with pytest.raises(DBAPIError) as caught:
+                async with engine.begin() as conn:
+                    await conn.execute(statement, params)
+            request = Request({"type": "http", "method": "POST", "path": "/api/x", "headers": []})
+            r = await on_database_error(request, caught.value)
+            assert r.status_code == 422 and msgspec.json.decode(r.body)["error"] == "invalid", (params, r.body)
+    finally:
+        await engine.dispose()

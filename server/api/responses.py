@@ -67,11 +67,14 @@ UNAVAILABLE_SQLSTATES = ("08", "53", "57P01", "57P02", "57P03")
 
 
 async def on_database_error(request: Request, exc: Exception) -> Response:
-    # The driver's errors that SQLAlchemy leaves generic: 503 when the database is away, or the
-    # connection was found gone mid-request; anything else is a bug, for the 500 handler outside.
+    # The driver's errors that SQLAlchemy leaves generic (asyncpg's are all DBAPIError): 503 when
+    # the database is away or the connection was found gone mid-request, 422 for a value it cannot
+    # hold (class 22: data exception); anything else is a bug, for the 500 handler outside.
     state = str(getattr(getattr(exc, "orig", None), "sqlstate", None) or "")
     if (isinstance(exc, DBAPIError) and exc.connection_invalidated) or state.startswith(UNAVAILABLE_SQLSTATES):
         return await on_unavailable(request, exc)
+    if state.startswith("22"):
+        return await on_data_error(request, exc)
     raise exc
 
 

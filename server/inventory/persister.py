@@ -135,8 +135,12 @@ class Persister:
                 return False
             self._missing.discard(sale_id)
             if latest:
-                await self._upsert_orders(db, sale, list(latest.values()))
-                await self._ledger(db, sale, [r for r in latest.values() if r["status"] == "paid"])
+                # Rows in one order (by id) in every persister: two writing overlapping orders at
+                # once (several jobs processes on one PostgreSQL) would otherwise lock them in
+                # opposite orders and deadlock.
+                records = [latest[order_id] for order_id in sorted(latest)]
+                await self._upsert_orders(db, sale, records)
+                await self._ledger(db, sale, [r for r in records if r["status"] == "paid"])
             PERSISTED.inc(len(entries))
             if ended is not None:
                 await db.execute(update(Sale).where(Sale.id == sale_id, Sale.ended_at.is_(None))

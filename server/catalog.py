@@ -61,15 +61,20 @@ async def get_owned_product(db: AsyncSession, product_id: str, me: Principal) ->
     return product
 
 
-async def get_room(db: AsyncSession, room_id: str) -> Room:
-    room = await db.get(Room, room_id) if looks_like_id(room_id, "room") else None
+async def get_room(db: AsyncSession, room_id: str, *, lock: bool = False) -> Room:
+    """The room; with `lock`, its row stays locked until the transaction ends (PostgreSQL: FOR NO KEY
+    UPDATE, so writers of one room take turns and a sale's foreign key to it is not blocked;
+    SQLite has one writer at a time anyway)."""
+    room = None
+    if looks_like_id(room_id, "room"):
+        room = await db.get(Room, room_id, with_for_update={"key_share": True} if lock else None)
     if room is None:
         raise NotFound("no such room", code="room_not_found")
     return room
 
 
-async def get_owned_room(db: AsyncSession, room_id: str, me: Principal) -> Room:
-    room = await get_room(db, room_id)
+async def get_owned_room(db: AsyncSession, room_id: str, me: Principal, *, lock: bool = False) -> Room:
+    room = await get_room(db, room_id, lock=lock)
     if room.host_id != me.user_id:
         raise Forbidden("this room belongs to another host", code="not_owner")
     return room

@@ -5,6 +5,8 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
+import asyncio
+
 import httpx
 import pytest
 
@@ -13,6 +15,7 @@ from tests.postgres import on_both_databases
 from tests.support import (
     assert_error,
     bearer,
+    create_product,
     create_room,
     register,
 )
@@ -274,3 +277,28 @@ async def test_only_the_owner_starts_or_ends(api: httpx.AsyncClient, host: dict[
     assert_error(await api.post(url, headers=bearer(viewer["token"])), 403, "host_only")
     assert_error(await api.post(url), 401, "unauthorized")
     assert (await api.get(f"/api/rooms/{room['id']}")).json()["status"] == "scheduled"
+
+
+async def test_a_start_racing_an_end_never_revives_the_room(api: httpx.AsyncClient, host: dict[str, Any]) -> None:
+    """Start and end sent at once, again and again: every room ends up ended, and an end answers
+    its room ended (a start that read "scheduled" wrote "live" over the end, on both databases)."""
+    rooms = [await create_room(api, host["token"]) for _ in range(12)]
+    for room in rooms:
+        start, end = await asyncio.gather(api.post(f"/api/rooms/{room['id']}/start", headers=bearer(host["token"])),
+                                          api.post(f"/api/rooms/{room['id']}/end", headers=bearer(host["token"])))
+        assert end.status_code == 200 and end.json()["status"] == "ended", end.text
+        assert start.status_code == 200 or (start.status_code == 409 and start.json()["error"] == "room_ended"), start.text
+        r = await api.get(f"/api/rooms/{room['id']}")
+        assert r.json()["status"] == "ended", r.text
+
+
+async def test_saving_a_lineup_twice_at_once_keeps_one_lineup(api: httpx.AsyncClient, host: dict[str, Any]) -> None:
+    """A double click on save: every save answers 200 and the lineup is the one sent (on
+    PostgreSQL, each save deleted the old rows and both inserted, a 500)."""
+    room = await create_room(api, host["token"])
+    ids = [(await create_product(api, host["token"], name=f"P{i}"))["id"] for i in range(4)]
+    saves = await asyncio.gather(*(api.put(f"/api/rooms/{room['id']}/lineup", json={"product_ids": ids},
+                                           headers=bearer(host["token"])) for _ in range(8)))
+    assert [r.status_code for r in saves] == [200] * 8, [r.text for r in saves if r.status_code != 200]
+    r = await api.get(f"/api/rooms/{room['id']}/lineup")
+    assert [p["id"] for p in r.json()] == ids

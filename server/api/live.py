@@ -84,7 +84,8 @@ async def set_lineup(call: Call[LineupIn]) -> list[ProductOut]:
     """Replace the room's lineup with your products, in this order; viewers get a `lineup` event."""
     ids = list(dict.fromkeys(call.body.product_ids))  # keep order, drop repeats
     async with call.services.db.begin() as db:
-        room = await get_owned_room(db, call.param("room_id"), call.me)
+        # Locked: two saves at once (a double click) would each delete, then both insert.
+        room = await get_owned_room(db, call.param("room_id"), call.me, lock=True)
         for product_id in ids:
             await get_owned_product(db, product_id, call.me)
         await db.execute(delete(RoomProduct).where(RoomProduct.room_id == room.id))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from sqlalchemy import case, select
+from sqlalchemy import case, select, update
 
 from server import clock
 from server.api.endpoint import Call, Router
@@ -75,15 +75,18 @@ async def edit_room(call: Call[RoomPatch]) -> RoomOut:
 
 async def _transition(call: Call[None], target: Literal["live", "ended"]) -> RoomOut:
     async with call.services.db.begin() as db:
-        room = await get_owned_room(db, call.param("room_id"), call.me)
-        if room.status != target:
+        room = await get_owned_room(db, call.param("room_id"), call.me, lock=True)
+        for _ in range(3):  # scheduled -> live -> ended at most
+            if room.status == target:
+                break
             if room.status == "ended":
                 raise Conflict("this room has ended; create a new one", code="room_ended")
-            room.status = target
-            if target == "live":
-                room.started_at = clock.utcnow()
-            else:
-                room.ended_at = clock.utcnow()
+            # Only from the status just read: SQLite's read above locks nothing, and a start that
+            # read "scheduled" must not bring back a room that an end closed meanwhile.
+            stamp = {"started_at": clock.utcnow()} if target == "live" else {"ended_at": clock.utcnow()}
+            await db.execute(update(Room).where(Room.id == room.id, Room.status == room.status)
+                             .values(status=target, **stamp))
+            await db.refresh(room)
         out = await describe_room(db, room)
     # Also when repeated: the call that changed the status may have failed after its commit, and
     # each step below is harmless to take twice (viewers may see the same event again).

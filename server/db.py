@@ -37,6 +37,7 @@ class Base(DeclarativeBase):
 
 
 CONNECT_TIMEOUT_S = 10.0
+LIBPQ_OPTIONS = {"sslmode": "ssl", "connect_timeout": "timeout"}  # libpq's name -> asyncpg's
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
@@ -60,7 +61,8 @@ def make_engine(url: str) -> AsyncEngine:
 
 
 def _asyncpg_connect(url: str) -> Callable[[], Awaitable[Any]]:
-    """asyncpg's connect, bounded in time (asyncpg waits 60 s by default), and raising PostgreSQL's
+    """asyncpg's connect, bounded in time (asyncpg waits 60 s by default), taking libpq's usual URL
+    options (sslmode, connect_timeout, application_name), and raising PostgreSQL's
     "cannot connect" (SQLSTATE 08001) where asyncpg raises the socket's own error (refused,
     unreachable, unresolvable, no answer in time): every caller then gets SQLAlchemy's DBAPIError
     for a database it cannot reach, never a bare OSError."""
@@ -68,10 +70,15 @@ def _asyncpg_connect(url: str) -> Callable[[], Awaitable[Any]]:
 
     sa_url = make_url(url)
     args, params = sa_url.get_dialect()().create_connect_args(sa_url)
+    # The options libpq URLs carry most often (managed databases add sslmode), in asyncpg's terms.
+    params = {LIBPQ_OPTIONS.get(k, k): v for k, v in params.items()}
+    if "application_name" in params:
+        params["server_settings"] = {"application_name": str(params.pop("application_name"))}
+    params["timeout"] = float(params.get("timeout", CONNECT_TIMEOUT_S))
 
     async def connect() -> Any:
         try:
-            return await asyncpg.connect(*args, timeout=CONNECT_TIMEOUT_S, **params)
+            return await asyncpg.connect(*args, **params)
         except OSError as exc:  # TimeoutError is one
             raise asyncpg.exceptions.ClientCannotConnectError(f"cannot reach the database: {exc!r}") from exc
     return connect

@@ -6,9 +6,12 @@ import stat
 from pathlib import Path
 
 import pytest
+from sqlalchemy import text
 
 from server.config import load_settings
+from server.db import make_engine
 from server.errors import ConfigError
+from tests.postgres import Postgres
 
 
 def env_for(data_dir: Path, **extra: str) -> dict[str, str]:
@@ -117,3 +120,17 @@ def test_integer_settings(data_dir: Path) -> None:
 def test_bad_integer_is_a_config_error(data_dir: Path, name: str, raw: str) -> None:
     with pytest.raises(ConfigError, match=name):
         load_settings(env_for(data_dir, **{name: raw}))
+
+
+async def test_a_libpq_database_url_with_its_usual_options_connects(postgres: Postgres, data_dir: Path) -> None:
+    """`postgresql://...?sslmode=...&connect_timeout=...&application_name=...`, as managed databases
+    hand them out: asyncpg takes none of these names (it refused them with a TypeError)."""
+    created = (await postgres.new_database()).replace("postgresql+asyncpg://", "postgresql://")
+    url = load_settings(env_for(data_dir, DATABASE_URL=created + "?sslmode=disable&connect_timeout=5"
+                                "&application_name=livesale-test")).database_url
+    engine = make_engine(url)
+    try:
+        async with engine.connect() as conn:
+            assert await conn.scalar(text("SELECT current_setting('application_name')")) == "livesale-test"
+    finally:
+        await engine.dispose()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import msgspec
 from sqlalchemy import select
 
 from server.app import ensure_schema
@@ -11,6 +12,7 @@ from server.db import make_engine, make_sessionmaker
 from server.errors import ConfigError
 from server.ids import new_id
 from server.models import Product, Room, User
+from server.schemas import Username
 
 PRODUCTS = [
     ("Jasmine green tea, 250 g", "Hand-rolled pearls from Fujian, spring harvest.", 2400, 2000, "/static/demo/tea.svg"),
@@ -21,6 +23,10 @@ PRODUCTS = [
 
 async def create_demo(settings: Settings, username: str, password: str) -> str:
     """Create (or refresh) the demo host; return the id of its open demo room."""
+    try:  # the rules registration applies: a name the login form would refuse is no use
+        msgspec.convert(username, Username)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(f"--username {username!r}: {exc}") from None
     await ensure_schema(settings)
     engine = make_engine(settings.database_url)
     try:

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import httpx
+import pytest
 
 from server.demo import PRODUCTS
 from tests.support import REPO, ServerProcess, bearer
@@ -101,3 +102,12 @@ def test_demo_does_not_take_over_a_viewer_account(data_dir: Path, redis_url: str
             login = c.post("/api/auth/login", json={"username": m["user"], "password": m["password"]})
             assert login.status_code == 200
             assert login.json()["role"] == "host"
+
+
+@pytest.mark.parametrize("username", ["x" * 65, "no spaces", "ab"])
+def test_demo_refuses_a_username_registration_would_refuse(data_dir: Path, username: str) -> None:
+    """Checked before anything is written (a name over 64 characters was a traceback on PostgreSQL,
+    printing the new password's hash, and on SQLite a login that could never work)."""
+    out = run_cli("demo", "--username", username, env=demo_env(data_dir))
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
+    assert "--username" in out.stderr and not (data_dir / "livesale.db").exists(), out.stderr

@@ -14,6 +14,7 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
 from starlette.requests import Request
+from websockets.exceptions import InvalidStatus
 
 from server.api.responses import on_database_error
 from server.db import create_schema, make_engine
@@ -33,6 +34,7 @@ from tests.inventory_support import (
 from tests.postgres import Postgres, find_bin_dir
 from tests.reliability_support import backends, wait_health, wait_reconciled
 from tests.support import ServerProcess
+from tests.ws_support import open_viewer
 
 pytestmark = pytest.mark.reliability
 
@@ -59,7 +61,17 @@ async def test_postgresql_away_answers_503_and_sql_catches_up(own_postgres: Post
             shop = await new_shop(api)
             sale = await launch(api, shop, stock=20, per_user_limit=4)
             buyers = [await new_guest(api, f"pg{i}") for i in range(3)]
+            unvisited = await new_shop(api)  # a room no viewer has joined: its details are not cached
             own_postgres.halt()
+
+            # A viewer joining is told to come back (an `error` event, then 1013), not refused mid-handshake.
+            try:
+                async with open_viewer(srv.url, unvisited.room_id, buyers[1].token, welcome=False) as joiner:
+                    events, close = await joiner.expect_close(timeout=30)
+            except InvalidStatus as exc:
+                raise AssertionError(f"handshake refused: {exc}") from None
+            assert [(e["type"], e.get("code")) for e in events] == [("error", "unavailable")], events
+            assert close is not None and close.code == 1013, close
 
             # Everything that needs SQL says so: 503 `unavailable`, Retry-After, on a connection that stays usable.
             for method, path, body in [("GET", "/api/products", None), ("GET", "/api/orders", None),

@@ -8,7 +8,7 @@ import pytest
 
 from server.embedded_redis import EmbeddedRedis
 from tests.inventory_support import DB_POSTGRES, redis_db_url
-from tests.postgres import Postgres, find_bin_dir
+from tests.postgres import Postgres, running_postgres
 from tests.support import ServerProcess, cookieless_client, free_port, guest, register
 
 
@@ -24,15 +24,8 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 @pytest.fixture(scope="session")
 def postgres() -> Iterator[Postgres]:
     """One real PostgreSQL for the session, started only if a test asks for it."""
-    bin_dir = find_bin_dir()
-    if bin_dir is None:
-        pytest.skip("PostgreSQL is not installed (apt-get install postgresql, or set LIVESALE_TEST_PG_BIN)")
-    pg = Postgres(bin_dir)
-    try:
-        pg.start()
+    with running_postgres() as pg:
         yield pg
-    finally:
-        pg.stop()
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

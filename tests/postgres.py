@@ -19,6 +19,8 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import IO
 
@@ -155,6 +157,20 @@ class Postgres:
     def stop(self) -> None:
         self.halt()
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@contextmanager
+def running_postgres() -> Iterator[Postgres]:
+    """A started PostgreSQL, stopped and removed on the way out; skips the test if none is installed."""
+    bin_dir = find_bin_dir()
+    if bin_dir is None:
+        pytest.skip("PostgreSQL is not installed (apt-get install postgresql, or set LIVESALE_TEST_PG_BIN)")
+    pg = Postgres(bin_dir)
+    try:
+        pg.start()
+        yield pg
+    finally:
+        pg.stop()
 
 
 def on_both_databases() -> object:

@@ -13,29 +13,29 @@ from pathlib import Path
 from typing import Any, cast
 
 import pytest
-from sqlalchemy import delete, text, update
 from redis.exceptions import ConnectionError as RedisConnectionError
+from sqlalchemy import delete, text, update
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import make_transient
 from websockets.asyncio.client import connect
 
 from server.auth import Principal
+from server.config import Settings
 from server.errors import Conflict, NotFound
 from server.ids import new_id
 from server.inventory import keys
-from server.inventory.captures import LateCaptures
 from server.inventory import persister as persister_module
+from server.inventory.captures import LateCaptures
 from server.inventory.payments import SimulatedPayments
 from server.inventory.reconcile import reconcile
 from server.inventory.sales import SaleService
 from server.inventory.schemas import SaleIn
 from server.inventory.stock import Stock, Terms
+from server.inventory.sweeper import Sweeper
+from server.inventory.tables import LedgerEntry, Order, Sale
 from server.rooms.broker import Broker
 from server.rooms.service import RoomService
 from server.rooms.store import RoomStore
-from server.config import Settings
-from server.inventory.sweeper import Sweeper
-from server.inventory.tables import LedgerEntry, Order, Sale
 from tests.inventory_support import (
     DB_SPARE,
     Actor,

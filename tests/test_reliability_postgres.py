@@ -18,7 +18,6 @@ from websockets.exceptions import InvalidStatus
 
 from server.api.responses import on_database_error
 from server.db import create_schema, make_engine
-
 from tests.inventory_support import (
     DB_PG_OUTAGE,
     api_client,
@@ -31,7 +30,7 @@ from tests.inventory_support import (
     redis_db_url,
     settle_tracked,
 )
-from tests.postgres import Postgres, find_bin_dir
+from tests.postgres import Postgres, running_postgres
 from tests.reliability_support import backends, wait_health, wait_reconciled
 from tests.support import ServerProcess
 from tests.ws_support import open_viewer
@@ -42,15 +41,8 @@ pytestmark = pytest.mark.reliability
 @pytest.fixture
 def own_postgres() -> Iterator[Postgres]:
     """A PostgreSQL of this test's own, as this test stops it."""
-    bin_dir = find_bin_dir()
-    if bin_dir is None:
-        pytest.skip("PostgreSQL is not installed (apt-get install postgresql, or set LIVESALE_TEST_PG_BIN)")
-    pg = Postgres(bin_dir)
-    try:
-        pg.start()
+    with running_postgres() as pg:
         yield pg
-    finally:
-        pg.stop()
 
 
 async def test_postgresql_away_answers_503_and_sql_catches_up(own_postgres: Postgres, redis_url: str,

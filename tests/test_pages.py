@@ -12,12 +12,24 @@ from typing import Any, AsyncIterator
 
 import httpx
 import pytest
-
 from starlette.requests import Request
 
 from server.api.responses import on_unexpected
-from tests.inventory_support import api_client, launch, new_shop, settle_tracked
-from tests.support import REPO, ServerProcess, create_room, register
+from tests.inventory_support import (
+    api_client,
+    end_sale,
+    launch,
+    new_product,
+    new_shop,
+    settle_tracked,
+)
+from tests.support import (
+    REPO,
+    ServerProcess,
+    create_product,
+    create_room,
+    register,
+)
 
 pytestmark = pytest.mark.browser
 
@@ -290,6 +302,148 @@ async def test_a_viewer_logged_out_elsewhere_is_asked_to_sign_in_and_not_reconne
     await expect(page.locator("#whoami")).to_have_text("Hi, Ines again")
     await expect(page.locator("#conn-state")).to_have_text("")
     assert len(sockets) == opened + 1
+    assert page.errors == [], page.errors  # type: ignore[attr-defined]
+    await page.context.close()
+
+
+async def console_on(browser: Browser, server: ServerProcess, host: dict[str, Any], room_id: str) -> Page:
+    page = await new_page(browser)
+    await page.goto(f"{server.url}/console#{room_id}")
+    await page.fill("#login-user", host["username"])
+    await page.fill("#login-pass", "correct horse battery")
+    await page.click("#login-form button[type=submit]")
+    await expect(page.locator("#rv-status")).to_be_visible()
+    return page
+
+
+async def test_the_console_keeps_the_product_chosen_for_a_sale_when_its_list_is_redrawn(
+        browser: Browser, server: ServerProcess) -> None:
+    """Pick a product for the sale, set its price, pin something: the form still holds that product
+    (it went back to the first one, keeping the price: a launch of the wrong product at that price)."""
+    async with httpx.AsyncClient(base_url=server.url) as c:
+        host = await register(c, "host", password="correct horse battery")
+        room = await create_room(c, host["token"])
+        cheap = await create_product(c, host["token"], name="Cheap", price_cents=800)
+        await create_product(c, host["token"], name="Pricey", price_cents=50_000)  # newest: listed first
+    console = await console_on(browser, server, host, room["id"])
+    await expect(console.locator("#sf-product option")).to_have_count(2)
+    await console.select_option("#sf-product", cheap["id"])
+    await console.fill("#sf-price", "700")
+    await console.click("#products tr:has-text('Pricey') button:has-text('Pin')")
+    await expect(console.locator("#products tr:has-text('Pricey') button:has-text('Unpin')")).to_be_visible()
+    assert await console.input_value("#sf-product") == cheap["id"]
+    assert await console.input_value("#sf-price") == "700"
+    assert console.errors == [], console.errors  # type: ignore[attr-defined]
+    await console.context.close()
+
+
+async def test_an_expired_reservation_lets_the_viewer_buy_again(browser: Browser, server: ServerProcess) -> None:
+    async with api_client(server.url) as c:
+        shop = await new_shop(c)
+        await launch(c, shop, stock=5, per_user_limit=2, payment_timeout_s=2)
+    page = await new_page(browser)
+    await page.goto(f"{server.url}/rooms/{shop.room_id}")
+    await join_as_guest(page, "Lou")
+    await page.click("#buy")
+    await expect(page.locator("#res-text")).to_contain_text("Reserved for you")
+    await expect(page.locator("#buy")).to_be_disabled()
+    await expect(page.locator("#res-text")).to_have_text("Your reservation expired.")
+    await expect(page.locator("#buy")).to_be_enabled()  # it stayed disabled until a reload
+    await expect(page.locator("#qty")).to_be_visible()
+    assert page.errors == [], page.errors  # type: ignore[attr-defined]
+    await page.context.close()
+    await settle_tracked(server.url)
+
+
+async def test_an_ended_sale_gives_way_to_the_next_pinned_product(browser: Browser, server: ServerProcess) -> None:
+    """The host ends a sale and pins another product: viewers see that product (they kept seeing the
+    ended sale, even after a reload, until it was archived)."""
+    async with api_client(server.url) as c:
+        shop = await new_shop(c)
+        sale = await launch(c, shop, stock=5, per_user_limit=2)
+        page = await new_page(browser)
+        await page.goto(f"{server.url}/rooms/{shop.room_id}")
+        await expect(page.locator("#p-name")).to_have_text("Flash tea")
+        await end_sale(c, shop, sale["id"])
+        await expect(page.locator("#sale-state")).to_have_text("Sale ended")
+        other = await new_product(c, shop.host, name="Oolong")
+        r = await c.post(f"/api/rooms/{shop.room_id}/pin", json={"product_id": other}, headers=shop.host.auth)
+        assert r.status_code == 200, r.text
+        await expect(page.locator("#p-name")).to_have_text("Oolong")
+        await expect(page.locator("#sale")).to_be_hidden()
+        await page.reload()
+        await expect(page.locator("#p-name")).to_have_text("Oolong")
+    assert page.errors == [], page.errors  # type: ignore[attr-defined]
+    await page.context.close()
+
+
+async def test_an_end_is_final_whatever_its_version(browser: Browser, server: ServerProcess) -> None:
+    """sale.js in the page: a `sale_ended` that arrives after another process's update with a
+    higher `v` still ends the sale (it was dropped as stale, leaving Buy enabled)."""
+    page = await new_page(browser)
+    await page.goto(f"{server.url}/")
+    status = await page.evaluate("""async () => {
+        const { applySaleEvent, saleStatus } = await import("/static/js/sale.js");
+        let sale = { id: "s", v: 5, status: "active", remaining: 3, starts_at_ms: 0, ends_at_ms: Date.now() + 60000 };
+        sale = applySaleEvent(sale, { type: "sale_update", id: "s", v: 9, remaining: 2, sold: 1 }, Date.now());
+        sale = applySaleEvent(sale, { type: "sale_ended", id: "s", v: 7, reason: "host" }, Date.now());
+        return [saleStatus(sale, Date.now()), sale.remaining];
+    }""")
+    assert status == ["ended", 2], status
+    await page.context.close()
+
+
+async def test_reconnects_back_off_while_the_server_says_unavailable(browser: Browser, server: ServerProcess) -> None:
+    """A server without Redis or its database accepts the socket, says `unavailable` and closes with
+    1013: the page waits longer each time (it started over at every open: ~2 tries a second)."""
+    async with api_client(server.url) as c:
+        shop = await new_shop(c)
+    page = await new_page(browser)
+    opened: list[float] = []
+
+    async def unavailable(ws: Any) -> None:  # stands in for the server's answer during an outage
+        opened.append(await page.evaluate("performance.now()"))
+        ws.send(json.dumps([{"type": "error", "code": "unavailable", "message": "try again shortly"}]))
+        await ws.close(code=1013, reason="try again later")
+
+    await page.route_web_socket(re.compile(r".*/ws/rooms/.*"), unavailable)
+    await page.goto(f"{server.url}/rooms/{shop.room_id}")
+    await page.wait_for_timeout(5000)
+    # Backoff 0.5, 1, 2, 4 s, each x 0.5-1.5: five tries at most in 5 s (fewer on a slow machine).
+    assert 2 <= len(opened) <= 5, opened
+    await page.context.close()
+
+
+async def test_a_reconnect_keeps_the_viewers_paid_order_on_screen(browser: Browser, server: ServerProcess) -> None:
+    """The socket drops after the viewer paid: after the new welcome the page still says paid
+    (it dropped the order, and brought back only reserved ones)."""
+    drop: list[Any] = []
+
+    async def relay(ws: Any) -> None:  # the real server behind, so that the test can cut the link
+        ws.connect_to_server()
+        drop.append(ws)
+
+    async with api_client(server.url) as c:
+        shop = await new_shop(c)
+        await launch(c, shop, stock=5, per_user_limit=2)
+    page = await new_page(browser)
+    await page.route_web_socket(re.compile(r".*/ws/rooms/.*"), relay)
+    await page.goto(f"{server.url}/rooms/{shop.room_id}")
+    await join_as_guest(page, "Max")
+    await page.click("#buy")
+    await page.click("#pay")
+    await expect(page.locator("#res-text")).to_contain_text("Paid")
+    links = len(drop)
+    await drop[-1].close(code=1012, reason="restarting")
+    for _ in range(100):  # reconnected (the first backoff is 0.25 to 0.75 s)
+        if len(drop) > links:
+            break
+        await page.wait_for_timeout(100)
+    assert len(drop) > links, "the page did not reconnect"
+    await expect(page.locator("#conn-state")).to_have_text("")
+    await page.wait_for_timeout(500)  # the welcome and the order's re-read
+    await expect(page.locator("#reservation")).to_be_visible()
+    await expect(page.locator("#res-text")).to_contain_text("Paid")
     assert page.errors == [], page.errors  # type: ignore[attr-defined]
     await page.context.close()
 

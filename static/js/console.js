@@ -241,7 +241,10 @@ function renderProducts() {
     el("td", {}, el("div", { class: "row" },
       el("button", { class: "small", type: "button", onclick: () => (pinned === p.id ? unpin() : pin(p.id)) }, pinned === p.id ? "Unpin" : "Pin"),
       el("button", { class: "small ghost", type: "button", onclick: () => editProduct(p) }, "Edit"))))));
+  // Rebuilt on every pin, lineup or product change: keep the host's choice (its price stays set).
+  const picked = $("#sf-product").value;
   replace($("#sf-product"), state.products.map((p) => el("option", { value: p.id }, p.name)));
+  if (state.products.some((p) => p.id === picked)) $("#sf-product").value = picked;
   const chosen = state.products.find((p) => p.id === $("#sf-product").value);
   if (chosen && !$("#sf-price").value) $("#sf-price").value = String(Math.round(chosen.price_cents * 0.8));
 }

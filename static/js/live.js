@@ -31,7 +31,8 @@ export class RoomSocket {
     this.ws = ws;
     this.onState("connecting");
     ws.onopen = () => {
-      this.attempt = 0;
+      // The backoff starts over only at a welcome: a server that is down for the room (Redis or the
+      // database away) accepts, says `unavailable` and closes with 1013, and must see it grow.
       this.onState("open");
       this.ping();
       clearInterval(this.pingTimer);
@@ -45,7 +46,10 @@ export class RoomSocket {
         return;
       }
       for (const ev of Array.isArray(events) ? events : [events]) {
-        if (ev.type === "welcome") this.offset = ev.server_time - Date.now();
+        if (ev.type === "welcome") {
+          this.offset = ev.server_time - Date.now();
+          this.attempt = 0;
+        }
         if (ev.type === "pong" && this.pingSentAt) {
           const now = Date.now();
           this.offset = ev.ts - (this.pingSentAt + now) / 2; // assume a symmetric round trip

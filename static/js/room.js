@@ -20,6 +20,7 @@ const state = {
   buyKey: null, // {saleId, key, quantity}: the purchase in flight, sent again as it was on retry, never for a second buy
   buying: false,
   chatIds: new Set(),
+  welcomed: false, // a first welcome came (the lineup was read at start)
 };
 
 const danmaku = new Danmaku($("#danmaku"));
@@ -65,8 +66,12 @@ function onWelcome(ev) {
   state.room = ev.room;
   state.pin = ev.pinned_product;
   state.likes = ev.likes;
+  // Our order in the same sale is kept (loadOrder reads it again, live): SQL, which lists orders,
+  // may lag, or be away, which is when reconnects happen.
+  const kept = ev.sale && state.order?.sale_id === ev.sale.id ? state.order : null;
   state.sale = null;
   if (ev.sale) applySale(ev.sale);
+  state.order = kept;
   replace($("#chat-list"));
   state.chatIds.clear();
   for (const msg of ev.history) addChat(msg, false);
@@ -75,6 +80,14 @@ function onWelcome(ev) {
   renderLikes();
   renderCard();
   loadOrder(); // once per (re)connect, never per sale event: a thousand viewers would stampede
+  // A welcome carries no lineup: after a reconnect, read it again (a change may have been missed),
+  // at a random moment within 5 s, as every viewer of the room reconnects at once after a resync.
+  if (state.welcomed) setTimeout(loadLineup, Math.random() * 5000);
+  state.welcomed = true;
+}
+
+function loadLineup() {
+  get(`/api/rooms/${encodeURIComponent(roomId)}/lineup`).then(renderShelf).catch(() => {});
 }
 
 // ---- room and stream ---------------------------------------------------------------
@@ -192,8 +205,21 @@ function applySale(sale) {
   renderCard();
 }
 
-function renderCard() {
+function holdsReservation(now) {
+  return Boolean(state.order && state.order.status === "reserved" && now < Date.parse(state.order.pay_by));
+}
+
+// The sale the card shows: an ended one gives way to the host's next pin, unless the viewer
+// still has a reservation in it to pay.
+function shownSale() {
   const sale = state.sale;
+  const now = socket.now();
+  if (!sale || !state.pin || saleStatus(sale, now) !== "ended" || holdsReservation(now)) return sale;
+  return null;
+}
+
+function renderCard() {
+  const sale = shownSale();
   const product = sale ? { ...sale.product, price_cents: sale.product.list_price_cents } : state.pin;
   show($("#card"), Boolean(product));
   renderShelfPin();
@@ -222,6 +248,10 @@ function renderCard() {
 function tick() {
   const sale = state.sale;
   if (!sale) return;
+  if (shownSale() !== sale) { // it ended, and the card shows the host's pin instead
+    if (!$("#sale").hidden) renderCard();
+    return;
+  }
   const now = socket.now(); // the server's clock, not the device's
   const status = saleStatus(sale, now);
   const label = { scheduled: "Flash sale starts in", active: "Flash sale · ends in", soldout: "Sold out", ended: "Sale ended" }[status];
@@ -236,7 +266,8 @@ function tick() {
   const bar = $("#stockbar");
   bar.setAttribute("aria-valuemax", String(sale.stock));
   bar.setAttribute("aria-valuenow", String(left));
-  const reserved = state.order && state.order.status === "reserved";
+  // A reservation past its pay-by time has expired (the sweeper puts its units back on sale).
+  const reserved = holdsReservation(now);
   $("#buy").disabled = status !== "active" || state.buying || reserved;
   $("#buy").textContent = state.buying ? "Buying…" : status === "soldout" ? "Sold out" : status === "ended" ? "Ended" : "Buy now";
   show($("#qty"), status === "active" && !reserved);
@@ -346,10 +377,19 @@ $("#pay").addEventListener("click", async () => {
 });
 
 async function loadOrder() {
-  // After a reload, bring back a reservation we made in this sale.
-  if (!state.me || !state.sale || state.order) return;
+  // After a reload, bring back a reservation we made in this sale; after a reconnect, read the
+  // order we have again (it may have been paid, cancelled or expired meanwhile).
+  if (!state.me || !state.sale) return;
   const saleId = state.sale.id;
   try {
+    if (state.order) {
+      const fresh = await get(`/api/orders/${state.order.order_id}`);
+      if (state.sale?.id === saleId && state.order?.order_id === fresh.order_id) {
+        state.order = fresh;
+        tick();
+      }
+      return;
+    }
     const orders = await get("/api/orders");
     const mine = orders.find((o) => o.sale_id === saleId && o.status === "reserved");
     if (mine && state.sale?.id === saleId && !state.order) {
@@ -436,7 +476,7 @@ $("#login-form").addEventListener("submit", async (e) => {
 async function start() {
   state.me = await currentUser().catch(() => null);
   renderMe();
-  get(`/api/rooms/${encodeURIComponent(roomId)}/lineup`).then(renderShelf).catch(() => {});
+  loadLineup();
   socket.connect();
 }
 

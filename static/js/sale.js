@@ -12,10 +12,12 @@ export function saleStatus(sale, now) {
 // from different server processes, `v` tells which is newer).
 export function applySaleEvent(sale, ev, now) {
   if (ev.type === "sale") return !sale || sale.id !== ev.sale.id || ev.sale.v >= sale.v ? { ...ev.sale } : sale;
-  if (!sale || sale.id !== ev.id || (ev.v && ev.v < sale.v)) return sale;
+  if (!sale || sale.id !== ev.id) return sale;
+  // An end is final whatever its `v`: another process's update may carry a higher one.
+  if (ev.type === "sale_ended") return { ...sale, status: "ended", ended_at: new Date(now).toISOString(), end_reason: ev.reason };
+  if (ev.v && ev.v < sale.v) return sale;
   const next = { ...sale, v: Math.max(sale.v, ev.v || 0) };
   if (ev.type === "sale_update") Object.assign(next, { remaining: ev.remaining, sold: ev.sold });
   if (ev.type === "sold_out") next.remaining = 0;
-  if (ev.type === "sale_ended") Object.assign(next, { status: "ended", ended_at: new Date(now).toISOString(), end_reason: ev.reason });
   return next;
 }

@@ -448,6 +448,108 @@ async def test_a_reconnect_keeps_the_viewers_paid_order_on_screen(browser: Brows
     await page.context.close()
 
 
+async def test_the_console_follows_only_the_last_room_chosen(browser: Browser, server: ServerProcess) -> None:
+    """Two rooms clicked in a row: one socket stays open, the second room's (the first room's socket
+    was left open too, feeding its chat and sales into the other room's view)."""
+    async with httpx.AsyncClient(base_url=server.url) as c:
+        host = await register(c, "host", password="correct horse battery")
+        first = await create_room(c, host["token"], title="First")
+        second = await create_room(c, host["token"], title="Second")
+    console = await console_on(browser, server, host, first["id"])
+    sockets: list[Any] = []
+    console.on("websocket", lambda ws: sockets.append(ws))
+    # Both clicks in one go, as a quick host does: the first room's answers come after the second click.
+    await console.evaluate("""() => {
+        const [a, b] = [...document.querySelectorAll("#room-list button")]
+            .sort((x, y) => (x.textContent.startsWith("First") ? -1 : 1));
+        a.click();
+        b.click();
+    }""")
+    await expect(console.locator("#rv-title")).to_have_text("Second")
+    await console.wait_for_timeout(1000)
+    still_open = [ws.url for ws in sockets if not ws.is_closed()]
+    assert len(still_open) == 1 and still_open[0].endswith(second["id"]), still_open
+    await console.context.close()
+
+
+async def test_two_quick_lineup_ticks_are_both_saved(browser: Browser, server: ServerProcess) -> None:
+    async with httpx.AsyncClient(base_url=server.url) as c:
+        host = await register(c, "host", password="correct horse battery")
+        room = await create_room(c, host["token"])
+        products = [await create_product(c, host["token"], name=f"Tea {i}") for i in range(3)]
+    console = await console_on(browser, server, host, room["id"])
+    await expect(console.locator("#products tr")).to_have_count(3)
+    # Both ticks in one go, as a quick host does: the second comes before the first one's save answers.
+    await console.evaluate("""() => {
+        const box = (name) => [...document.querySelectorAll("#products tr")]
+            .find((row) => row.textContent.includes(name)).querySelector("input[type=checkbox]");
+        box("Tea 0").click();
+        box("Tea 2").click();
+    }""")
+    want = {products[0]["id"], products[2]["id"]}
+    async with httpx.AsyncClient(base_url=server.url) as c:
+        for _ in range(50):
+            saved = {p["id"] for p in (await c.get(f"/api/rooms/{room['id']}/lineup")).json()}
+            if saved == want:
+                break
+            await console.wait_for_timeout(100)
+    assert saved == want, saved
+    await console.wait_for_timeout(300)
+    await expect(console.locator("#products tr:has-text('Tea 0') input[type=checkbox]")).to_be_checked()
+    await expect(console.locator("#products tr:has-text('Tea 2') input[type=checkbox]")).to_be_checked()
+    await console.context.close()
+
+
+async def test_a_viewer_can_cancel_a_reservation_and_buy_again(browser: Browser, server: ServerProcess) -> None:
+    page, sale = await buying_page(browser, server, "Nia", 2, lambda route: route.continue_())
+    await page.click("#buy")
+    await expect(page.locator("#res-text")).to_contain_text("Reserved for you")
+    await page.click("#cancel")
+    await expect(page.locator("#res-text")).to_have_text("Your reservation was cancelled.")
+    await expect(page.locator("#buy")).to_be_enabled()
+    async with api_client(server.url) as c:
+        state = (await c.get(f"/api/sales/{sale['id']}")).json()
+    assert (state["remaining"], state["reserved"]) == (5, 0), state
+    assert page.errors == [], page.errors  # type: ignore[attr-defined]
+    await page.context.close()
+
+
+async def test_buy_waits_out_a_429(browser: Browser, server: ServerProcess) -> None:
+    """Too many clicks: Buy stays off for the Retry-After the server gave (it came back at once)."""
+    async def too_fast(route: Route) -> None:
+        await route.fulfill(status=429, headers={"Retry-After": "2", "Content-Type": "application/json"},
+                            body=json.dumps({"error": "rate_limited", "message": "slow down"}))
+
+    page, _ = await buying_page(browser, server, "Oz", 2, too_fast)
+    await page.click("#buy")
+    await expect(page.locator("#buy-error")).to_have_text("Too fast: try again in a moment.")
+    await expect(page.locator("#buy")).to_be_disabled()
+    await expect(page.locator("#buy")).to_be_enabled()
+    await page.context.close()
+    await settle_tracked(server.url)
+
+
+async def test_a_refused_chat_message_goes_back_into_the_box(browser: Browser, server: ServerProcess) -> None:
+    async with api_client(server.url) as c:
+        shop = await new_shop(c)
+        r = await c.put(f"/api/rooms/{shop.room_id}/banned-words", json={"words": ["spoiler"]},
+                        headers=shop.host.auth)
+        assert r.status_code == 200, r.text
+    page = await new_page(browser)
+    await page.goto(f"{server.url}/rooms/{shop.room_id}")
+    await join_as_guest(page, "Pia")
+    await page.fill("#chat-input", "big spoiler ahead")
+    await page.press("#chat-input", "Enter")
+    await expect(page.locator("#chat-error")).to_have_text("Your message contains a word this room doesn't allow.")
+    await expect(page.locator("#chat-input")).to_have_value("big spoiler ahead")
+    await page.fill("#chat-input", "hello")
+    await page.press("#chat-input", "Enter")
+    await expect(page.locator("#chat-list li", has_text="hello")).to_have_count(1)
+    await expect(page.locator("#chat-input")).to_have_value("")
+    assert page.errors == [], page.errors  # type: ignore[attr-defined]
+    await page.context.close()
+
+
 async def test_moderation_from_the_console(browser: Browser, server: ServerProcess) -> None:
     base = server.url
     password = "correct horse battery"

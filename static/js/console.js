@@ -17,6 +17,7 @@ const state = {
   stats: null,
   viewers: { online: 0, peak: 0 },
   chatTimes: [], // when danmaku arrived, for the per-minute rate
+  selection: 0, // counts room selections: answers for an earlier one are dropped
 };
 const chart = new TimeChart($("#chart"));
 
@@ -98,8 +99,14 @@ $("#room-form").addEventListener("submit", async (e) => {
 });
 
 async function selectRoom(id) {
+  // Clicks on two rooms in a row: only the last one's answers count, and only it gets a socket.
+  const selection = ++state.selection;
+  const current = () => selection === state.selection;
   state.socket?.close();
-  state.room = state.rooms.find((r) => r.id === id) ?? (await get(`/api/rooms/${id}`));
+  state.socket = null;
+  const room = state.rooms.find((r) => r.id === id) ?? (await get(`/api/rooms/${id}`));
+  if (!current()) return;
+  state.room = room;
   history.replaceState(null, "", `#${id}`);
   state.sale = null;
   state.stats = null;
@@ -111,6 +118,7 @@ async function selectRoom(id) {
   renderRoomList();
   renderRoom();
   const [lineup, sales] = await Promise.all([get(`/api/rooms/${id}/lineup`), get(`/api/rooms/${id}/sales`)]);
+  if (!current()) return;
   state.lineup = new Set(lineup.map((p) => p.id));
   state.sale = sales[0] ?? null;
   renderProducts();
@@ -213,13 +221,16 @@ let pollTimer = null;
 async function pollStats() {
   clearTimeout(pollTimer);
   const room = state.room;
-  if (!room) return;
+  const selection = state.selection;
+  if (!room || !state.me) return;
   try {
-    state.stats = await get(`/api/rooms/${room.id}/stats`);
-    if (state.room?.id !== room.id) return;
+    const stats = await get(`/api/rooms/${room.id}/stats`);
+    if (selection !== state.selection) return; // another room was chosen: its own loop polls
+    state.stats = stats;
     chart.add({ t: Date.now(), viewers: state.viewers.online, sold: state.sale ? state.sale.sold ?? 0 : 0 });
     renderKpis();
-  } catch {
+  } catch (err) {
+    if (selection !== state.selection || err.status === 401) return; // signed out: no more polling
     /* a missed sample is fine */
   }
   pollTimer = setTimeout(pollStats, 2000);
@@ -267,15 +278,23 @@ async function unpin() {
   }
 }
 
-async function toggleLineup(productId, on) {
-  const ids = state.products.map((p) => p.id).filter((id) => (id === productId ? on : state.lineup.has(id)));
-  try {
-    const lineup = await put(`/api/rooms/${state.room.id}/lineup`, { product_ids: ids });
-    state.lineup = new Set(lineup.map((p) => p.id));
-  } catch (err) {
+// A tick changes the lineup shown at once; saves go one after another, each with the whole
+// lineup as it was at its tick (two quick ticks were each sent from the lineup before the other,
+// and the second undid the first).
+let lineupSaves = Promise.resolve();
+
+function toggleLineup(productId, on) {
+  state.lineup[on ? "add" : "delete"](productId);
+  const roomId = state.room.id;
+  const ids = state.products.map((p) => p.id).filter((id) => state.lineup.has(id));
+  lineupSaves = lineupSaves.then(() => put(`/api/rooms/${roomId}/lineup`, { product_ids: ids })).catch(async (err) => {
     fail("#prod-error")(err);
-  }
-  renderProducts();
+    const saved = await get(`/api/rooms/${roomId}/lineup`).catch(() => null);
+    if (saved && state.room?.id === roomId) {
+      state.lineup = new Set(saved.map((p) => p.id));
+      renderProducts();
+    }
+  });
 }
 
 function editProduct(p) {

@@ -21,6 +21,7 @@ const state = {
   buying: false,
   chatIds: new Set(),
   welcomed: false, // a first welcome came (the lineup was read at start)
+  unsentChat: null, // the message last sent, until the room echoes it (or refuses it: back in the box)
 };
 
 const danmaku = new Danmaku($("#danmaku"));
@@ -128,6 +129,7 @@ function addChat(msg, fly) {
   state.chatIds.add(msg.id);
   if (state.chatIds.size > 1000) state.chatIds.delete(state.chatIds.values().next().value); // oldest
   const mine = state.me && msg.user.id === state.me.user_id;
+  if (mine && msg.text === state.unsentChat) state.unsentChat = null;
   const list = $("#chat-list");
   list.append(el("li", { class: mine ? "me" : null, dataset: { id: msg.id } },
     el("span", { class: "who" }, msg.user.name), el("span", {}, msg.text)));
@@ -151,6 +153,9 @@ const CHAT_ERRORS = {
 function showChatError(ev) {
   if (ev.code === "login_required") openSignin();
   $("#chat-error").textContent = CHAT_ERRORS[ev.code] ?? ev.message;
+  // A refused message goes back into the box (it was emptied on sending), unless a new one is being typed.
+  if (ev.code in CHAT_ERRORS && state.unsentChat && !$("#chat-input").value) $("#chat-input").value = state.unsentChat;
+  state.unsentChat = null;
 }
 
 $("#chat-form").addEventListener("submit", (e) => {
@@ -160,8 +165,10 @@ $("#chat-form").addEventListener("submit", (e) => {
   const text = input.value.trim();
   if (!text) return undefined;
   $("#chat-error").textContent = "";
-  if (socket.send({ type: "chat", text })) input.value = "";
-  else $("#chat-error").textContent = "Not connected; trying again…";
+  if (socket.send({ type: "chat", text })) {
+    input.value = "";
+    state.unsentChat = text; // until it comes back as a chat event, or is refused
+  } else $("#chat-error").textContent = "Not connected; trying again…";
   return undefined;
 });
 
@@ -288,11 +295,13 @@ function renderOrder(now) {
     $("#res-text").textContent = `Reserved for you: ${text}`;
     $("#res-countdown").textContent = `Pay within ${duration(payBy - now)}`;
     show($("#pay"), true);
+    show($("#cancel"), true);
   } else {
     const done = order.status === "paid";
     $("#res-text").textContent = done ? `Paid: ${text}. Thank you!` : `Your reservation ${order.status === "cancelled" ? "was cancelled" : "expired"}.`;
     $("#res-countdown").textContent = "";
     show($("#pay"), false);
+    show($("#cancel"), false);
   }
 }
 
@@ -305,6 +314,8 @@ const BUY_ERRORS = {
   rate_limited: "Too fast: try again in a moment.",
   busy: "So many buyers right now! Try again.",
   expired: "Your reservation expired.",
+  cancelled: "This reservation was cancelled.",
+  paid: "This order is already paid.",
 };
 
 const RETRIES = 5;
@@ -353,6 +364,7 @@ $("#buy").addEventListener("click", async () => {
     // Answered: a new attempt gets a new key. After a 503 or a network failure the attempt may
     // have gone through: the next click on this sale sends the same key and gets that order back.
     if (err instanceof ApiError && err.status < 500) state.buyKey = null;
+    if (err.status === 429) await new Promise((r) => setTimeout(r, Math.min(err.retryAfter ?? 1, 30) * 1000)); // Buy stays off meanwhile
   } finally {
     state.buying = false;
     tick();
@@ -368,10 +380,28 @@ $("#pay").addEventListener("click", async () => {
   try {
     state.order = await withRetries(() => post(`/api/orders/${order.order_id}/pay`));
   } catch (err) {
-    $("#buy-error").textContent = BUY_ERRORS[err.code] ?? err.message;
-    if (err.code === "expired") state.order = { ...order, status: "expired" };
+    $("#buy-error").textContent = BUY_ERRORS[err.code] ?? err.message ?? "Something went wrong; try again.";
+    if (err.code === "expired" || err.code === "cancelled") state.order = { ...order, status: err.code };
   } finally {
     $("#pay").disabled = false;
+    tick();
+  }
+});
+
+// Give the units back (to buy another quantity, or not at all).
+$("#cancel").addEventListener("click", async () => {
+  const order = state.order;
+  if (!order) return;
+  $("#cancel").disabled = true;
+  $("#buy-error").textContent = "";
+  try {
+    state.order = await withRetries(() => post(`/api/orders/${order.order_id}/cancel`));
+  } catch (err) {
+    $("#buy-error").textContent = BUY_ERRORS[err.code] ?? err.message ?? "Something went wrong; try again.";
+    if (err.code === "expired") state.order = { ...order, status: "expired" };
+    if (err.code === "paid") state.order = await get(`/api/orders/${order.order_id}`).catch(() => order);
+  } finally {
+    $("#cancel").disabled = false;
     tick();
   }
 });

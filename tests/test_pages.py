@@ -550,6 +550,40 @@ async def test_a_refused_chat_message_goes_back_into_the_box(browser: Browser, s
     await page.context.close()
 
 
+async def test_a_deleted_message_stops_flying(browser: Browser, server: ServerProcess) -> None:
+    """The host deletes a message: it leaves the chat list and the video at once (it flew on for
+    its whole crossing, about 12 s)."""
+    async with api_client(server.url) as c:
+        shop = await new_shop(c)
+        page = await new_page(browser)
+        await page.goto(f"{server.url}/rooms/{shop.room_id}")
+        await join_as_guest(page, "Quinn")
+        await page.fill("#chat-input", "this one goes")
+        await page.press("#chat-input", "Enter")
+        bullet = page.locator("#danmaku .bullet", has_text="this one goes")
+        await expect(bullet).to_have_count(1)
+        message_id = await page.locator("#chat-list li", has_text="this one goes").get_attribute("data-id")
+        r = await c.delete(f"/api/rooms/{shop.room_id}/chat/{message_id}", headers=shop.host.auth)
+        assert r.status_code == 200, r.text
+        await expect(page.locator("#chat-list li", has_text="this one goes")).to_have_count(0)
+        await expect(bullet).to_have_count(0, timeout=3000)
+    assert page.errors == [], page.errors  # type: ignore[attr-defined]
+    await page.context.close()
+
+
+async def test_a_401_on_buy_asks_to_sign_in_again(browser: Browser, server: ServerProcess) -> None:
+    async def session_gone(route: Route) -> None:
+        await route.fulfill(status=401, headers={"Content-Type": "application/json"},
+                            body=json.dumps({"error": "session_revoked", "message": "log in again"}))
+
+    page, _ = await buying_page(browser, server, "Rae", 2, session_gone)
+    await page.click("#buy")
+    await expect(page.locator("#signin")).to_be_visible()
+    await expect(page.locator("#whoami")).to_have_text("")
+    await page.context.close()
+    await settle_tracked(server.url)
+
+
 async def test_moderation_from_the_console(browser: Browser, server: ServerProcess) -> None:
     base = server.url
     password = "correct horse battery"

@@ -19,8 +19,8 @@ export class Danmaku {
     return Math.max(1, Math.floor(this.layer.clientHeight / laneHeight));
   }
 
-  add(text, mine = false) {
-    this.waiting.push({ text, mine });
+  add(text, mine = false, id = null) {
+    this.waiting.push({ text, mine, id });
     if (this.waiting.length > MAX_WAITING) this.waiting.splice(0, this.waiting.length - MAX_WAITING);
     this.pump();
   }
@@ -42,9 +42,16 @@ export class Danmaku {
     }
   }
 
-  launch(lane, { text, mine }, now) {
+  // A message the host deleted stops flying, and never starts if it was still waiting.
+  remove(id) {
+    this.waiting = this.waiting.filter((b) => b.id !== id);
+    for (const bullet of this.layer.querySelectorAll(".bullet")) if (bullet.dataset.id === id) bullet.remove();
+  }
+
+  launch(lane, { text, mine, id }, now) {
     const bullet = document.createElement("div");
     bullet.className = mine ? "bullet mine" : "bullet";
+    if (id) bullet.dataset.id = id;
     bullet.textContent = text;
     bullet.style.top = `${lane * 32 + 4}px`;
     this.layer.append(bullet);

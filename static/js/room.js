@@ -34,10 +34,8 @@ function onState(s, ev) {
   if (s === "closed" && ev?.code === 4404) setOverlay("This room does not exist.");
   if (s === "closed" && ev?.code === 4401) {
     // Logged out (here or elsewhere) or expired: the session cookie is dead, so sign in again.
-    state.me = null;
-    renderMe();
+    sessionEnded();
     $("#conn-state").textContent = "Your session ended. Sign in to keep watching.";
-    openSignin();
   }
 }
 
@@ -131,15 +129,18 @@ function addChat(msg, fly) {
   const mine = state.me && msg.user.id === state.me.user_id;
   if (mine && msg.text === state.unsentChat) state.unsentChat = null;
   const list = $("#chat-list");
+  // Follow new messages only when the viewer is at the bottom, not while scrolled up reading.
+  const following = list.scrollHeight - list.scrollTop - list.clientHeight < 40;
   list.append(el("li", { class: mine ? "me" : null, dataset: { id: msg.id } },
     el("span", { class: "who" }, msg.user.name), el("span", {}, msg.text)));
   while (list.children.length > 200) list.firstElementChild.remove();
-  list.scrollTop = list.scrollHeight;
-  if (fly) danmaku.add(msg.text, mine);
+  if (following || mine) list.scrollTop = list.scrollHeight;
+  if (fly) danmaku.add(msg.text, mine, msg.id);
 }
 
 function removeChat(id) {
   for (const li of $("#chat-list").children) if (li.dataset.id === id) li.remove();
+  danmaku.remove(id);
 }
 
 const CHAT_ERRORS = {
@@ -361,6 +362,7 @@ $("#buy").addEventListener("click", async () => {
     }
   } catch (err) {
     $("#buy-error").textContent = BUY_ERRORS[err.code] ?? err.message ?? "Something went wrong; try again.";
+    if (err.status === 401) sessionEnded();
     // Answered: a new attempt gets a new key. After a 503 or a network failure the attempt may
     // have gone through: the next click on this sale sends the same key and gets that order back.
     if (err instanceof ApiError && err.status < 500) state.buyKey = null;
@@ -472,6 +474,13 @@ function renderMe() {
   $("#whoami").textContent = state.me ? `Hi, ${state.me.name}` : "";
   show($("#signin-open"), !state.me);
   if (state.me) show($("#signin"), false);
+}
+
+// The session is gone (logged out elsewhere, expired): ask to sign in again.
+function sessionEnded() {
+  state.me = null;
+  renderMe();
+  openSignin();
 }
 
 async function signedIn(user) {

@@ -584,6 +584,26 @@ async def test_a_401_on_buy_asks_to_sign_in_again(browser: Browser, server: Serv
     await settle_tracked(server.url)
 
 
+async def test_the_console_names_the_field_the_server_refused(browser: Browser, server: ServerProcess) -> None:
+    """A launch the server refuses for one field: that field is marked and named (the message was
+    shown raw, ending in "- at `$.stock`", with nothing marked)."""
+    async with httpx.AsyncClient(base_url=server.url) as c:
+        host = await register(c, "host", password="correct horse battery")
+        room = await create_room(c, host["token"])
+        await create_product(c, host["token"], name="Tea")
+    console = await console_on(browser, server, host, room["id"])
+    await expect(console.locator("#sf-product option")).to_have_count(1)
+    await console.fill("#sf-price", "500")
+    # Past the form's own limit, as an older page or a script would send it.
+    await console.evaluate("""() => { const s = document.querySelector("#sf-stock"); s.removeAttribute("max"); s.value = "2000000"; }""")
+    await console.click("#sale-form button[type=submit]")
+    await expect(console.locator("#sale-error")).to_have_text(re.compile(r"^Stock: Expected `int` <= 1000000$"))
+    await expect(console.locator("#sf-stock")).to_have_attribute("aria-invalid", "true")
+    await console.fill("#sf-stock", "10")
+    await expect(console.locator("#sf-stock")).not_to_have_attribute("aria-invalid", "true")
+    await console.context.close()
+
+
 async def test_moderation_from_the_console(browser: Browser, server: ServerProcess) -> None:
     base = server.url
     password = "correct horse battery"

@@ -21,9 +21,19 @@ const state = {
 };
 const chart = new TimeChart($("#chart"));
 
-function fail(target) {
+// Shows an error; with a form, the field the server named (its `data-field`) is marked and named.
+function fail(target, form = null) {
   return (err) => {
-    $(target).textContent = err instanceof ApiError ? err.message : "Something went wrong; try again.";
+    const api = err instanceof ApiError;
+    const input = form && api && err.field ? $(form).querySelector(`[data-field="${CSS.escape(err.field)}"]`) : null;
+    const message = api ? err.message.replace(/ - at `\$[^`]*`$/, "") : "Something went wrong; try again.";
+    const label = input?.closest("label")?.firstChild?.textContent?.trim();
+    $(target).textContent = label ? `${label}: ${message}` : message;
+    if (input) {
+      input.setAttribute("aria-invalid", "true");
+      input.addEventListener("input", () => input.removeAttribute("aria-invalid"), { once: true });
+      input.focus();
+    }
   };
 }
 
@@ -325,7 +335,7 @@ $("#product-form").addEventListener("submit", async (e) => {
     e.target.reset();
     await loadProducts();
   } catch (err) {
-    fail("#prod-error")(err);
+    fail("#prod-error", "#product-form")(err);
   }
 });
 
@@ -365,7 +375,7 @@ $("#sale-form").addEventListener("submit", async (e) => {
     });
     renderSale();
   } catch (err) {
-    fail("#sale-error")(err);
+    fail("#sale-error", "#sale-form")(err);
   }
 });
 
@@ -374,7 +384,7 @@ $("#sl-end").addEventListener("click", async () => {
     state.sale = await post(`/api/sales/${state.sale.id}/end`);
     renderSale();
   } catch (err) {
-    fail("#sale-error")(err);
+    fail("#sale-error", "#sale-form")(err);
   }
 });
 

@@ -26,6 +26,7 @@ from tests.inventory_support import (
 from tests.support import (
     REPO,
     ServerProcess,
+    bearer,
     create_product,
     create_room,
     register,
@@ -601,6 +602,29 @@ async def test_the_console_names_the_field_the_server_refused(browser: Browser, 
     await expect(console.locator("#sf-stock")).to_have_attribute("aria-invalid", "true")
     await console.fill("#sf-stock", "10")
     await expect(console.locator("#sf-stock")).not_to_have_attribute("aria-invalid", "true")
+    await console.context.close()
+
+
+async def test_the_console_follows_its_room_started_and_ended_elsewhere(browser: Browser,
+                                                                         server: ServerProcess) -> None:
+    """The room goes live and ends from another device (or the API): the console's view and its room
+    list say so (the list kept "scheduled", and an end left the view live)."""
+    async with httpx.AsyncClient(base_url=server.url) as c:
+        host = await register(c, "host", password="correct horse battery")
+        room = await create_room(c, host["token"], title="Elsewhere")
+        console = await console_on(browser, server, host, room["id"])
+        badge = console.locator("#room-list button:has-text('Elsewhere') .badge")
+        await expect(badge).to_have_text("scheduled")
+        await console.wait_for_timeout(500)  # the room's socket is open
+        r = await c.post(f"/api/rooms/{room['id']}/start", headers=bearer(host["token"]))
+        assert r.status_code == 200, r.text
+        await expect(console.locator("#rv-status")).to_have_text("live")
+        await expect(badge).to_have_text("live")
+        r = await c.post(f"/api/rooms/{room['id']}/end", headers=bearer(host["token"]))
+        assert r.status_code == 200, r.text
+        await expect(console.locator("#rv-status")).to_have_text("ended")
+        await expect(badge).to_have_text("ended")
+    assert console.errors == [], console.errors  # type: ignore[attr-defined]
     await console.context.close()
 
 

@@ -147,6 +147,13 @@ function onSocketState(s, ev) {
   });
 }
 
+// The room's view and its line in the room list (status badge).
+function roomChanged() {
+  state.rooms = state.rooms.map((r) => (r.id === state.room.id ? { ...r, ...state.room } : r));
+  renderRoomList();
+  renderRoom();
+}
+
 function renderRoom() {
   const room = state.room;
   $("#rv-title").textContent = room.title;
@@ -183,13 +190,20 @@ $("#stream-form").addEventListener("submit", (e) => {
 // ---- live events ---------------------------------------------------------------------------
 function onEvent(ev) {
   switch (ev.type) {
-    case "welcome":
+    case "welcome": {
+      // After a reconnect, what changed meanwhile: the room, its pin, its sale, new chat.
       state.viewers = ev.viewers;
+      state.room = { ...state.room, ...ev.room, pinned_product: ev.pinned_product ?? null };
       if (ev.sale) state.sale = applySaleEvent(state.sale, { type: "sale", sale: ev.sale }, state.socket.now());
       for (const msg of ev.history) logChat(msg, false);
+      roomChanged();
+      renderProducts();
       renderKpis();
       renderSale();
-      return;
+      return undefined;
+    }
+    case "room_ended": state.room = { ...state.room, status: "ended" }; return roomChanged();
+    case "lineup": state.lineup = new Set(ev.products.map((p) => p.id)); return renderProducts();
     case "viewers": state.viewers = ev; return renderKpis();
     case "likes": if (state.stats) state.stats.likes = ev.total; return renderKpis();
     case "chat": logChat(ev, true); return renderKpis();
@@ -199,7 +213,7 @@ function onEvent(ev) {
     case "unpin":
       state.room = { ...state.room, pinned_product: ev.product ?? null };
       return renderProducts();
-    case "room": state.room = { ...state.room, ...ev.room }; return renderRoom();
+    case "room": state.room = { ...state.room, ...ev.room }; return roomChanged();
     case "sale":
     case "sale_update":
     case "sold_out":

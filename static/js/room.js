@@ -374,39 +374,28 @@ $("#buy").addEventListener("click", async () => {
   return undefined;
 });
 
-$("#pay").addEventListener("click", async () => {
+// Pay or cancel the order shown, retried as it is (paying or cancelling again gives the same answer).
+async function orderAction(button, action) {
   const order = state.order;
   if (!order) return;
-  $("#pay").disabled = true;
+  button.disabled = true;
   $("#buy-error").textContent = "";
   try {
-    state.order = await withRetries(() => post(`/api/orders/${order.order_id}/pay`));
+    state.order = await withRetries(() => post(`/api/orders/${order.order_id}/${action}`));
   } catch (err) {
     $("#buy-error").textContent = BUY_ERRORS[err.code] ?? err.message ?? "Something went wrong; try again.";
-    if (err.code === "expired" || err.code === "cancelled") state.order = { ...order, status: err.code };
+    // Refused because the order moved on (expired, cancelled or paid): show it as it is now.
+    if (["expired", "cancelled", "paid"].includes(err.code)) {
+      state.order = await get(`/api/orders/${order.order_id}`).catch(() => ({ ...order, status: err.code }));
+    }
   } finally {
-    $("#pay").disabled = false;
+    button.disabled = false;
     tick();
   }
-});
+}
 
-// Give the units back (to buy another quantity, or not at all).
-$("#cancel").addEventListener("click", async () => {
-  const order = state.order;
-  if (!order) return;
-  $("#cancel").disabled = true;
-  $("#buy-error").textContent = "";
-  try {
-    state.order = await withRetries(() => post(`/api/orders/${order.order_id}/cancel`));
-  } catch (err) {
-    $("#buy-error").textContent = BUY_ERRORS[err.code] ?? err.message ?? "Something went wrong; try again.";
-    if (err.code === "expired") state.order = { ...order, status: "expired" };
-    if (err.code === "paid") state.order = await get(`/api/orders/${order.order_id}`).catch(() => order);
-  } finally {
-    $("#cancel").disabled = false;
-    tick();
-  }
-});
+$("#pay").addEventListener("click", () => orderAction($("#pay"), "pay"));
+$("#cancel").addEventListener("click", () => orderAction($("#cancel"), "cancel")); // to buy another quantity, or none
 
 async function loadOrder() {
   // After a reload, bring back a reservation we made in this sale; after a reconnect, read the

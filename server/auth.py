@@ -30,6 +30,7 @@ from server.errors import Forbidden, Unauthorized
 from server.origins import origin_allowed, own_origin
 
 COOKIE_NAME = "livesale_session"
+DROP_COOKIE = f"{COOKIE_NAME}=; Max-Age=0; Path=/; HttpOnly; SameSite=Lax"  # expires it at once
 Role = Literal["host", "viewer"]
 
 _hasher = PasswordHasher()
@@ -168,7 +169,12 @@ async def authenticate(sessions: Sessions, headers: Mapping[str, str], cookies: 
     token, via_cookie = token_from(headers, cookies)
     if token is None:
         return None
-    principal = await sessions.verify(token)
+    try:
+        principal = await sessions.verify(token)
+    except Unauthorized as exc:
+        if via_cookie:  # a dead cookie goes with the 401: the browser goes on as anonymous (anyone may watch)
+            exc.headers = {**exc.headers, "Set-Cookie": DROP_COOKIE}
+        raise
     if via_cookie:
         principal = replace(principal, via_cookie=True)
     return principal

@@ -131,6 +131,20 @@ async def test_signature_moved_to_another_payload_is_401(api: httpx.AsyncClient,
     assert_error(await api.get("/api/me", headers=bearer(f"{host_body}.{stamp}.{sig}")), 401, "invalid_token")
 
 
+async def test_a_dead_session_cookie_is_dropped_with_its_401(api: httpx.AsyncClient, host: dict[str, Any]) -> None:
+    """Expired, logged out or garbage: the 401 also expires the cookie, so the browser goes on as an
+    anonymous viewer (anyone may watch) instead of being refused on every page and socket."""
+    expired = craft(payload_of(host), age_s=8 * 24 * 3600)
+    for token in (expired, "garbage"):
+        r = await api.get("/api/me", headers=cookie(token))
+        assert r.status_code == 401, r.text
+        [dropped] = [c for c in r.headers.get_list("set-cookie") if c.startswith("livesale_session=")]
+        attrs = [a.strip().lower() for a in dropped.split(";")]
+        assert attrs[0] == "livesale_session=" and "max-age=0" in attrs and "path=/" in attrs, dropped
+    r = await api.get("/api/me", headers=bearer(expired))  # a bearer token has no cookie to drop
+    assert r.status_code == 401 and not r.headers.get_list("set-cookie"), r.headers
+
+
 @pytest.mark.parametrize("token", ["garbage", "a.b.c", "", "."])
 async def test_garbage_cookie_is_401(api: httpx.AsyncClient, token: str) -> None:
     r = await api.get("/api/me", headers={"Cookie": f"livesale_session={token}"})

@@ -22,6 +22,7 @@ const state = {
   chatIds: new Set(),
   welcomed: false, // a first welcome came (the lineup was read at start)
   unsentChat: null, // the message last sent, until the room echoes it (or refuses it: back in the box)
+  sessionDropped: false, // a 4401 came, and the page went on as anonymous
 };
 
 const danmaku = new Danmaku($("#danmaku"));
@@ -33,9 +34,14 @@ function onState(s, ev) {
   $("#conn-state").textContent = text ?? "";
   if (s === "closed" && ev?.code === 4404) setOverlay("This room does not exist.");
   if (s === "closed" && ev?.code === 4401) {
-    // Logged out (here or elsewhere) or expired: the session cookie is dead, so sign in again.
+    // Logged out (here or elsewhere) or expired: the session cookie is dead. The server drops it
+    // with its next 401, and the page goes on watching anonymously (once: never a loop).
     sessionEnded();
-    $("#conn-state").textContent = "Your session ended. Sign in to keep watching.";
+    $("#chat-error").textContent = "Your session ended. Sign in to chat or buy.";
+    if (!state.sessionDropped) {
+      state.sessionDropped = true;
+      currentUser().catch(() => null).then(() => socket.connect());
+    }
   }
 }
 
@@ -474,6 +480,8 @@ function sessionEnded() {
 
 async function signedIn(user) {
   state.me = user;
+  state.sessionDropped = false;
+  $("#chat-error").textContent = "";
   renderMe();
   socket.connect(); // reconnect so the socket carries the new session
 }

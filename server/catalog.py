@@ -67,7 +67,9 @@ async def get_room(db: AsyncSession, room_id: str, *, lock: bool = False) -> Roo
     SQLite has one writer at a time anyway)."""
     room = None
     if looks_like_id(room_id, "room"):
-        room = await db.get(Room, room_id, with_for_update={"key_share": True} if lock else None)
+        # populate_existing: a room already in the session is read again under the lock, not reused.
+        room = await db.get(Room, room_id, with_for_update={"key_share": True} if lock else None,
+                            populate_existing=lock)
     if room is None:
         raise NotFound("no such room", code="room_not_found")
     return room

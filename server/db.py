@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime, timezone
-from typing import Any, Awaitable, Callable
+from typing import Any
 
 from sqlalchemy import DateTime, event, make_url, text
 from sqlalchemy.engine import Dialect
@@ -56,32 +56,37 @@ def make_engine(url: str) -> AsyncEngine:
         engine = create_async_engine(url, pool_size=5, max_overflow=5, pool_timeout=30)
         event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
         return engine
-    creator = {"async_creator": _asyncpg_connect(url)} if make_url(url).get_driver_name() == "asyncpg" else {}
-    return create_async_engine(url, pool_size=10, max_overflow=10, pool_pre_ping=True, pool_timeout=30, **creator)
+    engine = create_async_engine(url, pool_size=10, max_overflow=10, pool_pre_ping=True, pool_timeout=30)
+    if make_url(url).get_driver_name() == "asyncpg":
+        event.listen(engine.sync_engine, "do_connect", _use_asyncpg_connect)
+    return engine
 
 
-def _asyncpg_connect(url: str) -> Callable[[], Awaitable[Any]]:
-    """asyncpg's connect, bounded in time (asyncpg waits 60 s by default), taking libpq's usual URL
-    options (sslmode, connect_timeout, application_name), and raising PostgreSQL's
-    "cannot connect" (SQLSTATE 08001) where asyncpg raises the socket's own error (refused,
-    unreachable, unresolvable, no answer in time): every caller then gets SQLAlchemy's DBAPIError
-    for a database it cannot reach, never a bare OSError."""
+def _use_asyncpg_connect(dialect: Dialect, record: Any, cargs: list[Any], cparams: dict[str, Any]) -> None:
+    # SQLAlchemy's asyncpg adapter calls `async_creator_fn` with the connect arguments left once it
+    # has taken its own (prepared_statement_cache_size, ...): the wrapper below sees only asyncpg's.
+    cparams["async_creator_fn"] = _asyncpg_connect
+
+
+async def _asyncpg_connect(*args: Any, **params: Any) -> Any:
+    """asyncpg's connect, bounded in time (asyncpg waits 60 s by default; libpq's 0, "forever", is
+    bounded too), taking libpq's usual URL options (sslmode, connect_timeout, application_name), and
+    raising PostgreSQL's "cannot connect" (SQLSTATE 08001) where asyncpg raises the socket's own
+    error (refused, unreachable, unresolvable, no answer in time): every caller then gets
+    SQLAlchemy's DBAPIError for a database it cannot reach, never a bare OSError."""
     import asyncpg  # type: ignore[import-untyped]  # no type hints; only its connect and one error class are used
 
-    sa_url = make_url(url)
-    args, params = sa_url.get_dialect()().create_connect_args(sa_url)
     # The options libpq URLs carry most often (managed databases add sslmode), in asyncpg's terms.
     params = {LIBPQ_OPTIONS.get(k, k): v for k, v in params.items()}
     if "application_name" in params:
-        params["server_settings"] = {"application_name": str(params.pop("application_name"))}
-    params["timeout"] = float(params.get("timeout", CONNECT_TIMEOUT_S))
-
-    async def connect() -> Any:
-        try:
-            return await asyncpg.connect(*args, **params)
-        except OSError as exc:  # TimeoutError is one
-            raise asyncpg.exceptions.ClientCannotConnectError(f"cannot reach the database: {exc!r}") from exc
-    return connect
+        params["server_settings"] = {**params.get("server_settings", {}),
+                                     "application_name": str(params.pop("application_name"))}
+    timeout = float(params.get("timeout", CONNECT_TIMEOUT_S))
+    params["timeout"] = timeout if timeout > 0 else CONNECT_TIMEOUT_S
+    try:
+        return await asyncpg.connect(*args, **params)
+    except OSError as exc:  # TimeoutError is one
+        raise asyncpg.exceptions.ClientCannotConnectError(f"cannot reach the database: {exc!r}") from exc
 
 
 def make_sessionmaker(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:

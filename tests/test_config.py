@@ -124,10 +124,11 @@ def test_bad_integer_is_a_config_error(data_dir: Path, name: str, raw: str) -> N
 
 async def test_a_libpq_database_url_with_its_usual_options_connects(postgres: Postgres, data_dir: Path) -> None:
     """`postgresql://...?sslmode=...&connect_timeout=...&application_name=...`, as managed databases
-    hand them out: asyncpg takes none of these names (it refused them with a TypeError)."""
+    hand them out: asyncpg takes none of these names (it refused them with a TypeError); and
+    SQLAlchemy's own `prepared_statement_cache_size` (0 behind pgbouncer) still reaches SQLAlchemy."""
     created = (await postgres.new_database()).replace("postgresql+asyncpg://", "postgresql://")
-    url = load_settings(env_for(data_dir, DATABASE_URL=created + "?sslmode=disable&connect_timeout=5"
-                                "&application_name=livesale-test")).database_url
+    url = load_settings(env_for(data_dir, DATABASE_URL=created + "?sslmode=disable&connect_timeout=0"
+                                "&application_name=livesale-test&prepared_statement_cache_size=0")).database_url
     engine = make_engine(url)
     try:
         async with engine.connect() as conn:

@@ -145,3 +145,25 @@ async def test_a_value_postgresql_refuses_answers_422(postgres: Postgres) -> Non
             assert r.status_code == 422 and msgspec.json.decode(r.body)["error"] == "invalid", (params, r.body)
     finally:
         await engine.dispose()
+
+
+async def test_transient_postgresql_errors_answer_503(postgres: Postgres) -> None:
+    """A statement or lock timeout, a deadlock: the transaction is gone but a retry may pass, so
+    503 with Retry-After, not a 500."""
+    url = await postgres.new_database()
+    engine = make_engine(url)
+    holder = await postgres.connect(url.rsplit("/", 1)[1])
+    try:
+        await create_schema(engine)
+        request = Request({"type": "http", "method": "GET", "path": "/api/x", "headers": []})
+        await holder.execute("BEGIN; LOCK TABLE users IN ACCESS EXCLUSIVE MODE")
+        for setting, sql in [("statement_timeout", "SELECT pg_sleep(2)"), ("lock_timeout", "SELECT * FROM users")]:
+            with pytest.raises(DBAPIError) as caught:
+                async with engine.begin() as conn:
+                    await conn.execute(text(f"SET LOCAL {setting} = '50ms'"))
+                    await conn.execute(text(sql))
+            r = await on_database_error(request, caught.value)
+            assert r.status_code == 503 and r.headers["retry-after"] == "1", (setting, r.body)
+    finally:
+        await holder.close()
+        await engine.dispose()

@@ -60,10 +60,12 @@ async def on_unavailable(request: Request, exc: Exception) -> Response:
                           headers={"Retry-After": "1"})
 
 
-# PostgreSQL's SQLSTATEs for "cannot serve now", not "this request is wrong": class 08 (connection;
-# server/db.py raises 08001 for a server it cannot reach), 53 (insufficient resources: too many
-# connections), 57P01 to 57P03 (shutting down, crashed, starting up).
-UNAVAILABLE_SQLSTATES = ("08", "53", "57P01", "57P02", "57P03")
+# PostgreSQL's SQLSTATEs for "cannot serve now, try again", not "this request is wrong": class 08
+# (connection; server/db.py raises 08001 for a server it cannot reach), 40 (a deadlock or a
+# serialization failure rolled the transaction back), 53 (insufficient resources: too many
+# connections), 55P03 (lock timeout), 57014 (statement timeout), 57P01 to 57P03 (shutting down,
+# crashed, starting up).
+UNAVAILABLE_SQLSTATES = ("08", "40", "53", "55P03", "57014", "57P01", "57P02", "57P03")
 
 
 async def on_database_error(request: Request, exc: Exception) -> Response:

@@ -125,7 +125,8 @@ class SaleService:
 
     async def _launch(self, me: Principal, room_id: str, body: SaleIn) -> SaleOut:
         async with self.db.begin() as db:
-            room = await get_owned_room(db, room_id, me)
+            # Locked: a room end racing this launch waits for it, then ends its sale too.
+            room = await get_owned_room(db, room_id, me, lock=True)
             if room.status == "ended":
                 raise Conflict("this room has ended", code="room_ended")
             product = await get_owned_product(db, body.product_id, me)

@@ -636,6 +636,86 @@ async def test_the_console_follows_its_room_started_and_ended_elsewhere(browser:
     await console.context.close()
 
 
+async def test_a_lineup_echo_does_not_undo_a_tick_made_since(browser: Browser, server: ServerProcess) -> None:
+    """Ticks while a save is on its way: the room's echo of an earlier save does not untick the
+    later ones (it replaced the console's lineup, and the next save sent without them)."""
+    async with httpx.AsyncClient(base_url=server.url) as c:
+        host = await register(c, "host", password="correct horse battery")
+        room = await create_room(c, host["token"])
+        products = [await create_product(c, host["token"], name=f"Tea {i}") for i in range(3)]
+    console = await console_on(browser, server, host, room["id"])
+    await expect(console.locator("#products tr")).to_have_count(3)
+    puts = 0
+
+    async def second_save_slow(route: Route) -> None:
+        nonlocal puts
+        if route.request.method == "PUT":
+            puts += 1
+            if puts == 2:
+                await console.wait_for_timeout(1500)
+        await route.continue_()
+
+    await console.route("**/api/rooms/*/lineup", second_save_slow)
+    tick = """(name) => [...document.querySelectorAll("#products tr")]
+        .find((row) => row.textContent.includes(name)).querySelector("input[type=checkbox]").click()"""
+    await console.evaluate(tick, "Tea 0")
+    await console.evaluate(tick, "Tea 1")
+    await console.wait_for_timeout(700)  # the first save answered and its echo came; the second waits
+    await console.evaluate(tick, "Tea 2")
+    want = {p["id"] for p in products}
+    async with httpx.AsyncClient(base_url=server.url) as c:
+        for _ in range(60):
+            saved = {p["id"] for p in (await c.get(f"/api/rooms/{room['id']}/lineup")).json()}
+            if saved == want and puts == 3:
+                break
+            await console.wait_for_timeout(100)
+    assert saved == want, saved
+    await console.context.close()
+
+
+async def test_paying_after_the_sale_gave_way_to_a_pin_shows_the_result(browser: Browser,
+                                                                       server: ServerProcess) -> None:
+    """Reserved, then the host ends the sale and pins another product: paying still shows "Paid"
+    (the order's box was inside the sale's section, hidden with it)."""
+    async with api_client(server.url) as c:
+        shop = await new_shop(c)
+        sale = await launch(c, shop, stock=5, per_user_limit=2)
+        page = await new_page(browser)
+        await page.goto(f"{server.url}/rooms/{shop.room_id}")
+        await join_as_guest(page, "Sol")
+        await page.click("#buy")
+        await expect(page.locator("#res-text")).to_contain_text("Reserved for you")
+        await end_sale(c, shop, sale["id"])
+        other = await new_product(c, shop.host, name="Oolong")
+        r = await c.post(f"/api/rooms/{shop.room_id}/pin", json={"product_id": other}, headers=shop.host.auth)
+        assert r.status_code == 200, r.text
+        await expect(page.locator("#pay")).to_be_visible()  # a reservation to pay keeps the sale in view
+        await page.click("#pay")
+        await expect(page.locator("#p-name")).to_have_text("Oolong")  # then the pin takes the card
+        await expect(page.locator("#reservation")).to_be_visible()
+        await expect(page.locator("#res-text")).to_contain_text("Paid")
+    assert page.errors == [], page.errors  # type: ignore[attr-defined]
+    await page.context.close()
+
+
+async def test_a_late_snapshot_never_revives_an_ended_sale(browser: Browser, server: ServerProcess) -> None:
+    """sale.js in the page: after `sale_ended`, an older `sale` snapshot from another process (its
+    launch event, late) leaves the sale ended (it brought it back, active)."""
+    page = await new_page(browser)
+    await page.goto(f"{server.url}/")
+    status = await page.evaluate("""async () => {
+        const { applySaleEvent, saleStatus } = await import("/static/js/sale.js");
+        const later = Date.now() + 60000;
+        let sale = { id: "s", v: 5, status: "active", remaining: 3, starts_at_ms: 0, ends_at_ms: later };
+        sale = applySaleEvent(sale, { type: "sale_ended", id: "s", v: 8, reason: "host" }, Date.now());
+        const late = { id: "s", v: 6, status: "active", remaining: 3, starts_at_ms: 0, ends_at_ms: later };
+        sale = applySaleEvent(sale, { type: "sale", sale: late }, Date.now());
+        return [saleStatus(sale, Date.now()), sale.v];
+    }""")
+    assert status == ["ended", 8], status
+    await page.context.close()
+
+
 async def test_moderation_from_the_console(browser: Browser, server: ServerProcess) -> None:
     base = server.url
     password = "correct horse battery"

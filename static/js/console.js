@@ -203,7 +203,10 @@ function onEvent(ev) {
       return undefined;
     }
     case "room_ended": state.room = { ...state.room, status: "ended" }; return roomChanged();
-    case "lineup": state.lineup = new Set(ev.products.map((p) => p.id)); return renderProducts();
+    case "lineup":
+      if (lineupSaving) return undefined; // ours, from a save the host has since ticked past
+      state.lineup = new Set(ev.products.map((p) => p.id));
+      return renderProducts();
     case "viewers": state.viewers = ev; return renderKpis();
     case "likes": if (state.stats) state.stats.likes = ev.total; return renderKpis();
     case "chat": logChat(ev, true); return renderKpis();
@@ -306,11 +309,13 @@ async function unpin() {
 // lineup as it was at its tick (two quick ticks were each sent from the lineup before the other,
 // and the second undid the first).
 let lineupSaves = Promise.resolve();
+let lineupSaving = 0; // saves not answered yet: the room's `lineup` echoes of earlier ones are ignored
 
 function toggleLineup(productId, on) {
   state.lineup[on ? "add" : "delete"](productId);
   const roomId = state.room.id;
   const ids = state.products.map((p) => p.id).filter((id) => state.lineup.has(id));
+  lineupSaving += 1;
   lineupSaves = lineupSaves.then(() => put(`/api/rooms/${roomId}/lineup`, { product_ids: ids })).catch(async (err) => {
     fail("#prod-error")(err);
     const saved = await get(`/api/rooms/${roomId}/lineup`).catch(() => null);
@@ -318,6 +323,8 @@ function toggleLineup(productId, on) {
       state.lineup = new Set(saved.map((p) => p.id));
       renderProducts();
     }
+  }).finally(() => {
+    lineupSaving -= 1;
   });
 }
 

@@ -23,6 +23,7 @@ const state = {
   welcomed: false, // a first welcome came (the lineup was read at start)
   unsentChat: null, // the message last sent, until the room echoes it (or refuses it: back in the box)
   sessionDropped: false, // a 4401 came, and the page went on as anonymous
+  buyWait: false, // after a 429, until its Retry-After has passed
 };
 
 const danmaku = new Danmaku($("#danmaku"));
@@ -264,6 +265,7 @@ function tick() {
   if (!sale) return;
   if (shownSale() !== sale) { // it ended, and the card shows the host's pin instead
     if (!$("#sale").hidden) renderCard();
+    renderOrder(socket.now()); // the viewer's order in it (paid, cancelled, expired) stays in view
     return;
   }
   const now = socket.now(); // the server's clock, not the device's
@@ -283,7 +285,7 @@ function tick() {
   // A reservation past its pay-by time has expired (the sweeper puts its units back on sale).
   const reserved = holdsReservation(now);
   $("#buy").disabled = status !== "active" || state.buying || reserved;
-  $("#buy").textContent = state.buying ? "Buying…" : status === "soldout" ? "Sold out" : status === "ended" ? "Ended" : "Buy now";
+  $("#buy").textContent = state.buyWait ? "Wait a moment…" : state.buying ? "Buying…" : status === "soldout" ? "Sold out" : status === "ended" ? "Ended" : "Buy now";
   show($("#qty"), status === "active" && !reserved);
   // An attempt that may have gone through is tried again as it was: same key, same quantity.
   $("#qty").disabled = state.buying || state.buyKey?.saleId === sale.id;
@@ -372,7 +374,12 @@ $("#buy").addEventListener("click", async () => {
     // Answered: a new attempt gets a new key. After a 503 or a network failure the attempt may
     // have gone through: the next click on this sale sends the same key and gets that order back.
     if (err instanceof ApiError && err.status < 500) state.buyKey = null;
-    if (err.status === 429) await new Promise((r) => setTimeout(r, Math.min(err.retryAfter ?? 1, 30) * 1000)); // Buy stays off meanwhile
+    if (err.status === 429) { // Buy stays off meanwhile, and says so
+      state.buyWait = true;
+      tick();
+      await new Promise((r) => setTimeout(r, Math.min(err.retryAfter ?? 1, 30) * 1000));
+      state.buyWait = false;
+    }
   } finally {
     state.buying = false;
     tick();
@@ -386,13 +393,16 @@ async function orderAction(button, action) {
   if (!order) return;
   button.disabled = true;
   $("#buy-error").textContent = "";
+  const still = () => state.order?.order_id === order.order_id; // not replaced by a new sale's meanwhile
   try {
-    state.order = await withRetries(() => post(`/api/orders/${order.order_id}/${action}`));
+    const done = await withRetries(() => post(`/api/orders/${order.order_id}/${action}`));
+    if (still()) state.order = done;
   } catch (err) {
     $("#buy-error").textContent = BUY_ERRORS[err.code] ?? err.message ?? "Something went wrong; try again.";
     // Refused because the order moved on (expired, cancelled or paid): show it as it is now.
     if (["expired", "cancelled", "paid"].includes(err.code)) {
-      state.order = await get(`/api/orders/${order.order_id}`).catch(() => ({ ...order, status: err.code }));
+      const now = await get(`/api/orders/${order.order_id}`).catch(() => ({ ...order, status: err.code }));
+      if (still()) state.order = now;
     }
   } finally {
     button.disabled = false;
@@ -410,8 +420,9 @@ async function loadOrder() {
   const saleId = state.sale.id;
   try {
     if (state.order) {
-      const fresh = await get(`/api/orders/${state.order.order_id}`);
-      if (state.sale?.id === saleId && state.order?.order_id === fresh.order_id) {
+      const asked = state.order;
+      const fresh = await get(`/api/orders/${asked.order_id}`);
+      if (state.sale?.id === saleId && state.order === asked) { // not paid or cancelled meanwhile
         state.order = fresh;
         tick();
       }

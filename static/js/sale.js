@@ -11,10 +11,18 @@ export function saleStatus(sale, now) {
 // event is about another sale or older than what we have: updates may arrive out of order
 // from different server processes, `v` tells which is newer).
 export function applySaleEvent(sale, ev, now) {
-  if (ev.type === "sale") return !sale || sale.id !== ev.sale.id || ev.sale.v >= sale.v ? { ...ev.sale } : sale;
+  const ended = sale && saleStatus(sale, now) === "ended";
+  if (ev.type === "sale") {
+    if (!sale || sale.id !== ev.sale.id) return { ...ev.sale };
+    // An end is final: an older snapshot of a sale we know has ended never brings it back.
+    if (ended && saleStatus(ev.sale, now) !== "ended") return sale;
+    return ev.sale.v >= sale.v ? { ...ev.sale } : sale;
+  }
   if (!sale || sale.id !== ev.id) return sale;
   // An end is final whatever its `v`: another process's update may carry a higher one.
-  if (ev.type === "sale_ended") return { ...sale, status: "ended", ended_at: new Date(now).toISOString(), end_reason: ev.reason };
+  if (ev.type === "sale_ended") {
+    return { ...sale, v: Math.max(sale.v, ev.v || 0), status: "ended", ended_at: new Date(now).toISOString(), end_reason: ev.reason };
+  }
   if (ev.v && ev.v < sale.v) return sale;
   const next = { ...sale, v: Math.max(sale.v, ev.v || 0) };
   if (ev.type === "sale_update") Object.assign(next, { remaining: ev.remaining, sold: ev.sold });

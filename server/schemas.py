@@ -184,6 +184,7 @@ class MuteIn(Input):
 
 class MuteOut(Struct, kw_only=True):
     user_id: str
+    name: str | None  # the user's display name; None for an id no account has
     until: Timestamp
 
 

@@ -371,9 +371,10 @@ async def test_muted_user_is_refused_until_unmuted(server: ServerProcess, api: h
                            headers=bearer(host["token"]))
         assert r.status_code == 200, r.text
         assert r.json()["user_id"] == loud["user_id"] and r.json()["until"]
+        assert r.json()["name"] == "Loud"  # the host mutes people by what they said, not by id
         r = await api.get(f"/api/rooms/{room['id']}/mutes", headers=bearer(host["token"]))
         assert r.status_code == 200, r.text
-        assert [m["user_id"] for m in r.json()] == [loud["user_id"]]
+        assert [(m["user_id"], m["name"]) for m in r.json()] == [(loud["user_id"], "Loud")]
 
         await lv.chat("can you hear me")
         error = await lv.expect_error("muted")

@@ -9,7 +9,7 @@ import time
 from typing import Any
 
 import msgspec
-from sqlalchemy import delete
+from sqlalchemy import delete, select
 
 from server import clock
 from server.api.endpoint import Call, Router
@@ -17,7 +17,7 @@ from server.catalog import describe_room, get_owned_product, get_owned_room, get
 from server.errors import Conflict, NotFound, Unprocessable
 from server.ids import looks_like_id
 from server.inventory.figures import room_sales_figures
-from server.models import Room, RoomProduct
+from server.models import Room, RoomProduct, User
 from server.rooms.protocol import Lineup
 from server.schemas import (
     BannedWordsIn,
@@ -119,7 +119,15 @@ async def mute(call: Call[MuteIn]) -> MuteOut:
         raise Unprocessable("not a user id", field="user_id")
     until_ms = int(time.time() * 1000) + call.body.duration_s * 1000
     await call.services.rooms.store.mute(room.id, call.body.user_id, until_ms)
-    return MuteOut(user_id=call.body.user_id, until=clock.iso(clock.from_ms(until_ms)) or "")
+    return (await _mutes_out(call, {call.body.user_id: until_ms}))[0]
+
+
+async def _mutes_out(call: Call[Any], until_ms: dict[str, int]) -> list[MuteOut]:
+    """The mutes with the users' names (the host mutes people by what they said, not by id)."""
+    async with call.services.db() as db:
+        names = dict((await db.execute(select(User.id, User.name).where(User.id.in_(until_ms)))).tuples().all())
+    return [MuteOut(user_id=u, name=names.get(u), until=clock.iso(clock.from_ms(ms)) or "")
+            for u, ms in sorted(until_ms.items())]
 
 
 @router.endpoint("GET", "/api/rooms/{room_id}/mutes", auth="host", response=list[MuteOut], errors=(404,))
@@ -127,8 +135,7 @@ async def list_mutes(call: Call[None]) -> list[MuteOut]:
     """Users muted in this room now."""
     async with call.services.db() as db:
         room = await get_owned_room(db, call.param("room_id"), call.me)
-    mutes = await call.services.rooms.store.mutes(room.id)
-    return [MuteOut(user_id=u, until=clock.iso(clock.from_ms(ms)) or "") for u, ms in sorted(mutes.items())]
+    return await _mutes_out(call, await call.services.rooms.store.mutes(room.id))
 
 
 @router.endpoint("DELETE", "/api/rooms/{room_id}/mutes/{user_id}", auth="host", response=MuteOut, errors=(404,))
@@ -139,7 +146,7 @@ async def unmute(call: Call[None]) -> MuteOut:
     user_id = call.param("user_id")
     if not await call.services.rooms.store.unmute(room.id, user_id):
         raise NotFound("that user is not muted here", code="not_muted")
-    return MuteOut(user_id=user_id, until=clock.iso(clock.utcnow()) or "")
+    return (await _mutes_out(call, {user_id: int(time.time() * 1000)}))[0]
 
 
 @router.endpoint("GET", "/api/rooms/{room_id}/banned-words", auth="host", response=BannedWordsOut, errors=(404,))

@@ -464,9 +464,10 @@ async function mute(user) {
 async function loadModeration() {
   const room = state.room;
   const [banned, mutes] = await Promise.all([get(`/api/rooms/${room.id}/banned-words`), get(`/api/rooms/${room.id}/mutes`)]);
+  if (state.room?.id !== room.id) return; // another room was chosen meanwhile
   if (document.activeElement !== $("#banned")) $("#banned").value = banned.words.join(", ");
   replace($("#mutes"), mutes.length ? mutes.map((m) => el("li", {},
-    el("span", { class: "text" }, `${m.user_id} until ${new Date(m.until).toLocaleTimeString()}`),
+    el("span", { class: "text" }, `${m.name ?? m.user_id} until ${new Date(m.until).toLocaleTimeString()}`),
     el("button", { class: "small ghost", type: "button", onclick: async () => {
       await del(`/api/rooms/${room.id}/mutes/${m.user_id}`).catch(fail("#mod-error"));
       loadModeration();

@@ -27,7 +27,7 @@ from typing import IO
 import asyncpg
 import pytest
 
-from tests.support import ServerProcess, free_port
+from tests.support import ServerProcess, free_port, stop_process
 
 USER = "livesale"
 
@@ -146,13 +146,7 @@ class Postgres:
     def halt(self, timeout: float = 30.0) -> None:
         """Stop the server, keeping the cluster (`resume` starts it again)."""
         proc, self.proc = self.proc, None
-        if proc is not None and proc.poll() is None:
-            proc.send_signal(signal.SIGINT)  # "fast" shutdown: ends sessions, no waiting for clients
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+        stop_process(proc, signal.SIGINT, timeout)  # SIGINT: "fast" shutdown, ends sessions at once
 
     def stop(self) -> None:
         self.halt()

@@ -15,7 +15,7 @@ from starlette.responses import Response
 from server import clock
 from server.api.endpoint import Call, Router
 from server.api.responses import json_response
-from server.auth import COOKIE_NAME, hash_password, verify_password
+from server.auth import COOKIE_NAME, DROP_COOKIE, hash_password, verify_password
 from server.errors import Conflict, NotFound, Unauthorized
 from server.ids import new_id
 from server.models import User
@@ -96,9 +96,7 @@ async def logout(call: Call[None]) -> Response:
     """End this session: the token stops working everywhere."""
     await call.services.sessions.revoke(call.me)
     await call.services.rooms.end_session(call.me.session_id)
-    response = json_response({"status": "logged_out"})
-    response.delete_cookie(COOKIE_NAME, path="/", httponly=True, samesite="lax")
-    return response
+    return json_response({"status": "logged_out"}, headers={"Set-Cookie": DROP_COOKIE})
 
 
 @router.endpoint("GET", "/api/me", auth="user", response=UserOut, errors=(404,))

@@ -300,7 +300,7 @@ function renderOrder(now) {
   if (!order) return;
   const payBy = Date.parse(order.pay_by);
   const text = `${order.quantity} × ${money(order.price_cents)} = ${money(order.total_cents)}`;
-  if (order.status === "reserved" && now < payBy) {
+  if (holdsReservation(now)) {
     $("#res-text").textContent = `Reserved for you: ${text}`;
     $("#res-countdown").textContent = `Pay within ${duration(payBy - now)}`;
     show($("#pay"), true);

@@ -19,7 +19,7 @@ from redis.asyncio import Redis
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from server.auth import Principal
-from server.errors import PaymentRequired
+from server.errors import Conflict, PaymentRequired
 from server.inventory.payments import Authorization, PaymentDeclined, SimulatedPayments
 from server.inventory.sales import SaleService
 from server.inventory import keys
@@ -316,3 +316,66 @@ async def test_with_a_new_reference_per_authorize_the_losers_are_voided_and_the_
     assert set(payments.count("void")) == authorized - {stored["payment"]}  # each loser's hold released
     assert set(payments.count("capture")) == {stored["payment"]}
     assert await captures_due(world, sale_id) == 0
+
+
+class MeanwhilePayments(RecordingPayments):
+    """Runs `meanwhile` inside the first authorize, as a slow provider would let other requests
+    run (a 3-D Secure step can take the buyer minutes)."""
+
+    def __init__(self, meanwhile: Callable[[], Awaitable[None]]) -> None:
+        super().__init__()
+        self.meanwhile: Callable[[], Awaitable[None]] | None = meanwhile
+
+    async def authorize(self, order_id: str, amount_cents: int, buyer_id: str) -> Authorization:
+        auth = await super().authorize(order_id, amount_cents, buyer_id)
+        if self.meanwhile is not None:
+            run, self.meanwhile = self.meanwhile, None
+            await run()
+        return auth
+
+
+async def settle_and_archive(world: World, stock: Stock, sale_id: str) -> None:
+    assert await stock.end(sale_id, "host")
+    persister = world.persister("archiving")
+    for _ in range(3):  # the first read makes the consumer group
+        await persister.drain(sale_id)
+    assert await persister.settled(sale_id)
+    await stock.archive(sale_id)
+
+
+@pytest.mark.parametrize("same_reference", [True, False], ids=["same-hold", "other-hold"])
+async def test_a_payment_overtaken_by_another_that_paid_and_was_archived_answers_paid(
+        world: World, paying: Paying, same_reference: bool) -> None:
+    """While the provider authorizes, another request pays the order, and the sale settles and is
+    archived: the slow payment answers the paid order from SQL, and voids its hold only if that
+    hold is not the one that paid (it used to void it, and answer 409 `expired`)."""
+    service, stock, _, me, sale_id, order_id = paying
+    other = SaleService(cast(Any, None), stock, world.db, cast(Any, None),
+                        RecordingPayments() if same_reference else OnePerCallPayments(), cast(Any, Notes()))
+
+    async def paid_and_archived() -> None:
+        assert (await other.pay(me, order_id)).status == "paid"
+        await settle_and_archive(world, stock, sale_id)
+
+    service.payments = slow = MeanwhilePayments(paid_and_archived)
+    answer = await service.pay(me, order_id)
+    assert answer.status == "paid" and answer.total_cents == 2500
+    assert await stock.order(sale_id, order_id) is None  # answered from SQL
+    (ref,) = slow.count("authorize")
+    assert slow.count("void") == (Counter() if same_reference else Counter({ref: 1}))
+    assert slow.count("capture") == Counter()  # the other request captured what paid
+
+
+async def test_a_payment_overtaken_by_a_cancel_and_an_archive_voids_its_hold(world: World, paying: Paying) -> None:
+    service, stock, _, me, sale_id, order_id = paying
+
+    async def cancelled_and_archived() -> None:
+        assert (await service.cancel(me, order_id)).status == "cancelled"
+        await settle_and_archive(world, stock, sale_id)
+
+    service.payments = slow = MeanwhilePayments(cancelled_and_archived)
+    with pytest.raises(Conflict) as refused:
+        await service.pay(me, order_id)
+    assert refused.value.code == "cancelled"
+    (ref,) = slow.count("authorize")
+    assert slow.count("void") == Counter({ref: 1})

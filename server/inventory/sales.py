@@ -289,6 +289,10 @@ class SaleService:
         except PaymentDeclined as exc:
             raise PaymentRequired(str(exc)) from None
         outcome = await self.stock.pay(sale_id, order_id, me.user_id, auth.reference)
+        if outcome.status == "no_order":
+            # Paid by another request and archived while the provider was authorizing: the
+            # reference that paid may be this one (authorize is idempotent per order).
+            return await self._paid_meanwhile(me, order_id, auth)
         if outcome.status not in ("paid", "already_paid"):
             await self.payments.void(auth)
             code = "cancelled" if outcome.status == "cancelled" else "expired"
@@ -301,6 +305,18 @@ class SaleService:
             await self._capture(sale_id, order_id, Authorization(paid_with, amount))
         self.notifier.touch(sale_id, await self._room_of(sale_id))  # also "already_paid": see purchase()
         return order_out(sale_id, outcome.order)
+
+    async def _paid_meanwhile(self, me: Principal, order_id: str, auth: Authorization) -> OrderOut:
+        """The order left Redis during the payment: SQL has its last state. Its hold is voided
+        unless it is the one that paid (then it was captured before the sale could settle)."""
+        row = await self._archived_order(me, order_id)
+        if row.status == "paid" and row.payment_ref == auth.reference:
+            return order_row_out(row)
+        await self.payments.void(auth)
+        if row.status == "paid":
+            return order_row_out(row)
+        code = "cancelled" if row.status == "cancelled" else "expired"
+        raise Conflict(f"this order is {code}", code=code)
 
     async def _capture(self, sale_id: str, order_id: str, auth: Authorization) -> None:
         """Capture in the paying request. The order is paid whatever happens here: if the provider

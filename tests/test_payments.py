@@ -19,7 +19,7 @@ from redis.asyncio import Redis
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from server.auth import Principal
-from server.errors import Conflict, PaymentRequired
+from server.errors import Conflict, PaymentRequired, Unavailable
 from server.inventory.payments import Authorization, PaymentDeclined, SimulatedPayments
 from server.inventory.sales import SaleService
 from server.inventory import keys
@@ -379,3 +379,79 @@ async def test_a_payment_overtaken_by_a_cancel_and_an_archive_voids_its_hold(wor
     assert refused.value.code == "cancelled"
     (ref,) = slow.count("authorize")
     assert slow.count("void") == Counter({ref: 1})
+
+
+class HangingPayments(RecordingPayments):
+    """A provider that never answers the calls named in `hangs` (or fails them, with `fails`)."""
+
+    def __init__(self, hangs: frozenset[str] = frozenset(), fails: frozenset[str] = frozenset()) -> None:
+        super().__init__()
+        self.hangs, self.fails = hangs, fails
+
+    async def _misbehave(self, call: str) -> None:
+        if call in self.fails:
+            raise ConnectionError("the provider is unreachable")
+        if call in self.hangs:
+            await asyncio.sleep(3600)
+
+    async def authorize(self, order_id: str, amount_cents: int, buyer_id: str) -> Authorization:
+        await self._misbehave("authorize")
+        return await super().authorize(order_id, amount_cents, buyer_id)
+
+    async def capture(self, auth: Authorization) -> None:
+        await self._misbehave("capture")
+        await super().capture(auth)
+
+    async def void(self, auth: Authorization) -> None:
+        await self._misbehave("void")
+        await super().void(auth)
+
+
+@pytest.fixture
+def short_provider_timeout(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("server.inventory.sales.PROVIDER_TIMEOUT_S", 0.2)
+
+
+@pytest.mark.parametrize("trouble", ["hangs", "fails"])
+async def test_a_provider_that_hangs_or_fails_at_authorize_answers_503_and_leaves_the_order_reserved(
+        paying: Paying, short_provider_timeout: None, trouble: str) -> None:
+    service, stock, _, me, sale_id, order_id = paying
+    service.payments = HangingPayments(**{trouble: frozenset({"authorize"})})
+    async with asyncio.timeout(5):  # bounded by the provider timeout, not by the provider
+        with pytest.raises(Unavailable) as refused:
+            await service.pay(me, order_id)
+    assert (refused.value.status, refused.value.code) == (503, "unavailable")
+    assert refused.value.headers["Retry-After"]
+    stored = await stock.order(sale_id, order_id)
+    assert stored is not None and stored["status"] == "reserved"
+    service.payments = RecordingPayments()  # the provider is back: the buyer's retry pays
+    assert (await service.pay(me, order_id)).status == "paid"
+
+
+async def test_a_capture_that_hangs_answers_the_paid_order_and_stays_owed(
+        world: World, paying: Paying, short_provider_timeout: None) -> None:
+    service, stock, _, me, sale_id, order_id = paying
+    service.payments = HangingPayments(hangs=frozenset({"capture"}))
+    async with asyncio.timeout(5):
+        assert (await service.pay(me, order_id)).status == "paid"
+    assert await captures_due(world, sale_id) == 1  # for the jobs process's late captures
+
+
+async def test_a_void_that_hangs_does_not_hold_up_the_refusal(paying: Paying, short_provider_timeout: None) -> None:
+    """The order is cancelled while the provider authorizes; voiding that hold hangs: the buyer
+    gets the 409 all the same."""
+    service, _, _, me, _, order_id = paying
+
+    async def cancelled() -> None:
+        assert (await service.cancel(me, order_id)).status == "cancelled"
+
+    slow = MeanwhilePayments(cancelled)
+    service.payments = slow
+
+    async def hang(auth: Authorization) -> None:
+        await asyncio.sleep(3600)
+    slow.void = hang  # type: ignore[method-assign]
+    async with asyncio.timeout(5):
+        with pytest.raises(Conflict) as refused:
+            await service.pay(me, order_id)
+    assert refused.value.code == "cancelled"

@@ -82,7 +82,7 @@ async def read_order(call: Call[None]) -> OrderOut:
     return await call.services.sales.order(call.me, call.param("order_id"))
 
 
-@router.endpoint("POST", "/api/orders/{order_id}/pay", auth="user", response=OrderOut, errors=(402, 404, 409))
+@router.endpoint("POST", "/api/orders/{order_id}/pay", auth="user", response=OrderOut, errors=(402, 404, 409, 503))
 async def pay_order(call: Call[None]) -> OrderOut:
     """Pay a reserved order before its pay-by time (409 `expired` after it)."""
     return await call.services.sales.pay(call.me, call.param("order_id"))

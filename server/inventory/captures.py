@@ -15,6 +15,7 @@ import asyncio
 import logging
 import time
 
+from server.inventory.payments import TIMEOUT_S
 from server.inventory.sales import SaleService
 from server.inventory.stock import Stock
 from server.loops import running
@@ -22,7 +23,6 @@ from server.loops import running
 log = logging.getLogger("livesale.inventory.captures")
 
 EVERY_S = 1.0
-TIMEOUT_S = 10.0
 RETRY_AFTER_MS = 60_000
 
 

@@ -14,6 +14,12 @@ import hashlib
 from dataclasses import dataclass
 from typing import Protocol
 
+# The longest we wait for the provider in one call. A request waiting on it holds its buyer (and,
+# for a capture, a paid order's answer); past this, an authorize answers 503 (the buyer retries:
+# authorize is idempotent per order), a capture stays owed for the jobs process, a void is left
+# to lapse.
+TIMEOUT_S = 10.0
+
 
 @dataclass(frozen=True)
 class Authorization:

@@ -25,7 +25,7 @@ from server.errors import (Conflict, Forbidden, NotFound, PaymentRequired, TooMa
                            Unprocessable)
 from server.ids import looks_like_id, new_id
 from server.inventory.notifier import SaleNotifier
-from server.inventory.payments import Authorization, PaymentDeclined, PaymentProvider
+from server.inventory.payments import TIMEOUT_S as PROVIDER_TIMEOUT_S, Authorization, PaymentDeclined, PaymentProvider
 from server.inventory.schemas import OrderOut, PurchaseIn, SaleIn, SaleOut, SaleProduct
 from server.inventory.stock import Outcome, Stock, Terms, new_order_id, sale_of
 from server.inventory.tables import Order, Sale
@@ -285,22 +285,27 @@ class SaleService:
             code = "cancelled" if o["status"] == "cancelled" else "expired"
             raise Conflict(f"this order is {code}", code=code)
         try:
-            auth = await self.payments.authorize(order_id, amount, me.user_id)
+            async with asyncio.timeout(PROVIDER_TIMEOUT_S):
+                auth = await self.payments.authorize(order_id, amount, me.user_id)
         except PaymentDeclined as exc:
             raise PaymentRequired(str(exc)) from None
+        except Exception as exc:  # the provider failed or hung: nothing was taken, the order is as it was
+            log.error("order %s: authorizing the payment failed (%r)", order_id, exc)
+            raise Unavailable("the payment provider did not answer; try again in a moment",
+                              headers={"Retry-After": "5"}) from None
         outcome = await self.stock.pay(sale_id, order_id, me.user_id, auth.reference)
         if outcome.status == "no_order":
             # Paid by another request and archived while the provider was authorizing: the
             # reference that paid may be this one (authorize is idempotent per order).
             return await self._paid_meanwhile(me, order_id, auth)
         if outcome.status not in ("paid", "already_paid"):
-            await self.payments.void(auth)
+            await self._void(auth)
             code = "cancelled" if outcome.status == "cancelled" else "expired"
             raise Conflict(f"this order is {code}", code=code)
         assert outcome.order is not None
         paid_with = outcome.order["payment"]
         if paid_with != auth.reference:
-            await self.payments.void(auth)  # paid meanwhile by another request, with another hold
+            await self._void(auth)  # paid meanwhile by another request, with another hold
         if outcome.status == "paid" or await self.stock.capture_owed(sale_id, order_id):
             await self._capture(sale_id, order_id, Authorization(paid_with, amount))
         self.notifier.touch(sale_id, await self._room_of(sale_id))  # also "already_paid": see purchase()
@@ -312,17 +317,26 @@ class SaleService:
         row = await self._archived_order(me, order_id)
         if row.status == "paid" and row.payment_ref == auth.reference:
             return order_row_out(row)
-        await self.payments.void(auth)
+        await self._void(auth)
         if row.status == "paid":
             return order_row_out(row)
         code = "cancelled" if row.status == "cancelled" else "expired"
         raise Conflict(f"this order is {code}", code=code)
 
+    async def _void(self, auth: Authorization) -> None:
+        """Release a hold that paid nothing; if the provider fails, the hold lapses by itself."""
+        try:
+            async with asyncio.timeout(PROVIDER_TIMEOUT_S):
+                await self.payments.void(auth)
+        except Exception as exc:
+            log.error("voiding authorization %s failed (%r); it lapses at the provider", auth.reference, exc)
+
     async def _capture(self, sale_id: str, order_id: str, auth: Authorization) -> None:
         """Capture in the paying request. The order is paid whatever happens here: if the provider
         fails, the capture stays owed (pay.lua made it due) and the jobs process makes it later."""
         try:
-            await self._take(sale_id, order_id, auth)
+            async with asyncio.timeout(PROVIDER_TIMEOUT_S):
+                await self._take(sale_id, order_id, auth)
         except Exception as exc:
             log.error("order %s: capture failed (%r); it stays owed for the jobs process", order_id, exc)
 

@@ -572,6 +572,29 @@ async def test_reconcile_reports_differences(world: World) -> None:
     assert not (await reconcile(world.stock, world.db, new_id("sale"))).ok
 
 
+async def test_reconcile_sees_a_sale_missing_in_sql_and_entries_nobody_persists(world: World) -> None:
+    """While the stream holds entries, a sale missing in SQL is still a difference, and so are
+    entries older than a persister would leave them: never read, or read and never written (they
+    used to read as "behind, not wrong" forever, with `livesale reconcile` saying OK)."""
+    sale_id, _, _ = await make_history(world)
+    assert (await reconcile(world.stock, world.db, sale_id)).ok  # just now: behind, not wrong
+    await asyncio.sleep(0.1)
+    stuck = "stream entries waiting"
+    report = await reconcile(world.stock, world.db, sale_id, stuck_after_ms=50)  # never read
+    assert report.unpersisted == 9 and any(p.startswith(stuck) for p in report.problems), report.lines()
+
+    dead = world.persister("dies")
+    assert len(await dead.read(sale_id)) == 9  # read, and its process dies before writing them
+    report = await reconcile(world.stock, world.db, sale_id, stuck_after_ms=50)
+    assert report.unpersisted == 9 and any(p.startswith(stuck) for p in report.problems), report.lines()
+    assert (await reconcile(world.stock, world.db, sale_id)).ok  # under the default bound: in flight
+
+    async with world.db.begin() as session:
+        await session.execute(delete(Sale).where(Sale.id == sale_id))
+    report = await reconcile(world.stock, world.db, sale_id)
+    assert report.unpersisted == 9 and report.problems == ["sale not in SQL"], report.lines()
+
+
 async def test_background_loops_stop_on_one_cancel(redis_url: str, tmp_path: Path) -> None:
     """One task.cancel() stops the persister's, the sweeper's and the late captures' loops.
 

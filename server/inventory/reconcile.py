@@ -1,7 +1,8 @@
 """Compare a sale in Redis (the source of truth for stock) with SQL.
 
 Used by `livesale reconcile SALE_ID` and by the tests. Entries still in the
-stream are reported as not yet persisted, not as differences.
+stream are reported as not yet persisted, not as differences, unless they have
+waited so long that no persister is getting them into SQL.
 """
 
 from __future__ import annotations
@@ -13,8 +14,13 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from server.inventory.persister import CLAIM_IDLE_MS
 from server.inventory.stock import Stock
 from server.inventory.tables import Order, Sale
+
+# Entries a persister read are claimed by another after CLAIM_IDLE_MS if it died; older than
+# twice that, nobody is writing them (no jobs process, or one failing every batch: see its log).
+STUCK_AFTER_MS = 2 * CLAIM_IDLE_MS
 
 
 @dataclass
@@ -43,7 +49,8 @@ class Report:
         return [head] + [f"  DIFF {p}" for p in self.problems] + ([] if self.problems else ["  OK"])
 
 
-async def reconcile(stock: Stock, db: async_sessionmaker[AsyncSession], sale_id: str) -> Report:
+async def reconcile(stock: Stock, db: async_sessionmaker[AsyncSession], sale_id: str, *,
+                    stuck_after_ms: int = STUCK_AFTER_MS) -> Report:
     report = Report(sale_id)
     # One atomic look at Redis first; SQL is read after, and compared only if nothing was in
     # flight then (a batch committed between two reads would look like a lost order).
@@ -69,12 +76,20 @@ async def reconcile(stock: Stock, db: async_sessionmaker[AsyncSession], sale_id:
 
     group = books.group
     report.unpersisted = (group["pending"] + (group.get("lag") or 0)) if group else 0
-    if report.unpersisted:
-        return report  # SQL is behind; comparing order by order would only list what is in flight
     async with db() as session:
-        if await session.get(Sale, sale_id) is None:
+        if await session.get(Sale, sale_id) is None:  # a launch writes SQL first: never behind
             report.problems.append("sale not in SQL")
-        rows = {o.id: o for o in (await session.scalars(select(Order).where(Order.sale_id == sale_id))).all()}
+        rows: dict[str, Order] = {}
+        if not report.unpersisted:
+            rows = {o.id: o for o in (await session.scalars(select(Order).where(Order.sale_id == sale_id))).all()}
+    if group and report.unpersisted:
+        # SQL is behind; comparing order by order would only list what is in flight. Unless
+        # nothing is bringing it forward.
+        age_ms = await stock.unpersisted_age_ms(sale_id, group)
+        if age_ms > stuck_after_ms:
+            report.problems.append(f"stream entries waiting {age_ms // 1000} s to be persisted: is a jobs process "
+                                   "running, and what does its log say?")
+        return report
     report.sql_orders = len(rows)
     for order_id, o in orders.items():
         row = rows.get(order_id)

@@ -149,6 +149,19 @@ class Stock:
                      group=None if isinstance(groups, ResponseError) else self.persister_group(groups),
                      orders=parse_orders(raw_orders[0]) if raw_orders else {})
 
+    async def unpersisted_age_ms(self, sale_id: str, group: Mapping[str, Any]) -> int:
+        """How long ago (by Redis's clock) the oldest stream entry this deployment's persister has
+        not written was added: the oldest pending one, or the first one never read. 0 if none."""
+        log = keys.log(sale_id)
+        pending = await self.redis.xpending(log, self.group)
+        oldest = [text(pending["min"])] if pending["pending"] else []
+        unread = await self.redis.xrange(log, min="(" + text(group["last-delivered-id"]), count=1)
+        oldest += [text(entry_id) for entry_id, _ in unread or () if entry_id is not None]
+        if not oldest:
+            return 0
+        seconds, micros = await self.redis.time()
+        return max(0, seconds * 1000 + micros // 1000 - min(int(i.split("-")[0]) for i in oldest))
+
     async def ensure_group(self, sale_id: str) -> None:
         try:
             await self.redis.xgroup_create(keys.log(sale_id), self.group, id="0", mkstream=True)

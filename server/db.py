@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 from datetime import datetime, timezone
 from typing import Any
 
@@ -53,6 +55,7 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
 
 def make_engine(url: str) -> AsyncEngine:
     if url.startswith("sqlite"):
+        _create_private(make_url(url).database)
         engine = create_async_engine(url, pool_size=5, max_overflow=5, pool_timeout=30)
         event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
         return engine
@@ -60,6 +63,15 @@ def make_engine(url: str) -> AsyncEngine:
     if make_url(url).get_driver_name() == "asyncpg":
         event.listen(engine.sync_engine, "do_connect", _use_asyncpg_connect)
     return engine
+
+
+def _create_private(path: str | None) -> None:
+    """Create a new SQLite database file readable by its owner only (it holds the password hashes,
+    the orders and the ledger; SQLite would create it under the umask, usually 0644). Its -wal
+    and -shm files take the database file's mode."""
+    if path and path != ":memory:" and not path.startswith("file:"):
+        with contextlib.suppress(OSError):  # there already; or SQLite will say why it cannot open it
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
 
 
 def _use_asyncpg_connect(dialect: Dialect, record: Any, cargs: list[Any], cparams: dict[str, Any]) -> None:

@@ -9,7 +9,7 @@ import pytest
 from sqlalchemy import text
 
 from server.config import load_settings
-from server.db import make_engine
+from server.db import create_schema, make_engine
 from server.errors import ConfigError
 from tests.postgres import Postgres
 
@@ -29,6 +29,20 @@ def test_defaults(data_dir: Path) -> None:
     assert settings.token_ttl_s == 7 * 24 * 3600
     assert settings.cookie_secure is False
     assert settings.background_jobs is True
+
+
+async def test_the_data_dir_and_the_default_database_are_readable_by_their_owner_only(data_dir: Path) -> None:
+    """They hold the password hashes, the orders and the ledger (under umask 022 they were 0755
+    and 0644: any local user could read them)."""
+    settings = load_settings(env_for(data_dir))
+    engine = make_engine(settings.database_url)
+    try:
+        await create_schema(engine)
+    finally:
+        await engine.dispose()
+    assert stat.S_IMODE(data_dir.stat().st_mode) == 0o700
+    files = [f for f in data_dir.iterdir() if f.name.startswith("livesale.db")]
+    assert files and {f.name: stat.S_IMODE(f.stat().st_mode) for f in files} == {f.name: 0o600 for f in files}
 
 
 def test_secret_key_is_generated_once_and_kept(data_dir: Path) -> None:

@@ -4,6 +4,7 @@
 -- ARGV[1]  emission interval: ms per unit (1000 / rate per second)
 -- ARGV[2]  burst: units that may be spent at once
 -- ARGV[3]  cost of this request, in units
+-- ARGV[4]  '1': only check (spend nothing); else spend when allowed
 -- Returns {allowed (1|0), retry_after_ms}
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -12,5 +13,7 @@ local new_tat, wait = gcra(KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2]), tonumb
 if wait > 0 then
   return {0, wait}
 end
-gcra_spend(KEYS[1], new_tat, now)
+if ARGV[4] ~= '1' then
+  gcra_spend(KEYS[1], new_tat, now)
+end
 return {1, 0}

@@ -25,8 +25,10 @@ class Limit:
 # The limits of the product, in one place (see docs/reliability.md).
 CHAT = Limit("chat", per_second=2, burst=5)
 LOGIN_PER_IP = Limit("login-ip", per_second=0.2, burst=10)  # slow brute force: 12 a minute after a burst
-# Per account, whatever the addresses: guesses at one password from many machines stay slow.
-LOGIN_PER_ACCOUNT = Limit("login-account", per_second=0.1, burst=20)
+# Failed logins per account, whatever the addresses: guesses at one password from many machines
+# stay slow. It refills faster than one address may try (and holds more than two addresses' bursts),
+# so nobody can keep an owner out from one or two addresses; a right password spends nothing.
+LOGIN_FAILS_PER_ACCOUNT = Limit("login-account", per_second=0.5, burst=30)
 REGISTER_PER_IP = Limit("register-ip", per_second=0.5, burst=20)
 PURCHASE_PER_USER = Limit("buy-user", per_second=5, burst=10)
 PURCHASE_PER_IP = Limit("buy-ip", per_second=200, burst=400)  # many buyers may share one NAT
@@ -68,14 +70,15 @@ class RateLimiter:
     def __init__(self, redis: Redis) -> None:
         self._script = load_script(redis, "server", "ratelimit.lua", prelude=GCRA)
 
-    async def hit(self, limit: Limit, subject: str, cost: int = 1) -> float:
-        """Spend `cost` units; return 0 if allowed, else the seconds to wait."""
+    async def hit(self, limit: Limit, subject: str, cost: int = 1, *, spend: bool = True) -> float:
+        """Spend `cost` units (or, with spend=False, only see whether they could be spent); return
+        0 if allowed, else the seconds to wait."""
         allowed, retry_ms = await self._script(keys=[f"rl:{limit.name}:{subject}"],
-                                               args=[limit.interval_ms, limit.burst, cost])
+                                               args=[limit.interval_ms, limit.burst, cost, "0" if spend else "1"])
         return 0.0 if int(allowed) else float(retry_ms) / 1000.0
 
-    async def check(self, limit: Limit, subject: str, cost: int = 1) -> None:
-        """Spend units or raise 429 with Retry-After."""
-        wait = await self.hit(limit, subject, cost)
+    async def check(self, limit: Limit, subject: str, cost: int = 1, *, spend: bool = True) -> None:
+        """Spend units (or, with spend=False, only check) or raise 429 with Retry-After."""
+        wait = await self.hit(limit, subject, cost, spend=spend)
         if wait:
             raise TooManyRequests(f"too many requests ({limit.name}); retry in {wait:.1f}s", retry_after_s=wait)

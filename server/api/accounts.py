@@ -19,7 +19,7 @@ from server.auth import COOKIE_NAME, DROP_COOKIE, hash_password, verify_password
 from server.errors import Conflict, NotFound, Unauthorized
 from server.ids import new_id
 from server.models import User
-from server.ratelimit import LOGIN_PER_ACCOUNT, LOGIN_PER_IP, REGISTER_PER_IP, Limit, address_key
+from server.ratelimit import LOGIN_FAILS_PER_ACCOUNT, LOGIN_PER_IP, REGISTER_PER_IP, Limit, address_key
 from server.schemas import AuthOut, GuestIn, LoginIn, RegisterIn, UserOut
 
 router = Router("accounts")
@@ -71,11 +71,14 @@ async def register(call: Call[RegisterIn]) -> Response:
 async def login(call: Call[LoginIn]) -> Response:
     """Log in with username and password (slowed per address and per account against brute force)."""
     await _limit_ip(call, LOGIN_PER_IP)
-    await call.services.limiter.check(LOGIN_PER_ACCOUNT, call.body.username.lower())
+    username = call.body.username.lower()
+    # Only failures spend from the account's bucket: the owner's own logins never lock it.
+    await call.services.limiter.check(LOGIN_FAILS_PER_ACCOUNT, username, spend=False)
     async with call.services.db() as db:
-        user = await db.scalar(select(User).where(User.username == call.body.username.lower()))
+        user = await db.scalar(select(User).where(User.username == username))
     ok = await verify_password(user.password_hash if user else None, call.body.password)
     if user is None or not ok:
+        await call.services.limiter.hit(LOGIN_FAILS_PER_ACCOUNT, username)
         raise Unauthorized("wrong username or password", code="bad_credentials")
     return _session_response(call, user, 200)
 

@@ -66,6 +66,29 @@ class Gate:
         self.inflight -= 1
 
 
+class PerAddress:
+    """At most `limit` open things (room sockets) per address in this process; counted here,
+    not in Redis, so that a process that dies takes its counts with it."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.open: dict[str, int] = {}
+
+    def take(self, address: str) -> bool:
+        held = self.open.get(address, 0)
+        if held >= self.limit:
+            return False
+        self.open[address] = held + 1
+        return True
+
+    def give_back(self, address: str) -> None:
+        held = self.open[address] - 1
+        if held:
+            self.open[address] = held
+        else:
+            del self.open[address]
+
+
 class RateLimiter:
     def __init__(self, redis: Redis) -> None:
         self._script = load_script(redis, "server", "ratelimit.lua", prelude=GCRA)

@@ -10,7 +10,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from server.auth import Sessions
 from server.config import Settings
 from server.inventory.sales import SaleService
-from server.ratelimit import RateLimiter
+from server.ratelimit import PerAddress, RateLimiter
 from server.rooms.hub import Hub
 from server.rooms.service import RoomService
 
@@ -24,5 +24,6 @@ class Services:
     sessions: Sessions
     limiter: RateLimiter
     hub: Hub          # this process's connections
+    sockets: PerAddress  # this process's room sockets per address
     rooms: RoomService  # room operations that reach every process
     sales: SaleService

@@ -25,7 +25,7 @@ from server.inventory.persister import Persister
 from server.inventory.sales import SaleService
 from server.inventory.stock import Stock
 from server.inventory.sweeper import Sweeper
-from server.ratelimit import RateLimiter
+from server.ratelimit import PerAddress, RateLimiter
 from server.redis_pool import make_listener, make_redis
 from server.rooms.broker import Broker
 from server.rooms.hub import Hub
@@ -87,5 +87,6 @@ async def wire(settings: Settings, redis_url: str) -> Wired:
     sales = SaleService(settings, stock, db, rooms, SimulatedPayments(), notifier)
     hub.load_sale = sales.snapshot
     services = Services(settings=settings, redis=redis, db_engine=engine, db=db, sessions=sessions,
-                        limiter=RateLimiter(redis), hub=hub, rooms=rooms, sales=sales)
+                        limiter=RateLimiter(redis), hub=hub,
+                        sockets=PerAddress(settings.max_sockets_per_address), rooms=rooms, sales=sales)
     return Wired(services=services, broker=broker, notifier=notifier, listener=listener)

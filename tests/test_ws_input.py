@@ -3,7 +3,9 @@ handshake checks (Origin, session, room), against the shared real server."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+from contextlib import AsyncExitStack
 import time
 from typing import Any, AsyncIterator
 
@@ -413,3 +415,29 @@ async def test_only_ping_gets_a_pong_to_the_sender_only(server: ServerProcess, r
         await watcher.expect_type("likes")
         assert [e for e in watcher.seen if e["type"] == "pong"] == []
         assert of_type("pong")(events[-1])
+
+
+async def test_one_address_holds_at_most_64_sockets_per_process(server: ServerProcess, api: httpx.AsyncClient,
+                                                                 room: dict[str, Any]) -> None:
+    """A script on one address cannot inflate the room's viewer count (nor use up the process's
+    file descriptors): its 65th socket gets `too_many_connections` and 1013, and a socket it closes
+    frees a place. Other addresses, and the exempt ones, are not held up by it."""
+    crowd = {"X-Forwarded-For": "203.0.113.50"}  # the proxy on 127.0.0.1 reports the client
+    async with AsyncExitStack() as stack:
+        held = [await stack.enter_async_context(open_viewer(server.url, room["id"], label=f"s{i}", headers=crowd))
+                for i in range(64)]
+        async with open_viewer(server.url, room["id"], headers=crowd, welcome=False) as refused:
+            events, close = await refused.expect_close()
+        assert [e["code"] for e in errors_in(events)] == ["too_many_connections"], events
+        assert close is not None and close.code == 1013, close
+        async with open_viewer(server.url, room["id"], headers={"X-Forwarded-For": "203.0.113.51"}) as other, \
+                open_viewer(server.url, room["id"]) as exempt:
+            assert other.welcome["viewers"]["online"] <= 66 and exempt.welcome is not None
+        await held.pop().ws.close()
+        for _ in range(50):  # its place is free again once the server has seen it go
+            async with open_viewer(server.url, room["id"], headers=crowd, welcome=False) as again:
+                first = await again.expect(lambda e: e["type"] in ("welcome", "error"))
+            if first["type"] == "welcome":
+                break
+            await asyncio.sleep(0.1)
+        assert first["type"] == "welcome", first

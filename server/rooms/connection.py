@@ -17,7 +17,7 @@ from server.clock import from_ms, iso
 from server.errors import ApiError
 from server.ids import new_id
 from server.origins import origin_allowed, own_origin
-from server.ratelimit import CHAT
+from server.ratelimit import CHAT, address_key
 from server.rooms import protocol
 from server.rooms.hub import Close, Connection
 from server.services import Services
@@ -43,6 +43,20 @@ async def room_socket(ws: WebSocket) -> None:
                                                  services.settings.allowed_origins):
         await ws.close(protocol.POLICY)
         return
+    ip = ws.client.host if ws.client else "unknown"
+    address = None if ip in services.settings.rate_limit_exempt_ips else address_key(ip)
+    if address is not None and not services.sockets.take(address):
+        await _refuse(ws, protocol.TRY_AGAIN_LATER, "too_many_connections",
+                      f"at most {services.sockets.limit} open connections per address")
+        return
+    try:
+        await _join(ws, services, room_id)
+    finally:
+        if address is not None:
+            services.sockets.give_back(address)
+
+
+async def _join(ws: WebSocket, services: Services, room_id: str) -> None:
     hub = services.hub
     try:
         principal = await authenticate(services.sessions, ws.headers, ws.cookies)

@@ -32,6 +32,7 @@ from tests.support import (
     create_room,
     register,
 )
+from tests.ws_support import open_viewer
 
 pytestmark = pytest.mark.browser
 
@@ -592,6 +593,27 @@ async def test_a_deleted_message_stops_flying(browser: Browser, server: ServerPr
         assert r.status_code == 200, r.text
         await expect(page.locator("#chat-list li", has_text="this one goes")).to_have_count(0)
         await expect(bullet).to_have_count(0, timeout=3000)
+    assert page.errors == [], page.errors  # type: ignore[attr-defined]
+    await page.context.close()
+
+
+async def test_only_the_hosts_messages_carry_the_host_badge(browser: Browser, server: ServerProcess) -> None:
+    """A guest may take the host's display name; the Host badge goes by the author's id, so the
+    namesake's message shows none (nothing told them apart before)."""
+    async with api_client(server.url) as c:
+        shop = await new_shop(c)
+        page = await new_page(browser)
+        await page.goto(f"{server.url}/rooms/{shop.room_id}")
+        await join_as_guest(page, shop.host.name)
+        async with open_viewer(server.url, shop.room_id, shop.host.token) as host:
+            await host.chat("flash sale in five minutes")
+            await page.fill("#chat-input", "pay me directly instead")
+            await page.press("#chat-input", "Enter")
+            from_host = page.locator("#chat-list li", has_text="flash sale in five minutes")
+            await expect(from_host.locator(".badge-host")).to_have_text("Host")
+            from_namesake = page.locator("#chat-list li", has_text="pay me directly instead")
+            await expect(from_namesake.locator(".who")).to_have_text(shop.host.name)
+            await expect(from_namesake.locator(".badge-host")).to_have_count(0)
     assert page.errors == [], page.errors  # type: ignore[attr-defined]
     await page.context.close()
 

@@ -135,11 +135,14 @@ function addChat(msg, fly) {
   if (state.chatIds.size > 1000) state.chatIds.delete(state.chatIds.values().next().value); // oldest
   const mine = state.me && msg.user.id === state.me.user_id;
   if (mine && msg.text === state.unsentChat) state.unsentChat = null;
+  // By id, not by name: anyone may take the host's display name, nobody the badge.
+  const byHost = msg.user.id === state.room?.host?.id;
   const list = $("#chat-list");
   // Follow new messages only when the viewer is at the bottom, not while scrolled up reading.
   const following = list.scrollHeight - list.scrollTop - list.clientHeight < 40;
-  list.append(el("li", { class: mine ? "me" : null, dataset: { id: msg.id } },
-    el("span", { class: "who" }, msg.user.name), el("span", {}, msg.text)));
+  list.append(el("li", { class: [mine && "me", byHost && "host"].filter(Boolean).join(" ") || null, dataset: { id: msg.id } },
+    el("span", { class: "who" }, msg.user.name), byHost && el("span", { class: "badge-host" }, "Host"),
+    el("span", {}, msg.text)));
   while (list.children.length > 200) list.firstElementChild.remove();
   if (following || mine) list.scrollTop = list.scrollHeight;
   if (fly) danmaku.add(msg.text, mine, msg.id);

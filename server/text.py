@@ -8,6 +8,10 @@ from __future__ import annotations
 
 import unicodedata
 
+# Letters and symbols that print as nothing (Hangul fillers, the blank Braille pattern, Khmer's
+# inherent vowels): a name of them looks blank, so they count as spaces.
+_BLANKS = frozenset("\u115f\u1160\u17b4\u17b5\u2800\u3164\uffa0")
+
 
 def clean(text: str) -> str:
     kept = []
@@ -18,5 +22,11 @@ def clean(text: str) -> str:
         if cat in ("Cc", "Cf", "Cs"):
             kept.append(" " if ch in "\t\n\r" else "")
             continue
-        kept.append(ch)
+        kept.append(" " if ch in _BLANKS else ch)
     return " ".join("".join(kept).split())
+
+
+def folded(text: str) -> str:
+    """Text as word filters compare it: full-width and other compatibility forms as their plain
+    letters (NFKC), and case folded."""
+    return unicodedata.normalize("NFKC", unicodedata.normalize("NFKC", text).casefold())

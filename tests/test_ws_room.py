@@ -451,6 +451,20 @@ async def test_banned_words_refuse_messages(server: ServerProcess, api: httpx.As
         assert r.status_code == 200 and r.json() == {"words": []}
 
 
+async def test_banned_words_match_full_width_and_other_compatibility_forms(
+        server: ServerProcess, api: httpx.AsyncClient, host: dict[str, Any], room: dict[str, Any]) -> None:
+    """Folded as NFKC, both ways: `ｓｐａｍ` is `spam` (it passed a ban on `spam`), and a word banned
+    in full-width letters refuses it in plain ones."""
+    r = await api.put(f"/api/rooms/{room['id']}/banned-words", json={"words": ["spam", "\uff33\uff23\uff21\uff2d"]},
+                      headers=bearer(host["token"]))
+    assert r.status_code == 200 and r.json() == {"words": ["scam", "spam"]}, r.text
+    writer = await guest(api, "Writer")
+    async with open_viewer(server.url, room["id"], writer["token"], label="writer") as w:
+        for text in ("buy \uff53\uff50\uff41\uff4d now", "no scam here", "\u33a1 spam"):
+            await w.chat(text)
+            await w.expect_error("banned_word")
+
+
 async def test_banned_words_apply_to_a_viewer_joining_after_the_change(server: ServerProcess,
                                                                        api: httpx.AsyncClient,
                                                                        host: dict[str, Any],

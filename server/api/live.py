@@ -31,7 +31,7 @@ from server.schemas import (
     RoomOut,
     RoomStatsOut,
 )
-from server.text import clean
+from server.text import clean, folded
 
 router = Router("live")
 
@@ -163,7 +163,7 @@ async def set_banned_words(call: Call[BannedWordsIn]) -> BannedWordsOut:
     """Replace the banned words (case-insensitive; a message containing one is refused)."""
     async with call.services.db() as db:
         room = await get_owned_room(db, call.param("room_id"), call.me)
-    words = sorted({w for w in (clean(x).casefold() for x in call.body.words) if w})
+    words = sorted({w for w in (folded(clean(x)) for x in call.body.words) if w})
     await call.services.rooms.set_banned_words(room.id, words)
     return BannedWordsOut(words=words)
 

@@ -21,7 +21,7 @@ from server.ratelimit import CHAT, address_key
 from server.rooms import protocol
 from server.rooms.hub import Close, Connection
 from server.services import Services
-from server.text import clean
+from server.text import clean, folded
 
 log = logging.getLogger("livesale.rooms.connection")
 
@@ -196,8 +196,8 @@ async def _chat(conn: Connection, msg: protocol.ChatIn, services: Services) -> N
     user = protocol.UserRef(id=p.user_id, name=p.name)
     now_ms = int(time.time() * 1000)
     if not conn.is_host:
-        folded = text.casefold()
-        if any(word in folded for word in await hub.banned_words(conn.room_id)):
+        as_filtered = folded(text)
+        if any(word in as_filtered for word in await hub.banned_words(conn.room_id)):
             _bad(conn, "banned_word", "your message contains a word this room does not allow")
             await services.rooms.tell_host(conn.room_id, protocol.ChatRejected(
                 user=user, text=text, reason="banned_word", ts=now_ms))

@@ -4,6 +4,7 @@ come before the welcome (while the viewer joins) or after it; and the hub ending
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from typing import Any, cast
 
@@ -17,29 +18,44 @@ def drain(conn: Connection) -> list[str | Close]:
 
 async def test_frames_before_the_welcome_follow_it() -> None:
     conn = Connection("room_x", None, is_host=False)
-    conn.offer("a")
-    conn.offer("b")
+    conn.offer('["a"]')
+    conn.offer('["b"]')
     assert drain(conn) == []
     conn.start("welcome")
-    conn.offer("c")
-    assert drain(conn) == ["welcome", "a", "b", "c"]
+    conn.offer('["c"]')
+    assert drain(conn) == ["welcome", '["a","b"]', '["c"]']
 
 
 async def test_a_room_that_ends_while_a_viewer_joins_still_sends_the_welcome_first() -> None:
     """The room's close arrives between the join and the welcome: welcome, then what came
     before the close, then the close; nothing offered after it."""
     conn = Connection("room_x", None, is_host=False)
-    conn.offer("before the end")
+    conn.offer('["before the end"]')
     conn.close(protocol.NORMAL, "room ended")
-    conn.offer("after the end")
+    conn.offer('["after the end"]')
     assert conn.closed
     conn.start("welcome")
-    assert drain(conn) == ["welcome", "before the end", Close(protocol.NORMAL, "room ended")]
+    assert drain(conn) == ["welcome", '["before the end"]', Close(protocol.NORMAL, "room ended")]
+
+
+def test_what_came_during_a_slow_join_follows_the_welcome_as_one_frame() -> None:
+    """A join that took seconds in a busy room gathers more frames than the queue holds: they go
+    as one frame, their events in order (they overflowed the queue, and the viewer got 1013
+    instead of its welcome)."""
+    conn = Connection("room_x", None, is_host=False)
+    for i in range(EARLY_FRAMES):
+        conn.offer(f'[{{"n":{2 * i}}},{{"n":{2 * i + 1}}}]' if i % 3 else "[]")
+    conn.start('[{"type":"welcome"}]')
+    welcome, early, *rest = drain(conn)
+    assert not conn.closed and rest == []
+    assert welcome == '[{"type":"welcome"}]'
+    assert isinstance(early, str)
+    assert [e["n"] for e in json.loads(early)] == [n for i in range(EARLY_FRAMES) if i % 3 for n in (2 * i, 2 * i + 1)]
 
 
 async def test_an_immediate_close_while_joining_sends_nothing_but_the_close() -> None:
     conn = Connection("room_x", None, is_host=False)
-    conn.offer("early")
+    conn.offer('["early"]')
     conn.close(protocol.POLICY, "banned", flush=False)
     conn.start("welcome")
     assert drain(conn) == [Close(protocol.POLICY, "banned")]

@@ -121,10 +121,16 @@ class Connection:
         that ends as someone joins still shows them its welcome (status `ended`) first."""
         self.ready = True
         early, self.early = self.early, []
-        deferred = next((item for item in early if isinstance(item, Close)), None)
-        for item in (welcome, *early):
+        frames: list[str] = []
+        deferred: Close | None = None
+        for item in early:
             if isinstance(item, Close):
+                deferred = item
                 break
+            frames.append(item)
+        # The frames that came while it joined go as one (each is a JSON array of events): a
+        # slow join in a busy room gathers more of them than the queue holds.
+        for item in (welcome, *([protocol.join_batches(frames)] if frames else [])):
             if self.closed and deferred is None:  # closed at once (flush=False): nothing more to send
                 return
             self._put(item)

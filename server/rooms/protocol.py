@@ -174,5 +174,11 @@ def batch(events: list[bytes]) -> str:
     return (b"[" + b",".join(events) + b"]").decode()
 
 
+def join_batches(frames: list[str]) -> str:
+    """Several batch frames as one, their events in order."""
+    inner = [f[1:-1] for f in frames if len(f) > 2]
+    return "[" + ",".join(inner) + "]"
+
+
 def error_frame(code: str, message: str, retry_after_ms: int | None = None) -> str:
     return batch([encode(Error(code=code, message=message, retry_after_ms=retry_after_ms))])

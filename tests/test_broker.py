@@ -257,3 +257,29 @@ async def test_the_heartbeat_tells_the_room_when_viewers_elsewhere_dropped_out(l
     assert len(told) == 1 and '"online":1' in told[0], told
     await layer.hub._heartbeat()  # noqa: SLF001
     assert await counts_told(layer.hub, conn) == []
+
+
+class RunTwice:
+    """A script whose every call runs twice, the first answer lost: what redis-py's retry does after
+    a reply slower than its socket timeout (the first run had done its work)."""
+
+    def __init__(self, script: Any) -> None:
+        self.script = script
+
+    async def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        await self.script(*args, **kwargs)
+        return await self.script(*args, **kwargs)
+
+
+async def test_a_chat_post_and_a_likes_flush_run_again_by_a_retry_count_once(layer: Layer) -> None:
+    """They doubled: the message twice in the history (and every later welcome), the chat counter
+    and the like total counted twice, and the events published twice."""
+    store, room_id = layer.store, new_id("room")
+    store._post, store._likes = RunTwice(store._post), RunTwice(store._likes)  # type: ignore[method-assign]
+    event = protocol.Chat(id=new_id("msg"), user=protocol.UserRef(id="usr_a", name="a"), text="once", ts=1)
+    assert await store.post_chat(room_id, event.id, "usr_a", protocol.encode(event)) is None
+    assert await layer.redis.lrange(keys.history(room_id), 0, -1) == [protocol.encode(event)]
+    assert int(await layer.redis.get(keys.chat_count(room_id))) == 1
+    assert await store.flush_likes(room_id, {"usr_a": [1, 7], "usr_b": [2, 3]}) == (10, 10)
+    assert await store.flush_likes(room_id, {"usr_a": [1, 5]}) == (15, 5)
+    assert int(await layer.redis.get(keys.likes(room_id))) == 15

@@ -203,7 +203,7 @@ async def _chat(conn: Connection, msg: protocol.ChatIn, services: Services) -> N
                 user=user, text=text, reason="banned_word", ts=now_ms))
             return
     event = protocol.Chat(id=new_id("msg"), user=user, text=text, ts=now_ms)
-    muted_until = await store.post_chat(conn.room_id, p.user_id, protocol.encode(event))
+    muted_until = await store.post_chat(conn.room_id, event.id, p.user_id, protocol.encode(event))
     if muted_until is not None:
         _bad(conn, "muted", f"the host muted you until {iso(from_ms(muted_until))}")
         await services.rooms.tell_host(conn.room_id, protocol.ChatRejected(

@@ -57,5 +57,11 @@ def banned_words(room_id: str) -> str:
     return tag(room_id) + ":banned"
 
 
+def done(room_id: str, call_id: str) -> str:
+    """A script call's answer, kept a while: the call, run again by a retry, answers it again
+    instead of doing its work twice."""
+    return tag(room_id) + ":done:" + call_id
+
+
 def like_frames(room_id: str, user_id: str, second: int) -> str:
     return f"{tag(room_id)}:lf:{user_id}:{second}"

@@ -86,10 +86,12 @@ class RoomStore:
             await pipe.execute()
 
     # --- chat -------------------------------------------------------------------
-    async def post_chat(self, room_id: str, user_id: str, event: bytes) -> int | None:
-        """Record and publish; None when posted, else the ms timestamp the sender is muted until."""
+    async def post_chat(self, room_id: str, message_id: str, user_id: str, event: bytes) -> int | None:
+        """Record and publish, once per message id; None when posted, else the ms timestamp the
+        sender is muted until."""
         posted, muted_until = await self._post(
-            keys=[keys.mutes(room_id), keys.history(room_id), keys.chat_count(room_id), keys.channel(room_id)],
+            keys=[keys.mutes(room_id), keys.history(room_id), keys.chat_count(room_id), keys.channel(room_id),
+                  keys.done(room_id, message_id)],
             args=[user_id, event, self.broker.publish_command, HISTORY_LEN])
         return None if int(posted) else int(muted_until)
 
@@ -107,7 +109,8 @@ class RoomStore:
         for u in users:
             flat += per_user[u]
         total, accepted = await self._likes(
-            keys=[keys.likes(room_id), keys.channel(room_id)] + [keys.like_frames(room_id, u, second) for u in users],
+            keys=[keys.likes(room_id), keys.channel(room_id), keys.done(room_id, "likes:" + secrets.token_hex(8))]
+            + [keys.like_frames(room_id, u, second) for u in users],
             args=[self.broker.publish_command, MAX_LIKE_FRAMES_PER_S, *flat])
         return int(total), int(accepted)
 

@@ -283,3 +283,15 @@ async def test_a_chat_post_and_a_likes_flush_run_again_by_a_retry_count_once(lay
     assert await store.flush_likes(room_id, {"usr_a": [1, 7], "usr_b": [2, 3]}) == (10, 10)
     assert await store.flush_likes(room_id, {"usr_a": [1, 5]}) == (15, 5)
     assert int(await layer.redis.get(keys.likes(room_id))) == 15
+
+
+async def test_an_edit_of_a_product_no_longer_pinned_never_pins_it_again(layer: Layer) -> None:
+    """The edit read the room's pin from SQL; another product was pinned since: the refresh does
+    nothing (it would have brought the old product back, over the newer pin)."""
+    room_id = new_id("room")
+    old, new = {"id": "prd_old", "name": "Old"}, {"id": "prd_new", "name": "New"}
+    await layer.store.set_pin(room_id, new)
+    assert not await layer.store.refresh_pin(room_id, {**old, "name": "Old, edited"}, b"E[]")
+    assert await layer.redis.hget(keys.state(room_id), "pin") == b'{"id":"prd_new","name":"New"}'
+    assert await layer.store.refresh_pin(room_id, {**new, "name": "New, edited"}, b"E[]")
+    assert await layer.redis.hget(keys.state(room_id), "pin") == b'{"id":"prd_new","name":"New, edited"}'

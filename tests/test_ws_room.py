@@ -277,6 +277,36 @@ async def test_pin_and_unpin_reach_every_viewer(server: ServerProcess, api: http
     assert r.json()["pinned_product"] is None
 
 
+async def test_an_edited_product_is_shown_edited_where_it_is_pinned_or_in_the_lineup(
+        server: ServerProcess, api: httpx.AsyncClient, host: dict[str, Any], room: dict[str, Any]) -> None:
+    """Viewers get the edit as a `pin` and a `lineup` event, and a later welcome carries it (it
+    carried the copy taken at the pin, old name and price, while GET /api/rooms showed the new)."""
+    tote = await create_product(api, host["token"], name="Linen tote", price_cents=1800)
+    mug = await create_product(api, host["token"], name="Mug", price_cents=900)
+    r = await api.put(f"/api/rooms/{room['id']}/lineup", json={"product_ids": [mug["id"], tote["id"]]},
+                      headers=bearer(host["token"]))
+    assert r.status_code == 200, r.text
+    assert (await pin(api, room["id"], tote["id"], host["token"])).status_code == 200
+    async with open_viewer(server.url, room["id"]) as v:
+        r = await api.patch(f"/api/products/{tote['id']}", json={"name": "Linen tote (new)", "price_cents": 999},
+                            headers=bearer(host["token"]))
+        assert r.status_code == 200, r.text
+        edited = r.json()
+        assert (await v.expect_type("pin"))["product"] == edited
+        assert [p["name"] for p in (await v.expect_type("lineup"))["products"]] == ["Mug", "Linen tote (new)"]
+    async with open_viewer(server.url, room["id"]) as late:
+        assert late.welcome is not None and late.welcome["pinned_product"] == edited
+    assert (await api.get(f"/api/rooms/{room['id']}")).json()["pinned_product"] == edited
+
+    # Pinned no more: an edit of it leaves the pin alone.
+    assert (await pin(api, room["id"], mug["id"], host["token"])).status_code == 200
+    r = await api.patch(f"/api/products/{tote['id']}", json={"name": "Linen tote (newer)"},
+                        headers=bearer(host["token"]))
+    assert r.status_code == 200, r.text
+    async with open_viewer(server.url, room["id"]) as late:
+        assert late.welcome is not None and late.welcome["pinned_product"]["id"] == mug["id"]
+
+
 async def test_pin_refusals(server: ServerProcess, api: httpx.AsyncClient, host: dict[str, Any],
                             other_host: dict[str, Any], room: dict[str, Any]) -> None:
     mine = await create_product(api, host["token"])

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import msgspec
 from msgspec import UnsetType
 from sqlalchemy import select
 
 from server.api.endpoint import Call, Router
-from server.catalog import check_commission, get_owned_product, get_product, product_out
+from server.catalog import check_commission, get_owned_product, get_product, lineup, product_out
 from server.ids import new_id
-from server.models import Product
+from server.models import Product, Room, RoomProduct
+from server.rooms.protocol import Lineup
 from server.schemas import ProductIn, ProductOut, ProductPatch
 
 router = Router("products")
@@ -51,4 +53,21 @@ async def edit_product(call: Call[ProductPatch]) -> ProductOut:
     async with call.services.db.begin() as db:
         product = await get_owned_product(db, call.param("product_id"), call.me)
         call.body.apply_to(product)
-    return product_out(product)
+    out = product_out(product)
+    await _show_edit(call, out)
+    return out
+
+
+async def _show_edit(call: Call[ProductPatch], out: ProductOut) -> None:
+    """The rooms showing the product (pinned, or in their lineup) show the edit: their viewers
+    get a `pin` or `lineup` event, and the pinned copy a `welcome` carries is replaced."""
+    async with call.services.db() as db:
+        open_rooms = Room.status != "ended"
+        pinned = (await db.scalars(select(Room.id).where(Room.pinned_product_id == out.id, open_rooms))).all()
+        listed = (await db.scalars(select(RoomProduct.room_id).join(Room, Room.id == RoomProduct.room_id)
+                                   .where(RoomProduct.product_id == out.id, open_rooms))).all()
+        lineups = {room_id: await lineup(db, room_id) for room_id in set(listed)}
+    for room_id in pinned:
+        await call.services.rooms.pinned_edited(room_id, out)
+    for room_id, products in lineups.items():
+        await call.services.rooms.tell(room_id, Lineup(products=msgspec.to_builtins(products)))

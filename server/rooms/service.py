@@ -55,6 +55,11 @@ class RoomService:
         await self.store.set_pin(room_id, data)
         await self.tell(room_id, protocol.Pin(product=data))
 
+    async def pinned_edited(self, room_id: str, product: ProductOut) -> None:
+        """The pinned product was edited: viewers get a `pin` of it, if it is still pinned."""
+        data = msgspec.to_builtins(product)
+        await self.store.refresh_pin(room_id, data, EVERYONE + protocol.encode(protocol.Pin(product=data)))
+
     async def unpin(self, room_id: str) -> None:
         await self.store.set_pin(room_id, None)
         await self.tell(room_id, protocol.Unpin())

@@ -49,6 +49,7 @@ class RoomStore:
         self._delete = load_script(redis, "server.rooms", "chat_delete.lua")
         self._likes = load_script(redis, "server.rooms", "likes_flush.lua")
         self._unlock = load_script(redis, "server.rooms", "launch_unlock.lua")
+        self._refresh_pin = load_script(redis, "server.rooms", "pin_refresh.lua")
 
     # --- presence -------------------------------------------------------------
     async def join(self, room_id: str, conn_id: str, viewer_id: str | None) -> Counts:
@@ -143,6 +144,12 @@ class RoomStore:
             await self.redis.hdel(keys.state(room_id), "pin")
         else:
             await self.redis.hset(keys.state(room_id), "pin", msgspec.json.encode(product))
+
+    async def refresh_pin(self, room_id: str, product: dict[str, Any], message: bytes) -> bool:
+        """Replace the pinned copy of `product` and publish `message`, if it is still pinned."""
+        return bool(await self._refresh_pin(keys=[keys.state(room_id), keys.channel(room_id)],
+                                            args=[product["id"], msgspec.json.encode(product), message,
+                                                  self.broker.publish_command]))
 
     async def set_active_sale(self, room_id: str, sale_id: str | None) -> None:
         if sale_id is None:

@@ -100,6 +100,19 @@ async def test_launch_answers_the_sale(api: httpx.AsyncClient, shop: Shop) -> No
     assert listed.status_code == 200 and [s["id"] for s in listed.json()] == [sale["id"]]
 
 
+async def test_the_start_is_announced_as_a_newer_version_of_the_sale(api: httpx.AsyncClient, shop: Shop,
+                                                                     server: ServerProcess) -> None:
+    """Clients apply a sale event only if its `v` is higher than the last one seen: the start's
+    `sale` event had the launch's `v`, so a client written from the protocol kept "scheduled"."""
+    async with open_viewer(server.url, shop.room_id) as viewer:
+        sale = await launch(api, shop, starts_in_s=1)
+        assert sale["status"] == "scheduled"
+        launched = await viewer.expect(of_type("sale"))
+        started = await viewer.expect(lambda e: e["type"] == "sale" and e["sale"]["status"] == "active",
+                                      timeout=10, what="the start")
+    assert launched["sale"]["v"] == sale["v"] and started["sale"]["v"] > sale["v"], (launched, started)
+
+
 async def test_buying_before_the_start_is_not_started(api: httpx.AsyncClient, shop: Shop) -> None:
     sale = await launch(api, shop, starts_in_s=30)
     assert sale["status"] == "scheduled"

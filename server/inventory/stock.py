@@ -105,6 +105,7 @@ class Stock:
         self._pay = load_script(redis, "server.inventory", "pay.lua")
         self._release = load_script(redis, "server.inventory", "release.lua")
         self._end = load_script(redis, "server.inventory", "end_sale.lua")
+        self._mark_started = load_script(redis, "server.inventory", "mark_started.lua")
         self._batched = AutoPipeline(redis)
         # How long a paying request has to capture before the late captures do it in its place.
         self.capture_after_ms = CAPTURE_AFTER_MS
@@ -242,6 +243,7 @@ class Stock:
                 pipe.hset(keys.sale(sale_id), "archived_at", int(time.time() * 1000))
             await pipe.execute()
 
-    async def mark_started(self, sale_id: str) -> bool:
-        """True for the one caller (of all processes) that gets to announce the start."""
-        return bool(await self.redis.hsetnx(keys.sale(sale_id), "started_announced", 1))
+    async def mark_started(self, sale_id: str) -> int:
+        """For the one caller (of all processes) that gets to announce the start, the sale's new
+        version; 0 for the others."""
+        return int(await self._mark_started(keys=[keys.sale(sale_id)]))

@@ -39,7 +39,8 @@ class Sweeper:
             state = await self.stock.state(sale_id) or state
             await self.sales.rooms.tell(room_id, protocol.SaleEnded(id=sale_id, reason="time", v=state["v"]))
         elif state["starts_at"] <= now_ms < state["ends_at"] and state["ended_at"] == 0 \
-                and "started_announced" not in state and await self.stock.mark_started(sale_id):
+                and "started_announced" not in state and (v := await self.stock.mark_started(sale_id)):
+            state = await self.stock.state(sale_id) or {**state, "v": v}  # the figures as of the new version
             await self.sales.rooms.tell(room_id, protocol.Sale(sale=sale_out(sale_id, state, now_ms)))
         released = 0
         for order_id in await self.stock.due(sale_id, now_ms):

@@ -295,3 +295,12 @@ async def test_an_edit_of_a_product_no_longer_pinned_never_pins_it_again(layer: 
     assert await layer.redis.hget(keys.state(room_id), "pin") == b'{"id":"prd_new","name":"New"}'
     assert await layer.store.refresh_pin(room_id, {**new, "name": "New, edited"}, b"E[]")
     assert await layer.redis.hget(keys.state(room_id), "pin") == b'{"id":"prd_new","name":"New, edited"}'
+
+
+async def test_connections_added_back_by_a_heartbeat_raise_the_peak(layer: Layer) -> None:
+    """Redis restarted without its data: the heartbeat adds this process's connections back; the
+    peak counts them (it stayed 0 under 4 online until someone new joined)."""
+    room_id = new_id("room")
+    await layer.store.refresh({room_id: ["c1", "c2", "c3", "c4"]})
+    assert await layer.store.counts(room_id) == Counts(online=4, peak=4)
+    assert await layer.store.leave(room_id, "c1") == Counts(online=3, peak=4)

@@ -13,4 +13,11 @@ if leaving ~= '' then
   redis.call('ZREM', presence, leaving)
 end
 redis.call('ZREMRANGEBYSCORE', presence, '-inf', now)
-return {redis.call('ZCARD', presence), tonumber(redis.call('GET', peak_key)) or 0}
+local online = redis.call('ZCARD', presence)
+local peak = tonumber(redis.call('GET', peak_key)) or 0
+if online > peak then
+  -- Connections added back by a heartbeat (Redis restarted without its data) count too.
+  peak = online
+  redis.call('SET', peak_key, peak)
+end
+return {online, peak}

@@ -304,3 +304,18 @@ async def test_connections_added_back_by_a_heartbeat_raise_the_peak(layer: Layer
     await layer.store.refresh({room_id: ["c1", "c2", "c3", "c4"]})
     assert await layer.store.counts(room_id) == Counts(online=4, peak=4)
     assert await layer.store.leave(room_id, "c1") == Counts(online=3, peak=4)
+
+
+async def test_a_room_holds_a_bounded_number_of_mutes_and_drops_those_run_out(
+        layer: Layer, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("server.rooms.store.MAX_MUTES", 3)
+    store, room_id = layer.store, new_id("room")
+    assert await store.mute(room_id, "usr_brief", 1) is not None
+    for user in ("usr_a", "usr_b", "usr_c"):
+        assert await store.mute(room_id, user, 60_000) is not None
+    assert await store.mute(room_id, "usr_d", 60_000) is None  # full
+    assert await store.mute(room_id, "usr_a", 120_000) is not None  # a longer mute of one held: fine
+    assert set(await store.mutes(room_id)) == {"usr_a", "usr_b", "usr_c"}
+    assert await layer.redis.hlen(keys.mutes(room_id)) == 3  # the one run out is gone, not only hidden
+    await store.unmute(room_id, "usr_b")
+    assert await store.mute(room_id, "usr_d", 60_000) is not None

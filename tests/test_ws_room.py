@@ -16,6 +16,7 @@ from server.ids import new_id
 from tests.postgres import on_both_databases
 from tests.support import (
     ServerProcess,
+    assert_error,
     bearer,
     create_product,
     create_room,
@@ -437,6 +438,9 @@ async def test_mute_input_checks(api: httpx.AsyncClient, host: dict[str, Any], r
     assert r.status_code == 422, r.text  # not yourself
     r = await api.post(url, json={"user_id": "nobody"}, headers=bearer(host["token"]))
     assert r.status_code == 422, r.text
+    # No account has this id: refused, so mutes of made-up ids cannot pile up in the room.
+    assert_error(await api.post(url, json={"user_id": new_id("usr")}, headers=bearer(host["token"])),
+                 404, "user_not_found")
     for duration in (0, 7 * 24 * 3600 + 1, "60"):
         r = await api.post(url, json={"user_id": new_id("usr"), "duration_s": duration}, headers=bearer(host["token"]))
         assert r.status_code == 422, r.text

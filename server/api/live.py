@@ -19,6 +19,7 @@ from server.ids import looks_like_id
 from server.inventory.figures import room_sales_figures
 from server.models import Room, RoomProduct, User
 from server.rooms.protocol import Lineup
+from server.rooms.store import MAX_MUTES
 from server.schemas import (
     BannedWordsIn,
     BannedWordsOut,
@@ -117,8 +118,12 @@ async def mute(call: Call[MuteIn]) -> MuteOut:
         raise Unprocessable("you cannot mute yourself", field="user_id")
     if not looks_like_id(call.body.user_id, "usr"):
         raise Unprocessable("not a user id", field="user_id")
-    until_ms = int(time.time() * 1000) + call.body.duration_s * 1000
-    await call.services.rooms.store.mute(room.id, call.body.user_id, until_ms)
+    async with call.services.db() as db:
+        if await db.get(User, call.body.user_id) is None:
+            raise NotFound("no such user", code="user_not_found")
+    until_ms = await call.services.rooms.store.mute(room.id, call.body.user_id, call.body.duration_s * 1000)
+    if until_ms is None:
+        raise Conflict(f"this room holds {MAX_MUTES} mutes already; lift some first", code="too_many_mutes")
     return (await _mutes_out(call, {call.body.user_id: until_ms}))[0]
 
 

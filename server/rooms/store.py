@@ -21,6 +21,7 @@ from server.rooms.broker import Broker
 HISTORY_LEN = 50
 PRESENCE_TTL_MS = 30_000  # a connection not refreshed for this long no longer counts
 MAX_LIKE_FRAMES_PER_S = 20
+MAX_MUTES = 1000  # per room at once: a host's list stays readable, and a room's hash bounded
 MAX_BANNED_WORDS = 200
 
 
@@ -50,6 +51,7 @@ class RoomStore:
         self._likes = load_script(redis, "server.rooms", "likes_flush.lua")
         self._unlock = load_script(redis, "server.rooms", "launch_unlock.lua")
         self._refresh_pin = load_script(redis, "server.rooms", "pin_refresh.lua")
+        self._mute = load_script(redis, "server.rooms", "mute.lua")
 
     # --- presence -------------------------------------------------------------
     async def join(self, room_id: str, conn_id: str, viewer_id: str | None) -> Counts:
@@ -116,8 +118,11 @@ class RoomStore:
         return int(total), int(accepted)
 
     # --- moderation -------------------------------------------------------------
-    async def mute(self, room_id: str, user_id: str, until_ms: int) -> None:
-        await self.redis.hset(keys.mutes(room_id), user_id, until_ms)
+    async def mute(self, room_id: str, user_id: str, duration_ms: int) -> int | None:
+        """Mute for `duration_ms` (Redis's clock); the ms timestamp it lasts until, or None if the
+        room holds MAX_MUTES mutes already."""
+        until_ms = int(await self._mute(keys=[keys.mutes(room_id)], args=[user_id, duration_ms, MAX_MUTES]))
+        return until_ms or None
 
     async def unmute(self, room_id: str, user_id: str) -> bool:
         return bool(await self.redis.hdel(keys.mutes(room_id), user_id))

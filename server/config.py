@@ -120,8 +120,9 @@ class Settings:
 def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     env = os.environ if env is None else env
     data_dir = Path(env.get("LIVESALE_DATA_DIR") or "var").resolve()
-    if not data_dir.exists():  # it holds the password hashes, the orders and the ledger: ours alone
-        data_dir.mkdir(parents=True, mode=0o700)
+    # It holds the password hashes, the orders and the ledger: ours alone (the mode applies only
+    # when it is created here; an operator's own directory keeps its mode).
+    data_dir.mkdir(parents=True, mode=0o700, exist_ok=True)
     database_url = env.get("DATABASE_URL") or f"sqlite+aiosqlite:///{data_dir / 'livesale.db'}"
     if database_url.startswith("postgres://") or database_url.startswith("postgresql://"):
         # Plain libpq URLs are common in the wild; the async engine needs its driver named.

@@ -4,16 +4,27 @@
 -- ARGV[1]  emission interval: ms per unit (1000 / rate per second)
 -- ARGV[2]  burst: units that may be spent at once
 -- ARGV[3]  cost of this request, in units
--- ARGV[4]  '1': only check (spend nothing); else spend when allowed
+-- ARGV[4]  'refund': give `cost` units back (an attempt that turned out not to count); else spend
 -- Returns {allowed (1|0), retry_after_ms}
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+
+if ARGV[4] == 'refund' then
+  local tat = tonumber(redis.call('GET', KEYS[1]))
+  if tat then
+    tat = tat - tonumber(ARGV[1]) * tonumber(ARGV[3])
+    if tat > now then
+      redis.call('SET', KEYS[1], tat, 'PX', math.ceil(tat - now))
+    else
+      redis.call('DEL', KEYS[1])
+    end
+  end
+  return {1, 0}
+end
 
 local new_tat, wait = gcra(KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), now)
 if wait > 0 then
   return {0, wait}
 end
-if ARGV[4] ~= '1' then
-  gcra_spend(KEYS[1], new_tat, now)
-end
+gcra_spend(KEYS[1], new_tat, now)
 return {1, 0}

@@ -27,7 +27,8 @@ CHAT = Limit("chat", per_second=2, burst=5)
 LOGIN_PER_IP = Limit("login-ip", per_second=0.2, burst=10)  # slow brute force: 12 a minute after a burst
 # Failed logins per account, whatever the addresses: guesses at one password from many machines
 # stay slow. It refills faster than one address may try (and holds more than two addresses' bursts),
-# so nobody can keep an owner out from one or two addresses; a right password spends nothing.
+# so nobody can keep an owner out from one or two addresses. Every try spends (so tries at once
+# cannot all pass one check), and a right password gets its unit back.
 LOGIN_FAILS_PER_ACCOUNT = Limit("login-account", per_second=0.5, burst=30)
 REGISTER_PER_IP = Limit("register-ip", per_second=0.5, burst=20)
 PURCHASE_PER_USER = Limit("buy-user", per_second=5, burst=10)
@@ -93,15 +94,18 @@ class RateLimiter:
     def __init__(self, redis: Redis) -> None:
         self._script = load_script(redis, "server", "ratelimit.lua", prelude=GCRA)
 
-    async def hit(self, limit: Limit, subject: str, cost: int = 1, *, spend: bool = True) -> float:
-        """Spend `cost` units (or, with spend=False, only see whether they could be spent); return
-        0 if allowed, else the seconds to wait."""
+    async def hit(self, limit: Limit, subject: str, cost: int = 1) -> float:
+        """Spend `cost` units; return 0 if allowed, else the seconds to wait."""
         allowed, retry_ms = await self._script(keys=[f"rl:{limit.name}:{subject}"],
-                                               args=[limit.interval_ms, limit.burst, cost, "0" if spend else "1"])
+                                               args=[limit.interval_ms, limit.burst, cost, ""])
         return 0.0 if int(allowed) else float(retry_ms) / 1000.0
 
-    async def check(self, limit: Limit, subject: str, cost: int = 1, *, spend: bool = True) -> None:
-        """Spend units (or, with spend=False, only check) or raise 429 with Retry-After."""
-        wait = await self.hit(limit, subject, cost, spend=spend)
+    async def check(self, limit: Limit, subject: str, cost: int = 1) -> None:
+        """Spend units or raise 429 with Retry-After."""
+        wait = await self.hit(limit, subject, cost)
         if wait:
             raise TooManyRequests(f"too many requests ({limit.name}); retry in {wait:.1f}s", retry_after_s=wait)
+
+    async def refund(self, limit: Limit, subject: str, cost: int = 1) -> None:
+        """Give back units spent by an attempt that turned out not to count."""
+        await self._script(keys=[f"rl:{limit.name}:{subject}"], args=[limit.interval_ms, limit.burst, cost, "refund"])

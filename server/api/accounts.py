@@ -72,14 +72,14 @@ async def login(call: Call[LoginIn]) -> Response:
     """Log in with username and password (slowed per address and per account against brute force)."""
     await _limit_ip(call, LOGIN_PER_IP)
     username = call.body.username.lower()
-    # Only failures spend from the account's bucket: the owner's own logins never lock it.
-    await call.services.limiter.check(LOGIN_FAILS_PER_ACCOUNT, username, spend=False)
+    await call.services.limiter.check(LOGIN_FAILS_PER_ACCOUNT, username)
     async with call.services.db() as db:
         user = await db.scalar(select(User).where(User.username == username))
     ok = await verify_password(user.password_hash if user else None, call.body.password)
     if user is None or not ok:
-        await call.services.limiter.hit(LOGIN_FAILS_PER_ACCOUNT, username)
         raise Unauthorized("wrong username or password", code="bad_credentials")
+    # Only failures count against the account: the owner's own logins never use up its bucket.
+    await call.services.limiter.refund(LOGIN_FAILS_PER_ACCOUNT, username)
     return _session_response(call, user, 200)
 
 

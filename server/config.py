@@ -105,9 +105,9 @@ class Settings:
     # Addresses exempt from per-IP limits (purchases, logins, sign-ups): a load
     # generator on loopback, or a trusted gateway that limits on its own.
     rate_limit_exempt_ips: tuple[str, ...] = ()
-    # Room sockets one address may hold open in one process: a viewer count one script cannot
-    # inflate, and file descriptors it cannot exhaust (many viewers may share a NAT).
-    max_sockets_per_address: int = 64
+    # Room sockets one address may hold open in one process: file descriptors and memory one
+    # script cannot exhaust. High, as a carrier's NAT puts many viewers behind one address.
+    max_sockets_per_address: int = 1000
     # Names this deployment's share of Redis (open sales, persister group): every server that
     # writes to one database must have the same; by default a digest of DATABASE_URL.
     deployment: str = "default"
@@ -142,6 +142,6 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         redis_server_bin=env.get("LIVESALE_REDIS_SERVER_BIN") or None,
         background_jobs=_bool(env, "LIVESALE_BACKGROUND_JOBS", True),
         rate_limit_exempt_ips=_list(env, "LIVESALE_RATE_LIMIT_EXEMPT_IPS"),
-        max_sockets_per_address=_int(env, "LIVESALE_MAX_SOCKETS_PER_ADDRESS", 64, 1, 1_000_000),
+        max_sockets_per_address=_int(env, "LIVESALE_MAX_SOCKETS_PER_ADDRESS", 1000, 1, 1_000_000),
         deployment=env.get("LIVESALE_DEPLOYMENT") or hashlib.sha256(database_url.encode()).hexdigest()[:12],
     )

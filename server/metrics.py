@@ -18,6 +18,7 @@ CLOSED = Counter("livesale_ws_closed_total",
                  "Room sockets closed by the server, by close code (stalled: a peer that stopped reading, "
                  "dropped without one)", ["code"])
 FRAMES = Counter("livesale_ws_frames_total", "Event frames queued to viewers")
+REFUSED = Counter("livesale_ws_refused_total", "Room sockets refused at the handshake, by error code", ["error"])
 PURCHASES = Counter("livesale_purchases_total", "Purchase attempts by outcome", ["outcome"])
 PURCHASE_SECONDS = Histogram("livesale_purchase_seconds", "Time in the reserve script",
                              buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5))

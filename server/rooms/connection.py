@@ -16,6 +16,7 @@ from server.auth import authenticate
 from server.clock import from_ms, iso
 from server.errors import ApiError
 from server.ids import new_id
+from server.metrics import REFUSED
 from server.origins import origin_allowed, own_origin
 from server.ratelimit import CHAT, address_key
 from server.rooms import protocol
@@ -29,6 +30,7 @@ UNAVAILABLE = "the room is unavailable, reconnect shortly"
 
 
 async def _refuse(ws: WebSocket, code: int, error: str, message: str) -> None:
+    REFUSED.labels(error).inc()
     await ws.accept()
     await ws.send_text(protocol.error_frame(error, message))
     await ws.close(code, message)

@@ -19,7 +19,7 @@ from redis.asyncio import Redis
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from server.auth import Principal
-from server.errors import Conflict, PaymentRequired, Unavailable
+from server.errors import Conflict, NotFound, PaymentRequired, Unavailable
 from server.inventory.payments import Authorization, PaymentDeclined, SimulatedPayments
 from server.inventory.sales import SaleService
 from server.inventory import keys
@@ -455,3 +455,18 @@ async def test_a_void_that_hangs_does_not_hold_up_the_refusal(paying: Paying, sh
         with pytest.raises(Conflict) as refused:
             await service.pay(me, order_id)
     assert refused.value.code == "cancelled"
+
+
+async def test_a_payment_whose_order_is_gone_everywhere_voids_its_hold(world: World, paying: Paying) -> None:
+    """While the provider authorizes, the order leaves Redis without reaching SQL (Redis lost its
+    data): 404, and the hold it just made is released (it was kept)."""
+    service, stock, _, me, sale_id, order_id = paying
+
+    async def lost() -> None:
+        await world.redis.hdel(keys.orders(sale_id), order_id)
+
+    service.payments = slow = MeanwhilePayments(lost)
+    with pytest.raises(NotFound):
+        await service.pay(me, order_id)
+    (ref,) = slow.count("authorize")
+    assert slow.count("void") == Counter({ref: 1})

@@ -289,7 +289,7 @@ class SaleService:
                 auth = await self.payments.authorize(order_id, amount, me.user_id)
         except PaymentDeclined as exc:
             raise PaymentRequired(str(exc)) from None
-        except Exception as exc:  # the provider failed or hung: nothing was taken, the order is as it was
+        except Exception as exc:  # the provider failed or hung: the order is as it was (a hold it made lapses)
             log.error("order %s: authorizing the payment failed (%r)", order_id, exc)
             raise Unavailable("the payment provider did not answer; try again in a moment",
                               headers={"Retry-After": "5"}) from None
@@ -314,7 +314,11 @@ class SaleService:
     async def _paid_meanwhile(self, me: Principal, order_id: str, auth: Authorization) -> OrderOut:
         """The order left Redis during the payment: SQL has its last state. Its hold is voided
         unless it is the one that paid (then it was captured before the sale could settle)."""
-        row = await self._archived_order(me, order_id)
+        try:
+            row = await self._archived_order(me, order_id)
+        except NotFound:
+            await self._void(auth)
+            raise
         if row.status == "paid" and row.payment_ref == auth.reference:
             return order_row_out(row)
         await self._void(auth)

@@ -11,7 +11,7 @@ from typing import Annotated, Literal
 import msgspec
 from msgspec import UNSET, Meta, Struct, UnsetType
 
-from server.text import clean
+from server.text import clean, visible
 
 Username = Annotated[str, Meta(min_length=3, max_length=32, pattern=r"^[A-Za-z0-9_.-]+\Z",
                                description="3-32 letters, digits, '_', '.' or '-'")]
@@ -33,7 +33,7 @@ Timestamp = Annotated[str, Meta(description="ISO 8601, UTC")]
 
 def _required_text(value: str, name: str) -> str:
     cleaned = clean(value)
-    if not cleaned:
+    if not visible(cleaned):
         raise ValueError(f"field `{name}` must not be blank")
     return cleaned
 

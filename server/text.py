@@ -26,6 +26,22 @@ def clean(text: str) -> str:
     return " ".join("".join(kept).split())
 
 
+# Default-ignorable code points that are not format characters (clean() drops those): variation
+# selectors, Mongolian free variation selectors, the combining grapheme joiner, tag characters.
+_IGNORABLE = ((0x034F, 0x034F), (0x180B, 0x180D), (0xFE00, 0xFE0F), (0xE0000, 0xE0FFF))
+
+
+def visible(text: str) -> bool:
+    """Whether cleaned text shows anything: a character that is not a space, a combining mark
+    alone or a default-ignorable one (a name of those prints as nothing)."""
+    for ch in text:
+        cp = ord(ch)
+        if unicodedata.category(ch) in ("Zs", "Mn", "Me") or any(lo <= cp <= hi for lo, hi in _IGNORABLE):
+            continue
+        return True
+    return False
+
+
 def folded(text: str) -> str:
     """Text as word filters compare it: full-width and other compatibility forms as their plain
     letters (NFKC), and case folded."""

@@ -232,7 +232,8 @@ async def test_guests_get_distinct_accounts(api: httpx.AsyncClient) -> None:
 
 
 @pytest.mark.parametrize("name", ["", "   ", "\u0000\u0001\u0007", "\t\n\r", "\u200b\u200e\u202e", "a" * 33,
-                                  "\u3164", "\u2800\u2800", "\u115f", "\u1160 \uffa0"])  # these print as nothing
+                                  "\u3164", "\u2800\u2800", "\u115f", "\u1160 \uffa0", "\u034f", "\ufe0f\ufe0f",
+                                  "\u180b", "\U000e0100", "\u0301\u0301"])  # these print as nothing
 async def test_guest_name_must_not_be_blank_or_too_long(api: httpx.AsyncClient, name: str) -> None:
     assert_error(await api.post("/api/auth/guest", json={"name": name}), 422, "invalid", "name")
 

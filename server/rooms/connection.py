@@ -22,7 +22,7 @@ from server.ratelimit import CHAT, address_key
 from server.rooms import protocol
 from server.rooms.hub import Close, Connection
 from server.services import Services
-from server.text import clean, folded
+from server.text import clean, folded, visible
 
 log = logging.getLogger("livesale.rooms.connection")
 
@@ -185,7 +185,7 @@ async def _chat(conn: Connection, msg: protocol.ChatIn, services: Services) -> N
         _bad(conn, "login_required", "sign in to chat")
         return
     text = clean(msg.text)
-    if not 1 <= len(text) <= protocol.MAX_TEXT_CHARS:
+    if not visible(text) or len(text) > protocol.MAX_TEXT_CHARS:
         _bad(conn, "invalid_text", f"a message has 1 to {protocol.MAX_TEXT_CHARS} characters")
         return
     wait = await services.limiter.hit(CHAT, p.user_id)

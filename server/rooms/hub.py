@@ -29,6 +29,7 @@ from server.metrics import CLOSED, CONNECTIONS, FRAMES
 from server.rooms import protocol
 from server.rooms.broker import CONTROL, EVERYONE, HOST, Broker
 from server.rooms.store import Counts, RoomStore, Snapshot
+from server.text import folded
 
 log = logging.getLogger("livesale.rooms.hub")
 
@@ -269,7 +270,7 @@ class Hub:
         room = self.rooms.get(room_id)
         if room is not None and room.banned is not None and time.monotonic() - room.banned_at < BANNED_TTL_S:
             return room.banned
-        words = await self.store.banned_words(room_id)
+        words = [folded(w) for w in await self.store.banned_words(room_id)]  # also lists saved before NFKC
         if room is not None:
             room.banned, room.banned_at = words, time.monotonic()
         return words

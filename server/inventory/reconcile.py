@@ -87,8 +87,9 @@ async def reconcile(stock: Stock, db: async_sessionmaker[AsyncSession], sale_id:
         # nothing is bringing it forward.
         age_ms = await stock.unpersisted_age_ms(sale_id, group)
         if age_ms > stuck_after_ms:
-            report.problems.append(f"stream entries waiting {age_ms // 1000} s to be persisted: is a jobs process "
-                                   "running, and what does its log say?")
+            report.problems.append(f"stream entries waiting {age_ms // 1000} s to be persisted: the persister is "
+                                   "stopped, failing or over a minute behind (is a jobs process running, and what "
+                                   "does its log say?)")
         return report
     report.sql_orders = len(rows)
     for order_id, o in orders.items():

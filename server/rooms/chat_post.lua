@@ -32,5 +32,5 @@ redis.call('LPUSH', history, event)
 redis.call('LTRIM', history, 0, keep - 1)
 redis.call('INCR', counter)
 redis.call(publish, channel, 'A' .. event)
-redis.call('SET', done, 1, 'PX', 60000)  -- outlives the client's retries
+redis.call('SET', done, 1, 'PX', 20000)  -- outlives the client's retries (3 tries of a 5 s timeout)
 return {1, 0}

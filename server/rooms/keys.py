@@ -58,7 +58,7 @@ def banned_words(room_id: str) -> str:
 
 
 def done(room_id: str, call_id: str) -> str:
-    """A script call's answer, kept a while: the call, run again by a retry, answers it again
+    """A script call's answer, kept 20 s: the call, run again by a retry, answers it again
     instead of doing its work twice."""
     return tag(room_id) + ":done:" + call_id
 

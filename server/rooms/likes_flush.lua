@@ -35,5 +35,5 @@ end
 local total = redis.call('INCRBY', total_key, accepted)
 redis.call(publish, channel, 'A{"type":"likes","total":' .. total .. ',"delta":' .. accepted .. '}')
 redis.call('HSET', done, 'total', total, 'accepted', accepted)
-redis.call('PEXPIRE', done, 60000)  -- outlives the client's retries
+redis.call('PEXPIRE', done, 20000)  -- outlives the client's retries (3 tries of a 5 s timeout)
 return {total, accepted}

@@ -21,7 +21,7 @@ from server.rooms.broker import Broker
 HISTORY_LEN = 50
 PRESENCE_TTL_MS = 30_000  # a connection not refreshed for this long no longer counts
 MAX_LIKE_FRAMES_PER_S = 20
-MAX_MUTES = 1000  # per room at once: a host's list stays readable, and a room's hash bounded
+MAX_MUTES = 10_000  # per room at once: more than a raid's guest accounts, and a room's hash bounded
 MAX_BANNED_WORDS = 200
 
 

@@ -5,9 +5,10 @@ soon as its connections run out; this one makes callers wait (up to a
 deadline) for a free connection instead. Retries after a dropped connection
 or a timeout are kept short and few, so a dead Redis fails a request fast
 (503) rather than hanging it; every script we run is safe to run twice (those
-that count, like the chat and likes scripts, remember their answer for
-20 s: longer than the retries take). A retried publish of a room event (a pin, a lineup) may reach viewers
-twice: those events carry state, so that only repeats it.
+that count, like the chat and likes scripts, remember their answer for 20 s:
+longer than the retries take). A retried publish of a room event (a pin, a
+lineup) may reach viewers twice: those events carry state, so that only
+repeats it.
 """
 
 from __future__ import annotations

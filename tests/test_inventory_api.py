@@ -113,6 +113,24 @@ async def test_the_start_is_announced_as_a_newer_version_of_the_sale(api: httpx.
     assert launched["sale"]["v"] == sale["v"] and started["sale"]["v"] > sale["v"], (launched, started)
 
 
+async def test_an_order_answer_has_every_field_with_nulls_and_remaining_on_purchases(api: httpx.AsyncClient,
+                                                                                     shop: Shop) -> None:
+    """Like every other shape, an order says null for what has not happened (it left `paid_at`
+    and `released_at` out); `remaining` comes with purchase answers only."""
+    sale = await launch(api, shop, stock=5)
+    buyer = await new_guest(api)
+    fields = {"order_id", "sale_id", "status", "quantity", "price_cents", "total_cents", "pay_by", "created_at",
+              "paid_at", "released_at"}
+    r = await buy(api, buyer, sale["id"])
+    assert r.status_code == 201 and set(r.json()) == fields | {"remaining"}, r.text
+    order = r.json()
+    assert (order["paid_at"], order["released_at"]) == (None, None)
+    got = await get_order(api, buyer, order["order_id"])
+    assert set(got) == fields and got["paid_at"] is None
+    done = await paid(api, buyer, order["order_id"])
+    assert set(done) == fields and done["paid_at"] is not None and done["released_at"] is None
+
+
 async def test_buying_before_the_start_is_not_started(api: httpx.AsyncClient, shop: Shop) -> None:
     sale = await launch(api, shop, starts_in_s=30)
     assert sale["status"] == "scheduled"

@@ -6,6 +6,7 @@ pages carry a Content-Security-Policy)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import string
@@ -417,6 +418,12 @@ async def owned(api: httpx.AsyncClient, srv: ServerProcess, world: World) -> Own
     r = await api.post(f"/api/rooms/{room['id']}/sales", headers=h, json={
         "product_id": product["id"], "price_cents": 100, "stock": 3, "per_user_limit": 1, "duration_s": 600})
     assert r.status_code == 201, r.text
+    for _ in range(100):  # the jobs process announces the start as a new version: wait for it, once
+        if (await api.get(f"/api/sales/{r.json()['id']}")).json()["v"] > r.json()["v"]:
+            break
+        await asyncio.sleep(0.1)
+    else:
+        raise AssertionError("the sale's start was never announced")
     muted = (await guest(api, "Muted"))["user_id"]
     assert (await api.post(f"/api/rooms/{room['id']}/mutes", json={"user_id": muted}, headers=h)).status_code == 200
     chatter = await guest(api, "Chatter")

@@ -71,7 +71,8 @@ class Spec:
     status: int
     errors: tuple[int, ...]
     query: tuple[tuple[str, str], ...] = ()  # (name, description)
-    also_ok: tuple[int, ...] = ()  # other success statuses, with the same body (a replayed purchase: 200)
+    also_ok: tuple[int, ...] = ()  # other statuses with the same body (a replayed purchase: 200; /healthz: 503)
+    headers: tuple[tuple[str, str, dict[str, Any]], ...] = ()  # required request headers: name, description, schema
 
 
 @dataclass
@@ -81,18 +82,28 @@ class Router:
 
     def endpoint(self, method: str, path: str, *, auth: Auth = "none", body: Any = None,
                  response: Any = None, status: int = 200, errors: tuple[int, ...] = (),
-                 query: tuple[tuple[str, str], ...] = (), also_ok: tuple[int, ...] = ()
-                 ) -> Callable[[Handler], Handler]:
+                 query: tuple[tuple[str, str], ...] = (), also_ok: tuple[int, ...] = (),
+                 headers: tuple[tuple[str, str, dict[str, Any]], ...] = ()) -> Callable[[Handler], Handler]:
         def register(fn: Handler) -> Handler:
             summary = (fn.__doc__ or fn.__name__).strip().splitlines()[0]
             self.specs.append((Spec(method, path, fn.__name__, summary, auth, body, response, status,
-                                    errors, query, also_ok), fn))
+                                    errors, query, also_ok, headers), fn))
             return fn
         return register
 
-    def routes(self) -> list[Route]:
-        return [Route(spec.path, _Endpoint(spec, fn), methods=[spec.method], name=spec.name)
-                for spec, fn in self.specs]
+
+
+def routes(routers: list[Router]) -> list[Route]:
+    """One route per path, whatever the routers that declare its methods: a method the path does
+    not serve then gets a 405 whose `Allow` lists every method it does (a route per method and
+    path answered with the first route's)."""
+    by_path: dict[str, dict[str, _Endpoint]] = {}
+    for router in routers:
+        for spec, fn in router.specs:
+            by_path.setdefault(spec.path, {})[spec.method] = _Endpoint(spec, fn)
+    return [Route(path, _Methods(endpoints), methods=list(endpoints),
+                  name="+".join(e.spec.name for e in endpoints.values()))
+            for path, endpoints in by_path.items()]
 
 
 def field_of(message: str) -> str | None:
@@ -133,6 +144,19 @@ async def read_body(request: Request, body_type: Any) -> Any:
         raise Unprocessable(msg, field=field_of(msg)) from None
     except (msgspec.DecodeError, UnicodeDecodeError) as exc:
         raise BadRequest(f"malformed JSON: {exc}", code="malformed_json") from None
+
+
+class _Methods:
+    """A path's endpoints by method (the route has refused the others; HEAD is GET's)."""
+
+    def __init__(self, endpoints: dict[str, _Endpoint]) -> None:
+        self.endpoints = endpoints
+        if "GET" in endpoints:
+            self.endpoints = {**endpoints, "HEAD": endpoints["GET"]}
+        self.__name__ = "+".join(sorted({e.spec.name for e in endpoints.values()}))
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self.endpoints[scope["method"]](scope, receive, send)
 
 
 class _Endpoint:

@@ -24,7 +24,7 @@ async def _check(coro: object) -> str:
         return f"error: {type(exc).__name__}"
 
 
-@router.endpoint("GET", "/healthz", response=Health, errors=(503,))
+@router.endpoint("GET", "/healthz", response=Health, also_ok=(503,))
 async def healthz(call: Call[None]) -> Response:
     """Readiness: both backends answer, and this process's pub/sub link is up (without it,
     viewers who join wait for it and the room's events do not reach them)."""

@@ -29,10 +29,22 @@ def _statuses(spec: Spec) -> list[int]:
     return sorted(found)
 
 
+def _ecma_patterns(node: Any) -> Any:
+    """The schema with its regexes as JSON Schema reads them (ECMA 262): our validation anchors
+    with Python's `\\Z`, which ECMA reads as a literal Z; there, `$` is the end of the text."""
+    if isinstance(node, dict):
+        return {k: (re.sub(r"\\Z$", "$", v) if k == "pattern" and isinstance(v, str) else _ecma_patterns(v))
+                for k, v in node.items()}
+    if isinstance(node, list):
+        return [_ecma_patterns(v) for v in node]
+    return node
+
+
 def build(routers: list[Router]) -> dict[str, Any]:
     specs = [spec for r in routers for spec, _ in r.specs]
     types: list[Any] = [ErrorOut] + [t for s in specs for t in (s.body, s.response) if t not in (None, dict)]
     schemas, components = msgspec.json.schema_components(types, ref_template="#/components/schemas/{name}")
+    schemas, components = _ecma_patterns(schemas), _ecma_patterns(components)
     by_type = dict(zip(types, schemas, strict=True))
     paths: dict[str, dict[str, Any]] = {}
     tags = {spec.name: r.tag for r in routers for spec, _ in r.specs}
@@ -42,6 +54,8 @@ def build(routers: list[Router]) -> dict[str, Any]:
                   for n in re.findall(r"{(\w+)}", spec.path)]
         params += [{"name": n, "in": "query", "required": False, "description": d, "schema": {"type": "string"}}
                    for n, d in spec.query]
+        params += [{"name": n, "in": "header", "required": True, "description": d, "schema": schema}
+                   for n, d, schema in spec.headers]
         if params:
             op["parameters"] = params
         if spec.body is not None:
@@ -53,9 +67,12 @@ def build(routers: list[Router]) -> dict[str, Any]:
             op["security"] = [{}, {"bearer": []}, {"cookie": []}]
         ok_schema = by_type.get(spec.response, {"type": "object"})
         responses: dict[str, Any] = {
-            str(status): {"description": "OK", "content": {"application/json": {"schema": ok_schema}}}
+            str(status): {"description": "OK" if status < 400 else _MESSAGES.get(status, "Error"),
+                          "content": {"application/json": {"schema": ok_schema}}}
             for status in (spec.status, *spec.also_ok)}
         for status in _statuses(spec):
+            if str(status) in responses:  # answered with the success body (/healthz's 503)
+                continue
             responses[str(status)] = {"description": _MESSAGES.get(status, "Error"),
                                       "content": {"application/json": {"schema": by_type[ErrorOut]}}}
         op["responses"] = responses

@@ -56,12 +56,14 @@ async def end_sale(call: Call[None]) -> SaleOut:
 
 
 @router.endpoint("POST", "/api/sales/{sale_id}/purchase", auth="user", body=PurchaseIn, response=OrderOut,
-                 status=201, also_ok=(200,), errors=(404, 409, 429, 503))
+                 status=201, also_ok=(200,), errors=(404, 409, 429, 503),
+                 headers=(("Idempotency-Key", "unique per order; send it again when you retry",
+                           {"type": "string", "minLength": 1, "maxLength": MAX_KEY_LEN, "pattern": "^[ -~]+$"}),))
 async def purchase(call: Call[PurchaseIn]) -> tuple[int, OrderOut]:
     """Reserve units (requires an Idempotency-Key header). 201 new order; 200 the same key again."""
     key = call.request.headers.get("idempotency-key", "").strip()
-    if not key or len(key) > MAX_KEY_LEN or not key.isprintable():
-        raise BadRequest(f"send a unique Idempotency-Key header (1-{MAX_KEY_LEN} printable characters) and "
+    if not key or len(key) > MAX_KEY_LEN or not (key.isascii() and key.isprintable()):
+        raise BadRequest(f"send a unique Idempotency-Key header (1-{MAX_KEY_LEN} printable ASCII characters) and "
                          "reuse it when you retry", code="idempotency_key_required", field="Idempotency-Key")
     ip = call.request.client.host if call.request.client else "unknown"
     with PURCHASE_GATE:

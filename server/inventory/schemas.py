@@ -57,7 +57,7 @@ class PurchaseIn(Input):
 OrderStatus = Literal["reserved", "paid", "expired", "cancelled"]
 
 
-class OrderOut(Struct, kw_only=True, omit_defaults=True):
+class OrderOut(Struct, kw_only=True):
     order_id: str
     sale_id: str
     status: OrderStatus

@@ -18,6 +18,7 @@ import shutil
 import sys
 import tempfile
 import time
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -370,6 +371,10 @@ async def bench(cfg: BenchConfig) -> int:
             res["broadcast"] = await broadcast_part(cfg, workdir)
     except (RunError, SetupError, RuntimeError) as exc:
         print(f"bench: {exc}", file=sys.stderr)
+        return 2
+    except Exception:  # a server or engine that stopped answering, or a bug: no figures
+        traceback.print_exc()
+        print("bench: stopped on the error above; nothing measured is reported", file=sys.stderr)
         return 2
     finally:
         shutil.rmtree(workdir, ignore_errors=True)

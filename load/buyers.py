@@ -121,6 +121,8 @@ class Buyer:
             if self.orders and self.rng.random() < ctx.mix.pay:
                 for order_id in list(self.orders):
                     await self.pay(conn, order_id)
+        except Exception as exc:  # an answer it could not read: the verdict says so (it fails)
+            self.record.crashed = repr(exc)[:300]
         finally:
             ctx.counters.done += 1
             for c in self._conns:
@@ -134,8 +136,8 @@ class Buyer:
 
         The key stays *unanswered* (it may have reserved: the verdict allows for that) from a try
         that may have run the script (a timeout, a dropped connection, a 5xx other than `busy`,
-        which is shed before it) until an answer settles it: 200/201 give its order, and any
-        other 4xx proves it made none (a used key is answered 200 before any other check)."""
+        which is shed before it) unless a later try is answered 200/201 (its order). A refusal
+        does not settle it: the earlier try may still run on the server after it."""
         ctx = self.ctx
         path = f"/api/sales/{ctx.sale_id}/purchase"
         headers = {"Authorization": f"Bearer {self.record.token}", "Idempotency-Key": key}
@@ -158,17 +160,17 @@ class Buyer:
                     wait = self._backoff(try_no)  # then the same key again
                 else:
                     outcome = classify(r)
-                    order_id = ""
+                    order_id, answered = "", 0
                     if r.status in (200, 201):
                         data = r.json()
-                        order_id = str(data["order_id"])
-                        self.orders[order_id] = int(data["quantity"])
+                        order_id, answered = str(data["order_id"]), int(data["quantity"])
+                        self.orders[order_id] = answered
                         if r.status == 201:
                             ctx.counters.reserved += 1
-                    self._record(key, try_no, at, t0, outcome, r.status, quantity, order_id)
-                    if r.status < 500:
+                    self._record(key, try_no, at, t0, outcome, r.status, quantity, order_id, answered_qty=answered)
+                    if r.status in (200, 201):
                         unknown = False
-                    elif r.error_code != "busy":
+                    elif r.status >= 500 and r.error_code != "busy":
                         unknown = True
                     if outcome == "rate_limited":
                         ctx.counters.rate_limited += 1
@@ -187,7 +189,7 @@ class Buyer:
             return outcome
         finally:  # also when cut off at the deadline while backing off
             if unknown:
-                self.record.unknown_keys += 1
+                self.record.unknown_keys[key] = quantity
 
     async def pay(self, conn: Connection, order_id: str) -> None:
         ctx = self.ctx
@@ -232,8 +234,9 @@ class Buyer:
         return retry_after(r, default) * self.rng.uniform(1.0, 1.5)
 
     def _record(self, key: str, try_no: int, at: float, t0: float, outcome: str, status: int, quantity: int,
-                order_id: str = "", kind: str = "purchase") -> None:
+                order_id: str = "", kind: str = "purchase", answered_qty: int = 0) -> None:
         self.ctx.counters.attempts += 1
         self.ctx.attempts.append(Attempt(
             buyer=self.index, key=key, try_no=try_no, at_ms=at, latency_ms=(time.perf_counter() - t0) * 1000,
-            outcome=outcome, status=status, quantity=quantity, order_id=order_id, kind=kind))
+            outcome=outcome, status=status, quantity=quantity, order_id=order_id, kind=kind,
+            answered_qty=answered_qty))

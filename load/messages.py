@@ -102,6 +102,7 @@ class Attempt:
     quantity: int
     order_id: str = ""
     kind: str = "purchase"    # or "pay"
+    answered_qty: int = 0     # the quantity of the order a 200/201 answered with
 
 
 @dataclass
@@ -109,7 +110,10 @@ class BuyerRecord:
     user_id: str
     token: str
     style: str                # normal, greedy, hammer, double_click, bulk, early
-    unknown_keys: int = 0     # keys whose every try ended without an answer
+    # Keys (-> quantity asked) with a try that may have run the script (a timeout, a dropped
+    # connection, a 5xx other than `busy`) and no 200/201 after it: each may hold an order.
+    unknown_keys: dict[str, int] = field(default_factory=dict)
+    crashed: str = ""         # the error that stopped this buyer early, if one did
     paid: list[str] = field(default_factory=list)  # order ids paid (200 from /pay)
     unknown_pays: list[str] = field(default_factory=list)  # order ids whose every pay try went unanswered
 

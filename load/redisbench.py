@@ -85,9 +85,11 @@ class RawRedis:
             chunk = await asyncio.wait_for(self.reader.read(1 << 20), max(0.01, deadline - time.monotonic()))
             if not chunk:
                 raise ConnectionError("the engine closed the connection")
+            # From one byte before the chunk: a CRLF (or a CRLF and an error's "-") may straddle two reads.
+            start = max(0, len(got) - 1)
             got += chunk
-            seen += chunk.count(b"\r\n")
-            if chunk.startswith(b"-") or b"\r\n-" in chunk:
+            seen += got.count(b"\r\n", start)
+            if (not start and got.startswith(b"-")) or got.find(b"\r\n-", max(0, start - 1)) >= 0:
                 raise RuntimeError(f"error reply: {bytes(got[:300])!r}")
         return bytes(got)
 

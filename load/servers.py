@@ -132,10 +132,11 @@ def livesale(workdir: Path, workers: int = 1) -> Served:
     data = Path(tempfile.mkdtemp(prefix="ls-bench-", dir=workdir))
     env = {**os.environ, "LIVESALE_DATA_DIR": str(data), "LIVESALE_RATE_LIMIT_EXEMPT_IPS": "127.0.0.1",
            "PYTHONUNBUFFERED": "1"}
-    env.pop("REDIS_URL", None)
-    env.pop("DATABASE_URL", None)
-    return Served(f"livesale-w{workers}", [sys.executable, "-m", "server", "serve", "--port", str(port),
-                                           "--workers", str(workers), "--log-level", "warning"], env, port, data)
+    for name in ("REDIS_URL", "DATABASE_URL", "LIVESALE_HOST"):  # its own engine and database, on loopback
+        env.pop(name, None)
+    return Served(f"livesale-w{workers}", [sys.executable, "-m", "server", "serve", "--host", "127.0.0.1",
+                                           "--port", str(port), "--workers", str(workers), "--log-level", "warning"],
+                  env, port, data)
 
 
 def baseline(workdir: Path, workers: int = 1) -> Served:

@@ -11,6 +11,7 @@ import math
 import secrets
 import sys
 import time
+import traceback
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -58,7 +59,7 @@ class SpikeConfig:
     like_rate: float = 20.0    # like frames per second, whole room
     lead_s: int = 3            # the sale starts this long after launch (viewers are already in)
     linger_s: float = 2.0      # keep watching after the last buyer
-    timeout_s: float = 300.0   # the whole run, hard bound
+    timeout_s: float = 300.0   # the run up to the verdict (see --timeout)
     persist_wait_s: float = 30.0
     out: Path = Path(".")
     mix: BuyerMix = field(default_factory=BuyerMix)
@@ -68,6 +69,12 @@ class SpikeConfig:
     def check(self) -> None:
         if self.viewers < 0 or self.buyers < 0 or self.procs < 1 or self.stock < 1 or not 1 <= self.limit <= 100:
             raise SetupError("viewers/buyers must be >= 0, procs and stock >= 1, limit 1..100")
+        m = self.mix
+        shares = (m.greedy, m.hammer, m.double_click, m.bulk, m.early, m.pay)
+        if not all(0 <= x <= 1 for x in shares) or m.greedy + m.hammer + m.double_click + m.bulk + m.early > 1:
+            raise SetupError("buyer shares must be within 0..1, and the styles' shares add up to at most 1")
+        if m.retries < 0 or m.timeout_s <= 0 or m.spread_s < 0 or m.hammer_burst < 1:
+            raise SetupError("--retries must be >= 0, the request timeout > 0, the spread >= 0")
         if self.lead_s < 2:
             raise SetupError("--lead-s must be at least 2 (the server rounds the start to whole seconds)")
         chatters = self.chatters()
@@ -147,13 +154,16 @@ class Spike:
     # --- the run -------------------------------------------------------------------------------
     async def run(self) -> int:
         cfg = self.cfg
-        cfg.out.mkdir(parents=True, exist_ok=True)
         shown = asyncio.create_task(self._show_progress())
         stop_polling = asyncio.Event()
         poller: asyncio.Task[None] | None = None
         timings: dict[str, float] = {}
         scene: Scene | None = None
         try:
+            try:
+                cfg.out.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise RunError(f"cannot write to --out {cfg.out}: {exc}") from None
             try:
                 r = await self.pool.request("GET", "/healthz", timeout=5, attempts=1)
             except HttpError as exc:
@@ -178,7 +188,7 @@ class Spike:
             await self.fleet.collect(BuyersDone, self.deadline - time.monotonic())
             timings["buy_phase"] = time.monotonic() - go_at
             self.fleet.phase = "linger"
-            await asyncio.sleep(cfg.linger_s)
+            await asyncio.sleep(min(cfg.linger_s, max(0.0, self.deadline - time.monotonic())))
             stop_polling.set()
             self.fleet.broadcast(Stop())
             self.fleet.phase = "collect"
@@ -190,7 +200,7 @@ class Spike:
             t_verify = time.monotonic()
             seen = [p[1] for p in self.polls] + [e[1] for r in results.values() for e in r.viewers.sale_series]
             checks, facts = await verdict(self.pool, final, records, attempts, cfg.limit, cfg.limit + 2,
-                                          cfg.persist_wait_s, seen)
+                                          min(cfg.persist_wait_s, max(1.0, self.deadline - time.monotonic())), seen)
             timings["verify"] = time.monotonic() - t_verify
             timings["total"] = time.monotonic() - self.started
         except (RunError, SetupError, HttpError) as exc:
@@ -199,6 +209,11 @@ class Spike:
             hint = getattr(exc, "hint", "")  # HttpError has none
             if hint:
                 print(f"hint: {hint}", file=sys.stderr)
+            return 2
+        except Exception:  # a bug, here or an answer nothing expected: the run could not be judged
+            self._stop_line()
+            traceback.print_exc()
+            print("load: the run stopped on the error above; no verdict", file=sys.stderr)
             return 2
         finally:
             shown.cancel()
@@ -218,11 +233,15 @@ class Spike:
             results=[results[i] for i in sorted(results)], records=records, attempts=attempts, polls=self.polls,
             checks=checks, facts=facts, timings=timings)
         built = report.build(data)
-        report.write_json(built, cfg.out / "report.json")
-        report.write_attempts(data, cfg.out / "attempts.csv")
-        if cfg.chart:
-            report.write_chart(data, cfg.out / "report.png")
         print(report.render(built))
+        try:
+            report.write_json(built, cfg.out / "report.json")
+            report.write_attempts(data, cfg.out / "attempts.csv")
+            if cfg.chart:
+                report.write_chart(data, cfg.out / "report.png")
+        except Exception as exc:
+            print(f"load: could not write the report to {cfg.out}: {exc!r}", file=sys.stderr)
+            return 2
         print(f"wrote {cfg.out / 'report.json'}, {cfg.out / 'attempts.csv'}"
               + (f" and {cfg.out / 'report.png'}" if cfg.chart else ""))
         return 0 if data.ok else 1

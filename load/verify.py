@@ -43,11 +43,18 @@ def fold(records: list[BuyerRecord], attempts: list[Attempt]) -> list[BuyerView]
         if a.kind != "purchase" or a.outcome not in ("reserved", "duplicate") or not a.order_id:
             continue
         v = views[a.buyer]
-        v.orders[a.order_id] = a.quantity
+        v.orders[a.order_id] = a.answered_qty or a.quantity
         v.keys.setdefault(a.key, set()).add(a.order_id)
         if a.outcome == "reserved":
             v.created[a.key] = v.created.get(a.key, 0) + 1
     return views
+
+
+def unanswered(views: list[BuyerView]) -> dict[tuple[int, str], int]:
+    """(buyer, key) -> units asked, for the keys that may hold an order nobody was told about: a
+    try of theirs may have run the script, and no try or click of the same key got its order."""
+    return {(i, key): q for i, v in enumerate(views) for key, q in v.record.unknown_keys.items()
+            if key not in v.keys}
 
 
 def demand(views: list[BuyerView], limit: int, greedy_tries: int) -> int:
@@ -63,7 +70,7 @@ async def persisted(pool: Pool, views: list[BuyerView], sale_id: str, wait_s: fl
     and SQL's totals match Redis's (orders of unanswered keys and payments whose answer was lost come
     too; the persister runs moments behind), or `wait_s` passes. Returns the orders, the wait, and
     whether it caught up."""
-    todo = [i for i, v in enumerate(views) if v.orders or v.record.unknown_keys]
+    todo = [i for i, v in enumerate(views) if v.orders or v.record.unknown_keys or v.record.unknown_pays]
     found: dict[int, dict[str, dict[str, Any]]] = {}
     gate = asyncio.Semaphore(pool.size)
 
@@ -105,22 +112,54 @@ async def verdict(pool: Pool, sale: dict[str, Any], records: list[BuyerRecord], 
     found, waited, caught_up = await persisted(pool, views, sale["id"], persist_wait_s, sold, paid)
     checks: list[Check] = []
     acked_units = sum(v.units for v in views)
-    unknown_keys = sum(v.record.unknown_keys for v in views)
+    unknown = unanswered(views)
+    unknown_keys, unknown_units = len(unknown), sum(unknown.values())
+    unknown_by_buyer: dict[int, int] = {}
+    for i, _ in unknown:
+        unknown_by_buyer[i] = unknown_by_buyer.get(i, 0) + 1
     wanted = demand(views, limit, greedy_tries)
     lowest = min(observed_remaining or [remaining])
+    purchases = [a for a in attempts if a.kind == "purchase"]
+    crashed = [(v.record.user_id, v.record.crashed) for v in views if v.record.crashed]
+    checks.append(Check("buyers_completed", not crashed,
+                        "every buyer read every answer it got" if not crashed
+                        else f"{len(crashed)} buyers stopped on an answer they could not read: {crashed[:3]}"))
 
     checks.append(Check("no_oversell", sold <= stock and remaining >= 0 and remaining + reserved + paid == stock
                         and acked_units <= stock and lowest >= 0,
                         f"stock {stock}, sold {sold} (reserved {reserved} + paid {paid}), remaining {remaining}, "
                         f"units answered 201/200 {acked_units}, lowest remaining seen on the way {lowest}"))
+    # Nothing is released during a run (orders are held for longer than it lasts), so the stock only
+    # goes down: a refusal for want of stock must still hold at the end, and the sale is on until the
+    # buyers are done.
+    told_out = [a for a in purchases if a.outcome == "sold_out"]
+    too_big = [a for a in purchases if a.outcome == "not_enough" and a.quantity <= remaining]
+    ended = [a for a in purchases if a.outcome == "ended"]
+    checks.append(Check("refusals_justified", not (told_out and remaining > 0) and not too_big and not ended,
+                        f"sold_out answers {len(told_out)} (remaining at the end {remaining}), not_enough answers "
+                        f"for no more than what remained {len(too_big)}, ended answers during the run {len(ended)}"))
+    last: dict[int, str] = {}
+    for a in sorted(purchases, key=lambda a: a.at_ms):
+        last[a.buyer] = a.outcome
+    refused = ("sold_out", "not_enough", "limit_exceeded")
+    unserved = sum(1 for i, v in enumerate(views) if not v.orders and last.get(i) not in refused)
     if wanted >= stock:
-        checks.append(Check("sold_equals_stock", sold == stock, f"demand {wanted} >= stock {stock}: sold {sold}"))
+        # Sold out; or the rest is less than anyone still asked for, and no buyer gave up unserved.
+        rest_too_small = remaining > 0 and unserved == 0 and any(a.outcome == "not_enough" for a in purchases)
+        checks.append(Check("sold_equals_stock", sold == stock or rest_too_small,
+                            f"demand {wanted} >= stock {stock}: sold {sold}"
+                            + ("" if sold == stock else f"; buyers left with nothing and no refusal {unserved}")))
     else:
-        # Stock never ran short (nothing is released during a run), so nobody may have been told it did.
-        short = sum(1 for a in attempts if a.kind == "purchase" and a.outcome in ("sold_out", "not_enough"))
-        checks.append(Check("sold_equals_demand", short == 0,
+        # Stock never ran short, so nobody may have been told it did, and nobody got more than asked.
+        short = sum(1 for a in purchases if a.outcome in ("sold_out", "not_enough"))
+        checks.append(Check("sold_equals_demand", short == 0 and sold <= wanted,
                             f"demand {wanted} < stock {stock}: sold {sold}, answered {acked_units}, "
-                            f"answers saying stock ran short {short}"))
+                            f"answers saying stock ran short {short}, buyers left with nothing {unserved}"))
+    asked = {(a.buyer, a.order_id): a.quantity for a in purchases if a.order_id}
+    other_qty = [o for (i, o), q in asked.items() if views[i].orders.get(o) != q]
+    checks.append(Check("orders_as_asked", not other_qty,
+                        "every order answered with the quantity asked" if not other_qty
+                        else f"{len(other_qty)} orders answered with another quantity: {other_qty[:3]}"))
 
     sql_by_buyer = {i: sum(o["quantity"] for o in rows.values()) for i, rows in found.items()}
     over = [(v.record.user_id, v.units) for v in views if v.units > limit]
@@ -142,9 +181,9 @@ async def verdict(pool: Pool, sale: dict[str, Any], records: list[BuyerRecord], 
                                                           f"orders of several buyers: {shared[:5]}"))
 
     # Unanswered keys may have reserved (the answer was lost): sold may exceed what was answered by that much.
-    unknown_room = unknown_keys * limit
-    checks.append(Check("answers_match_sold", acked_units <= sold <= acked_units + unknown_room,
-                        f"units answered {acked_units}, sold {sold}, unanswered keys {unknown_keys}"))
+    checks.append(Check("answers_match_sold", acked_units <= sold <= acked_units + unknown_units,
+                        f"units answered {acked_units}, sold {sold}, unanswered keys {unknown_keys} "
+                        f"({unknown_units} units)"))
     told_paid = sum(v.orders.get(o, 0) for v in views for o in set(v.record.paid))
     maybe_paid = sum(v.orders.get(o, 0) for v in views for o in set(v.record.unknown_pays))
     checks.append(Check("payments_match", told_paid <= paid <= told_paid + maybe_paid,
@@ -153,18 +192,34 @@ async def verdict(pool: Pool, sale: dict[str, Any], records: list[BuyerRecord], 
 
     sql_units = sum(sql_by_buyer.values())
     sql_paid = sum(o["quantity"] for rows in found.values() for o in rows.values() if o["status"] == "paid")
+    sql_reserved = sum(o["quantity"] for rows in found.values() for o in rows.values() if o["status"] == "reserved")
     missing = [(views[i].record.user_id, o) for i in found for o in views[i].orders if o not in found[i]]
     extra = [(views[i].record.user_id, o) for i in found for o in found[i] if o not in views[i].orders]
-    unexplained = [i for i in found if len(set(found[i]) - set(views[i].orders)) > views[i].record.unknown_keys]
-    ok = caught_up and not missing and not unexplained and sql_units == sold and sql_paid == paid
+    unexplained = [i for i in found if len(set(found[i]) - set(views[i].orders)) > unknown_by_buyer.get(i, 0)]
+    # Each answered order as the buyer was told: its quantity, and paid if and only if it was told
+    # so (either, for a payment left unanswered); nothing released.
+    wrong = []
+    for i, rows in found.items():
+        v = views[i]
+        for order_id, row in rows.items():
+            told = v.orders.get(order_id)
+            may_be = ({"paid"} if order_id in v.record.paid else {"paid", "reserved"}
+                      if order_id in v.record.unknown_pays else {"reserved"})
+            if (told is not None and row["quantity"] != told) or row["status"] not in may_be:
+                wrong.append((v.record.user_id, order_id, row["status"], row["quantity"]))
+    ok = (caught_up and not missing and not unexplained and not wrong and sql_reserved == reserved
+          and sql_paid == paid and sql_units == sold)
     checks.append(Check("redis_equals_sql", ok,
                         f"after {waited:.1f}s{'' if caught_up else ' (gave up waiting)'}: SQL units {sql_units} vs "
-                        f"Redis sold {sold}, SQL paid {sql_paid} vs Redis paid {paid}, answered orders missing in "
-                        f"SQL {len(missing)}, orders in SQL never answered {len(extra)} (allowed: unanswered keys)"
-                        + (f"; missing e.g. {missing[:3]}" if missing else "")))
+                        f"Redis sold {sold}, SQL reserved {sql_reserved} vs Redis {reserved}, SQL paid {sql_paid} vs "
+                        f"Redis paid {paid}, answered orders missing in SQL {len(missing)}, orders in SQL not as "
+                        f"answered {len(wrong)}, orders in SQL never answered {len(extra)} (allowed: unanswered keys)"
+                        + (f"; missing e.g. {missing[:3]}" if missing else "")
+                        + (f"; not as answered e.g. {wrong[:3]}" if wrong else "")))
     facts = {"stock": stock, "sold": sold, "remaining": remaining, "reserved": reserved, "paid": paid,
              "lowest_remaining_seen": lowest, "demand_units": wanted, "answered_units": acked_units,
              "answered_orders": sum(len(v.orders) for v in views), "unanswered_keys": unknown_keys,
+             "unanswered_units": unknown_units, "buyers_unserved": unserved, "buyers_crashed": len(crashed),
              "paid_units_answered": told_paid, "sql_units": sql_units, "sql_paid_units": sql_paid,
              "persist_wait_s": round(waited, 2), "buyers_with_orders": sum(1 for v in views if v.orders)}
     return checks, facts

@@ -16,11 +16,13 @@ from typing import Any, cast
 
 import pytest
 from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from server.auth import Principal
 from server.errors import Conflict, NotFound, PaymentRequired, Unavailable
 from server.inventory.payments import Authorization, PaymentDeclined, SimulatedPayments
+from server.inventory.schemas import PurchaseIn
 from server.inventory.sales import SaleService
 from server.inventory import keys
 from server.inventory.stock import Outcome, Stock
@@ -470,3 +472,23 @@ async def test_a_payment_whose_order_is_gone_everywhere_voids_its_hold(world: Wo
         await service.pay(me, order_id)
     (ref,) = slow.count("authorize")
     assert slow.count("void") == Counter({ref: 1})
+
+
+class UnreachableRooms:
+    """The room layer, with Redis out of connections as a purchase tells the room."""
+
+    async def tell(self, room_id: str, event: Any) -> None:
+        raise RedisConnectionError("No connection available.")
+
+
+async def test_a_reservation_is_answered_201_when_telling_the_room_fails(world: World) -> None:
+    """The last unit's buyer got 503 `busy` for an order the script had made (telling the room of
+    the sell-out found no free Redis connection): a load run counted it as never made."""
+    sale = await world.add_sale(stock=1, limit=1)
+    (buyer,) = await world.add_users(1)
+    service = SaleService(cast(Any, None), world.stock, world.db, cast(Any, UnreachableRooms()),
+                          SimulatedPayments(), cast(Any, Notes()))
+    service._rooms[sale.sale_id] = sale.room_id  # the sale's room, known already
+    me = Principal(buyer, "viewer", "buyer", "session", time.time() + 3600)
+    status, order = await service.purchase(me, sale.sale_id, "k1", PurchaseIn(quantity=1), None)
+    assert (status, order.status, order.remaining) == (201, "reserved", 0)

@@ -14,6 +14,7 @@ from datetime import timedelta
 from typing import Any, Literal
 
 import msgspec
+from redis.exceptions import RedisError
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
@@ -220,7 +221,11 @@ class SaleService:
             raise Conflict(_REFUSALS[outcome.status], code=outcome.status)
         assert outcome.order is not None
         if outcome.status == "reserved":
-            await self._announce(sale_id, outcome)
+            try:
+                await self._announce(sale_id, outcome)
+            except RedisError as exc:
+                # The order is made: its buyer gets it. Viewers see the stock at the next update.
+                log.warning("sale %s: announcing order %s failed (%r)", sale_id, outcome.order["id"], exc)
             return 201, order_out(sale_id, outcome.order, outcome.remaining)
         # The same key again; perhaps a retry of a reservation whose answer was lost, whose
         # update the room has not had yet (the notifier sends at most one per tick anyway).

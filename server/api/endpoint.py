@@ -92,7 +92,6 @@ class Router:
         return register
 
 
-
 def routes(routers: list[Router]) -> list[Route]:
     """One route per path, whatever the routers that declare its methods: a method the path does
     not serve then gets a 405 whose `Allow` lists every method it does (a route per method and
@@ -153,7 +152,6 @@ class _Methods:
         self.endpoints = endpoints
         if "GET" in endpoints:
             self.endpoints = {**endpoints, "HEAD": endpoints["GET"]}
-        self.__name__ = "+".join(sorted({e.spec.name for e in endpoints.values()}))
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         await self.endpoints[scope["method"]](scope, receive, send)

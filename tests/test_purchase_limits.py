@@ -293,3 +293,15 @@ async def test_the_api_answers_429_with_retry_after_when_the_buyer_bucket_is_emp
     assert r.status_code == 201, r.text
     state = await get_sale(api, sale["id"])
     assert (state["remaining"], state["reserved"]) == (2, 3), state
+
+
+async def test_the_start_is_announced_once_as_a_new_version_and_never_after_the_end(world: World) -> None:
+    sale = await world.add_sale()
+    v = (await world.stock.state(sale.sale_id) or {})["v"]
+    results = await asyncio.gather(*(world.stock.mark_started(sale.sale_id) for _ in range(8)))
+    assert sorted(results) == [0] * 7 + [v + 1]  # one caller of all, with the new version
+    ended = await world.add_sale()
+    assert await world.stock.end(ended.sale_id, "host")
+    v_end = (await world.stock.state(ended.sale_id) or {})["v"]
+    assert await world.stock.mark_started(ended.sale_id) == 0  # an end that won the race is the news
+    assert (await world.stock.state(ended.sale_id) or {})["v"] == v_end

@@ -409,6 +409,16 @@ class Owned:
     muted: str
 
 
+async def start_announced(api: httpx.AsyncClient, sale: dict[str, Any]) -> None:
+    """Wait until the jobs process announced the sale's start, a new version of it: a test that
+    compares the sale before and after something must not see that change."""
+    for _ in range(100):
+        if (await api.get(f"/api/sales/{sale['id']}")).json()["v"] > sale["v"]:
+            return
+        await asyncio.sleep(0.1)
+    raise AssertionError("the sale's start was never announced")
+
+
 @pytest.fixture(scope="module")
 async def owned(api: httpx.AsyncClient, srv: ServerProcess, world: World) -> Owned:
     h = bearer(world.host["token"])
@@ -418,12 +428,7 @@ async def owned(api: httpx.AsyncClient, srv: ServerProcess, world: World) -> Own
     r = await api.post(f"/api/rooms/{room['id']}/sales", headers=h, json={
         "product_id": product["id"], "price_cents": 100, "stock": 3, "per_user_limit": 1, "duration_s": 600})
     assert r.status_code == 201, r.text
-    for _ in range(100):  # the jobs process announces the start as a new version: wait for it, once
-        if (await api.get(f"/api/sales/{r.json()['id']}")).json()["v"] > r.json()["v"]:
-            break
-        await asyncio.sleep(0.1)
-    else:
-        raise AssertionError("the sale's start was never announced")
+    await start_announced(api, r.json())
     muted = (await guest(api, "Muted"))["user_id"]
     assert (await api.post(f"/api/rooms/{room['id']}/mutes", json={"user_id": muted}, headers=h)).status_code == 200
     chatter = await guest(api, "Chatter")
@@ -532,6 +537,7 @@ async def test_cookie_writes_need_an_allowed_origin(api: httpx.AsyncClient, srv:
     if needs_sale:
         sale = (await launch_raw(api, shop, stock=5, per_user_limit=5)).json()
         assert sale is not None
+        await start_announced(api, sale)
         if route in ("pay", "cancel"):
             order = await bought(api, Actor(buyer["user_id"], buyer["token"], "b"), sale["id"])
     if route == "unmute":

@@ -75,6 +75,8 @@ class SpikeConfig:
             raise SetupError("buyer shares must be within 0..1, and the styles' shares add up to at most 1")
         if m.retries < 0 or m.timeout_s <= 0 or m.spread_s < 0 or m.hammer_burst < 1:
             raise SetupError("--retries must be >= 0, the request timeout > 0, the spread >= 0")
+        if not 10 <= self.timeout_s <= 85_000:  # the sale's reservations must outlast the run (at most a day)
+            raise SetupError("--timeout must be within 10..85000 seconds")
         if self.lead_s < 2:
             raise SetupError("--lead-s must be at least 2 (the server rounds the start to whole seconds)")
         chatters = self.chatters()
@@ -180,8 +182,11 @@ class Spike:
             offset = ready[0].clock_offset_ms
 
             self.fleet.phase = "sale"
+            # Nothing may end or be released during the run (the verdict relies on it): the sale
+            # and its reservations outlast it.
             sale = await launch_sale(self.pool, scene, stock=cfg.stock, per_user_limit=cfg.limit,
-                                     starts_in_s=cfg.lead_s, duration_s=int(cfg.timeout_s) + 600)
+                                     starts_in_s=cfg.lead_s, duration_s=int(cfg.timeout_s) + 600,
+                                     payment_timeout_s=min(86_400, max(900, int(cfg.timeout_s) + 600)))
             poller = asyncio.create_task(self._poll_stock(sale["id"], offset, stop_polling))
             self.fleet.broadcast(Go(sale["id"], int(sale["starts_at_ms"]), cfg.limit))
             go_at = time.monotonic()

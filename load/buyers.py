@@ -235,7 +235,8 @@ class Buyer:
 
     def _record(self, key: str, try_no: int, at: float, t0: float, outcome: str, status: int, quantity: int,
                 order_id: str = "", kind: str = "purchase", answered_qty: int = 0) -> None:
-        self.ctx.counters.attempts += 1
+        if kind == "purchase":  # the progress line counts purchase attempts, as the summary does
+            self.ctx.counters.attempts += 1
         self.ctx.attempts.append(Attempt(
             buyer=self.index, key=key, try_no=try_no, at_ms=at, latency_ms=(time.perf_counter() - t0) * 1000,
             outcome=outcome, status=status, quantity=quantity, order_id=order_id, kind=kind,

@@ -33,8 +33,8 @@ def _spike_args(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     p.add_argument("--lead-s", type=int, default=3, help="the sale starts this long after its launch")
     p.add_argument("--linger-s", type=float, default=2.0, help="keep watching after the last buyer")
     p.add_argument("--timeout", type=float, default=300.0,
-                   help="bound on the run, seconds: setup, buying, lingering and waiting for SQL stop by then "
-                   "(collecting the workers' results and reading the orders back may add a minute)")
+                   help="bound on the run, seconds: setup, buying and lingering stop by then (collecting the "
+                   "workers' results, --persist-wait and reading the orders back come after)")
     p.add_argument("--persist-wait", type=float, default=30.0,
                    help="how long to wait for orders to reach SQL before comparing")
     p.add_argument("--greedy", type=float, default=d.greedy, help="share of buyers who buy again until refused")

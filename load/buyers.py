@@ -19,6 +19,9 @@ from load.http import Connection, HttpError, Response, Target
 from load.messages import Attempt, BuyerMix, BuyerRecord
 
 REFUSALS = {"sold_out", "not_enough", "limit_exceeded", "not_started", "ended", "key_reused"}
+# Refusals that hold for good once given, as nothing is released during a run: a lost try of the
+# same key, run after one of these, meets it too (and one run before would have made it a 200).
+FINAL = {"sold_out", "not_enough", "limit_exceeded", "ended"}
 MAX_RETRY_AFTER_S = 2.0
 
 
@@ -114,8 +117,8 @@ class Buyer:
                 await asyncio.gather(self.buy(conn, key, 1), self.buy(self._conn(), key, 1))
             elif style == "greedy":
                 for _ in range(ctx.limit + 2):
-                    if await self.buy(conn, self.new_key(), 1) != "reserved":
-                        break
+                    if await self.buy(conn, self.new_key(), 1) not in ("reserved", "duplicate"):
+                        break  # (a duplicate: a retry got the order of a lost answer)
             else:
                 await self.buy(conn, self.new_key(), ctx.limit if style == "bulk" else 1)
             if self.orders and self.rng.random() < ctx.mix.pay:
@@ -136,8 +139,9 @@ class Buyer:
 
         The key stays *unanswered* (it may have reserved: the verdict allows for that) from a try
         that may have run the script (a timeout, a dropped connection, a 5xx other than `busy`,
-        which is shed before it) unless a later try is answered 200/201 (its order). A refusal
-        does not settle it: the earlier try may still run on the server after it."""
+        which is shed before it) unless a later try settles it: a 200/201 (its order) or a
+        refusal that holds for good (FINAL). A 429 or `not_started` does not: the lost try may
+        still run on the server after it, and get through."""
         ctx = self.ctx
         path = f"/api/sales/{ctx.sale_id}/purchase"
         headers = {"Authorization": f"Bearer {self.record.token}", "Idempotency-Key": key}
@@ -168,7 +172,7 @@ class Buyer:
                         if r.status == 201:
                             ctx.counters.reserved += 1
                     self._record(key, try_no, at, t0, outcome, r.status, quantity, order_id, answered_qty=answered)
-                    if r.status in (200, 201):
+                    if r.status in (200, 201) or outcome in FINAL:
                         unknown = False
                     elif r.status >= 500 and r.error_code != "busy":
                         unknown = True

@@ -204,8 +204,11 @@ class Spike:
             records, attempts = _merge(results)
             t_verify = time.monotonic()
             seen = [p[1] for p in self.polls] + [e[1] for r in results.values() for e in r.viewers.sale_series]
+            if cfg.buyers and not any(a.kind == "purchase" for a in attempts):
+                raise RunError("no buyer sent a purchase before the run's deadline: nothing to judge",
+                               "raise --timeout (setup, --lead-s and the buyers must fit in it)")
             checks, facts = await verdict(self.pool, final, records, attempts, cfg.limit, cfg.limit + 2,
-                                          min(cfg.persist_wait_s, max(1.0, self.deadline - time.monotonic())), seen)
+                                          cfg.persist_wait_s, seen, hammer_burst=cfg.mix.hammer_burst)
             timings["verify"] = time.monotonic() - t_verify
             timings["total"] = time.monotonic() - self.started
         except (RunError, SetupError, HttpError) as exc:

@@ -57,10 +57,10 @@ def unanswered(views: list[BuyerView]) -> dict[tuple[int, str], int]:
             if key not in v.keys}
 
 
-def demand(views: list[BuyerView], limit: int, greedy_tries: int) -> int:
+def demand(views: list[BuyerView], limit: int, greedy_tries: int, hammer_burst: int = 15) -> int:
     """Units the buyers would take if stock were endless (each at most the limit)."""
     want = {"normal": 1, "early": 1, "double_click": 1, "bulk": limit, "greedy": min(limit, greedy_tries),
-            "hammer": limit}
+            "hammer": min(limit, hammer_burst)}
     return sum(want.get(v.record.style, 1) for v in views)
 
 
@@ -102,8 +102,8 @@ async def persisted(pool: Pool, views: list[BuyerView], sale_id: str, wait_s: fl
 
 
 async def verdict(pool: Pool, sale: dict[str, Any], records: list[BuyerRecord], attempts: list[Attempt],
-                  limit: int, greedy_tries: int, persist_wait_s: float, observed_remaining: list[int] | None = None
-                  ) -> tuple[list[Check], dict[str, Any]]:
+                  limit: int, greedy_tries: int, persist_wait_s: float, observed_remaining: list[int] | None = None,
+                  hammer_burst: int = 15) -> tuple[list[Check], dict[str, Any]]:
     """The checks, and the figures they rest on. `observed_remaining`: every `remaining` seen on the way
     (sale events, polls); none may be negative."""
     stock, sold = int(sale["stock"]), int(sale["sold"])
@@ -117,7 +117,7 @@ async def verdict(pool: Pool, sale: dict[str, Any], records: list[BuyerRecord], 
     unknown_by_buyer: dict[int, int] = {}
     for i, _ in unknown:
         unknown_by_buyer[i] = unknown_by_buyer.get(i, 0) + 1
-    wanted = demand(views, limit, greedy_tries)
+    wanted = demand(views, limit, greedy_tries, hammer_burst)
     lowest = min(observed_remaining or [remaining])
     purchases = [a for a in attempts if a.kind == "purchase"]
     crashed = [(v.record.user_id, v.record.crashed) for v in views if v.record.crashed]
@@ -130,19 +130,34 @@ async def verdict(pool: Pool, sale: dict[str, Any], records: list[BuyerRecord], 
                         f"stock {stock}, sold {sold} (reserved {reserved} + paid {paid}), remaining {remaining}, "
                         f"units answered 201/200 {acked_units}, lowest remaining seen on the way {lowest}"))
     # Nothing is released during a run (orders are held for longer than it lasts), so the stock only
-    # goes down: a refusal for want of stock must still hold at the end, and the sale is on until the
-    # buyers are done.
+    # goes down and each buyer's holdings only up: a refusal must still hold at the end, and no
+    # reservation sent after it came back may contradict it. The sale is on until the buyers are done.
+    held = {i: max(v.units, sum(o["quantity"] for o in found.get(i, {}).values())) for i, v in enumerate(views)}
     told_out = [a for a in purchases if a.outcome == "sold_out"]
     too_big = [a for a in purchases if a.outcome == "not_enough" and a.quantity <= remaining]
+    over_limit = [a for a in purchases if a.outcome == "limit_exceeded" and held[a.buyer] + a.quantity <= limit]
     ended = [a for a in purchases if a.outcome == "ended"]
-    checks.append(Check("refusals_justified", not (told_out and remaining > 0) and not too_big and not ended,
-                        f"sold_out answers {len(told_out)} (remaining at the end {remaining}), not_enough answers "
-                        f"for no more than what remained {len(too_big)}, ended answers during the run {len(ended)}"))
+    # Answers a correct server never gives these requests (a 4xx that is no refusal, a key reused).
+    impossible = [a for a in purchases if 400 <= a.status < 500 and a.status != 429
+                  and a.outcome not in ("sold_out", "not_enough", "limit_exceeded", "not_started", "ended")]
+    reserved_at = sorted((a.at_ms, a.answered_qty or a.quantity) for a in purchases if a.outcome == "reserved")
+    margin_ms = 100.0  # clocks of several generator processes agree to a few ms
+    late = [a for a in purchases if a.outcome in ("sold_out", "not_enough")
+            and remaining + sum(q for t, q in reserved_at if t > a.at_ms + a.latency_ms + margin_ms)
+            >= (1 if a.outcome == "sold_out" else a.quantity)]
+    wrong_refusals = (len(told_out) if remaining > 0 else 0) + len(too_big) + len(over_limit) + len(ended) \
+        + len(impossible) + len(late)
+    checks.append(Check("refusals_justified", wrong_refusals == 0,
+                        f"sold_out answers {len(told_out)} (remaining at the end {remaining}); refused wrongly: "
+                        f"not_enough for no more than remained {len(too_big)}, limit_exceeded below the limit "
+                        f"{len(over_limit)}, ended during the run {len(ended)}, stock refusals that reservations "
+                        f"sent after them belie {len(late)}, answers no request of ours should get {len(impossible)}"
+                        + (f" e.g. {[(a.outcome, a.status) for a in impossible[:3]]}" if impossible else "")))
     last: dict[int, str] = {}
     for a in sorted(purchases, key=lambda a: a.at_ms):
         last[a.buyer] = a.outcome
     refused = ("sold_out", "not_enough", "limit_exceeded")
-    unserved = sum(1 for i, v in enumerate(views) if not v.orders and last.get(i) not in refused)
+    unserved = sum(1 for i, v in enumerate(views) if not held[i] and last.get(i) not in refused)
     if wanted >= stock:
         # Sold out; or the rest is less than anyone still asked for, and no buyer gave up unserved.
         rest_too_small = remaining > 0 and unserved == 0 and any(a.outcome == "not_enough" for a in purchases)
@@ -186,9 +201,12 @@ async def verdict(pool: Pool, sale: dict[str, Any], records: list[BuyerRecord], 
                         f"({unknown_units} units)"))
     told_paid = sum(v.orders.get(o, 0) for v in views for o in set(v.record.paid))
     maybe_paid = sum(v.orders.get(o, 0) for v in views for o in set(v.record.unknown_pays))
-    checks.append(Check("payments_match", told_paid <= paid <= told_paid + maybe_paid,
+    # The bundled provider approves every payment, and every order is payable until after the run.
+    refused_pays = [a for a in attempts if a.kind == "pay" and 400 <= a.status < 500 and a.status != 429]
+    checks.append(Check("payments_match", told_paid <= paid <= told_paid + maybe_paid and not refused_pays,
                         f"units answered 'paid' {told_paid}, Redis paid {paid}, pays left unanswered "
-                        f"{len([1 for v in views for _ in v.record.unknown_pays])}"))
+                        f"{len([1 for v in views for _ in v.record.unknown_pays])}, payments refused {len(refused_pays)}"
+                        + (f" e.g. {[a.outcome for a in refused_pays[:3]]}" if refused_pays else "")))
 
     sql_units = sum(sql_by_buyer.values())
     sql_paid = sum(o["quantity"] for rows in found.values() for o in rows.values() if o["status"] == "paid")

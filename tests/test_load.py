@@ -194,8 +194,9 @@ ORDER = Response(200, {}, json.dumps({"order_id": "ord_1", "quantity": 1}).encod
     ([_error(503, "busy")] * 4, 0),  # shed before the script
     ([TIMEOUT, _error(503, "busy"), _error(503, "busy"), _error(503, "busy")], 1),  # busy settles nothing
     ([TIMEOUT, ORDER], 0),  # the retry got the order the lost answer made
-    # A refusal settles nothing: the lost try may still run on the server after the retry did.
-    ([TIMEOUT, _error(409, "sold_out")], 1),
+    # A refusal for good settles it (run before, the lost try would have made the retry a 200; run
+    # after, it meets the same refusal); a 429 does not (the lost try may still get through).
+    ([TIMEOUT, _error(409, "sold_out")], 0),
     ([TIMEOUT, _error(429, "rate_limited"), _error(429, "rate_limited"), _error(429, "rate_limited")], 1),
 ])
 async def test_a_key_stays_unanswered_until_an_answer_settles_it(answers: list[Response | HttpError],
@@ -273,3 +274,37 @@ async def test_stock_left_smaller_than_any_order_asked_is_sold_out_enough() -> N
     pool = FakeOrders({f"t{i}": [_order(f"ord_{i}", 5)] for i in range(6)})
     checks, _ = await verdict(pool, sale, records, attempts, 5, 7, 0.6, [3])  # type: ignore[arg-type]
     assert all(c.ok for c in checks), [c for c in checks if not c.ok]
+
+
+async def test_refusals_are_judged_by_what_the_run_shows_afterwards() -> None:
+    """A second review found each of these passed: a `limit_exceeded` for a buyer holding nothing,
+    a `sold_out` that later reservations belie, an answer no request of ours should get (404), and
+    a refused payment."""
+    records = [BuyerRecord(f"usr_{i}", f"t{i}", "normal") for i in range(4)]
+    base = [Attempt(0, "k0", 0, 0.0, 5.0, "reserved", 201, 1, "ord_0", answered_qty=1),
+            Attempt(1, "k1", 0, 300.0, 5.0, "reserved", 201, 1, "ord_1", answered_qty=1)]
+    sale = {"id": "sale_x", "stock": 2, "sold": 2, "remaining": 0, "reserved": 2, "paid": 0}
+    pool = FakeOrders({"t0": [_order("ord_0", 1)], "t1": [_order("ord_1", 1)]})
+    for odd, check in ((Attempt(2, "k2", 0, 50.0, 1.0, "limit_exceeded", 409, 1), "refusals_justified"),
+                       (Attempt(3, "k3", 0, 0.0, 1.0, "sold_out", 409, 1), "refusals_justified"),  # ord_1 came after
+                       (Attempt(2, "k2", 0, 50.0, 1.0, "http_404_sale_not_found", 404, 1), "refusals_justified"),
+                       (Attempt(0, "ord_0", 0, 50.0, 1.0, "http_409_expired", 409, 0, "ord_0", kind="pay"),
+                        "payments_match")):
+        checks, _ = await verdict(pool, sale, records, base + [odd], 2, 4, 0.6, [0])  # type: ignore[arg-type]
+        assert check in [c.name for c in checks if not c.ok], odd
+    checks, _ = await verdict(pool, sale, records, base, 2, 4, 0.6, [0])  # type: ignore[arg-type]
+    assert all(c.ok for c in checks), [c for c in checks if not c.ok]
+
+
+async def test_a_buyer_whose_lost_answer_made_its_order_is_served() -> None:
+    """Bulk buyers take 30 of 33 and one is told `not_enough`; a normal buyer's tries all timed out
+    but its first one reserved (its order is in SQL): nobody went unserved, the run passes."""
+    records = [BuyerRecord(f"usr_{i}", f"t{i}", "bulk") for i in range(7)]
+    records.append(BuyerRecord("usr_n", "tn", "normal", unknown_keys={"kn": 1}))
+    attempts = [Attempt(i, f"k{i}", 0, 0.0, 1.0, "reserved", 201, 5, f"ord_{i}", answered_qty=5) for i in range(6)]
+    attempts += [Attempt(6, "k6", 0, 1.0, 1.0, "not_enough", 409, 5), Attempt(7, "kn", 0, 0.0, 1.0, "timeout", 0, 1)]
+    sale = {"id": "sale_x", "stock": 33, "sold": 31, "remaining": 2, "reserved": 31, "paid": 0}
+    rows = {f"t{i}": [_order(f"ord_{i}", 5)] for i in range(6)} | {"tn": [_order("ord_n", 1)]}
+    checks, facts = await verdict(FakeOrders(rows), sale, records, attempts, 5, 7, 0.6, [2])  # type: ignore[arg-type]
+    assert all(c.ok for c in checks), [c for c in checks if not c.ok]
+    assert facts["buyers_unserved"] == 0

@@ -1,4 +1,5 @@
--- Leave (optionally) and count a room's presence. Times in milliseconds (Redis clock).
+-- Leave (optionally) and count a room's presence. Times in milliseconds (Redis clock). Loaded
+-- after the presence.lua prelude.
 -- KEYS[1]  presence sorted set: connection id -> expiry
 -- KEYS[2]  peak viewers
 -- ARGV[1]  connection id that leaves, or '' to only count
@@ -13,11 +14,7 @@ if leaving ~= '' then
   redis.call('ZREM', presence, leaving)
 end
 redis.call('ZREMRANGEBYSCORE', presence, '-inf', now)
-local online = redis.call('ZCARD', presence)
-local peak = tonumber(redis.call('GET', peak_key)) or 0
-if online > peak then
-  -- Connections added back by a heartbeat (Redis restarted without its data) count too.
-  peak = online
-  redis.call('SET', peak_key, peak)
-end
+-- The peak is raised here too: connections a heartbeat added back (Redis restarted without its
+-- data) count toward it.
+local online, peak = count(presence, peak_key)
 return {online, peak}

@@ -1,4 +1,5 @@
--- A connection joins a room's presence. Times in milliseconds (Redis clock).
+-- A connection joins a room's presence. Times in milliseconds (Redis clock). Loaded after the
+-- presence.lua prelude.
 -- KEYS[1]  presence sorted set: connection id -> expiry
 -- KEYS[2]  peak viewers
 -- KEYS[3]  unique viewers (HyperLogLog)
@@ -15,12 +16,7 @@ local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 -- Connections of a process that died stop being refreshed and fall out here.
 redis.call('ZREMRANGEBYSCORE', presence, '-inf', now)
 redis.call('ZADD', presence, now + ttl, conn)
-local online = redis.call('ZCARD', presence)
-local peak = tonumber(redis.call('GET', peak_key)) or 0
-if online > peak then
-  peak = online
-  redis.call('SET', peak_key, peak)
-end
+local online, peak = count(presence, peak_key)
 if viewer ~= '' then
   redis.call('PFADD', uv, viewer)
 end

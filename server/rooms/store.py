@@ -23,6 +23,7 @@ PRESENCE_TTL_MS = 30_000  # a connection not refreshed for this long no longer c
 MAX_LIKE_FRAMES_PER_S = 20
 MAX_MUTES = 10_000  # per room at once: more than a raid's guest accounts, and a room's hash bounded
 MAX_BANNED_WORDS = 200
+PRESENCE = ("server.rooms", "presence.lua")  # the count-and-peak function, a prelude of both presence scripts
 
 
 @dataclass(frozen=True)
@@ -44,8 +45,8 @@ class RoomStore:
     def __init__(self, redis: Redis, broker: Broker) -> None:
         self.redis = redis
         self.broker = broker
-        self._join = load_script(redis, "server.rooms", "presence_join.lua")
-        self._count = load_script(redis, "server.rooms", "presence_count.lua")
+        self._join = load_script(redis, "server.rooms", "presence_join.lua", prelude=PRESENCE)
+        self._count = load_script(redis, "server.rooms", "presence_count.lua", prelude=PRESENCE)
         self._post = load_script(redis, "server.rooms", "chat_post.lua")
         self._delete = load_script(redis, "server.rooms", "chat_delete.lua")
         self._likes = load_script(redis, "server.rooms", "likes_flush.lua")

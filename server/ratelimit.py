@@ -94,11 +94,15 @@ class RateLimiter:
     def __init__(self, redis: Redis) -> None:
         self._script = load_script(redis, "server", "ratelimit.lua", prelude=GCRA)
 
+    async def _run(self, limit: Limit, subject: str, cost: int, mode: str) -> tuple[int, int]:
+        allowed, retry_ms = await self._script(keys=[f"rl:{limit.name}:{subject}"],
+                                               args=[limit.interval_ms, limit.burst, cost, mode])
+        return int(allowed), int(retry_ms)
+
     async def hit(self, limit: Limit, subject: str, cost: int = 1) -> float:
         """Spend `cost` units; return 0 if allowed, else the seconds to wait."""
-        allowed, retry_ms = await self._script(keys=[f"rl:{limit.name}:{subject}"],
-                                               args=[limit.interval_ms, limit.burst, cost, ""])
-        return 0.0 if int(allowed) else float(retry_ms) / 1000.0
+        allowed, retry_ms = await self._run(limit, subject, cost, "")
+        return 0.0 if allowed else retry_ms / 1000.0
 
     async def check(self, limit: Limit, subject: str, cost: int = 1) -> None:
         """Spend units or raise 429 with Retry-After."""
@@ -108,4 +112,4 @@ class RateLimiter:
 
     async def refund(self, limit: Limit, subject: str, cost: int = 1) -> None:
         """Give back units spent by an attempt that turned out not to count."""
-        await self._script(keys=[f"rl:{limit.name}:{subject}"], args=[limit.interval_ms, limit.burst, cost, "refund"])
+        await self._run(limit, subject, cost, "refund")

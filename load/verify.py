@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
+from load.buyers import FINAL
 from load.http import Pool
 from load.messages import Attempt, BuyerRecord
 from load.setup import orders_of
@@ -114,9 +116,7 @@ async def verdict(pool: Pool, sale: dict[str, Any], records: list[BuyerRecord], 
     acked_units = sum(v.units for v in views)
     unknown = unanswered(views)
     unknown_keys, unknown_units = len(unknown), sum(unknown.values())
-    unknown_by_buyer: dict[int, int] = {}
-    for i, _ in unknown:
-        unknown_by_buyer[i] = unknown_by_buyer.get(i, 0) + 1
+    unknown_by_buyer = Counter(i for i, _ in unknown)
     wanted = demand(views, limit, greedy_tries, hammer_burst)
     lowest = min(observed_remaining or [remaining])
     purchases = [a for a in attempts if a.kind == "purchase"]
@@ -132,14 +132,15 @@ async def verdict(pool: Pool, sale: dict[str, Any], records: list[BuyerRecord], 
     # Nothing is released during a run (orders are held for longer than it lasts), so the stock only
     # goes down and each buyer's holdings only up: a refusal must still hold at the end, and no
     # reservation sent after it came back may contradict it. The sale is on until the buyers are done.
-    held = {i: max(v.units, sum(o["quantity"] for o in found.get(i, {}).values())) for i, v in enumerate(views)}
+    sql_by_buyer = {i: sum(o["quantity"] for o in rows.values()) for i, rows in found.items()}
+    held = {i: max(v.units, sql_by_buyer.get(i, 0)) for i, v in enumerate(views)}
     told_out = [a for a in purchases if a.outcome == "sold_out"]
     too_big = [a for a in purchases if a.outcome == "not_enough" and a.quantity <= remaining]
     over_limit = [a for a in purchases if a.outcome == "limit_exceeded" and held[a.buyer] + a.quantity <= limit]
     ended = [a for a in purchases if a.outcome == "ended"]
     # Answers a correct server never gives these requests (a 4xx that is no refusal, a key reused).
     impossible = [a for a in purchases if 400 <= a.status < 500 and a.status != 429
-                  and a.outcome not in ("sold_out", "not_enough", "limit_exceeded", "not_started", "ended")]
+                  and a.outcome not in FINAL | {"not_started"}]
     reserved_at = sorted((a.at_ms, a.answered_qty or a.quantity) for a in purchases if a.outcome == "reserved")
     margin_ms = 100.0  # clocks of several generator processes agree to a few ms
     late = [a for a in purchases if a.outcome in ("sold_out", "not_enough")
@@ -157,7 +158,7 @@ async def verdict(pool: Pool, sale: dict[str, Any], records: list[BuyerRecord], 
     for a in sorted(purchases, key=lambda a: a.at_ms):
         last[a.buyer] = a.outcome
     refused = ("sold_out", "not_enough", "limit_exceeded")
-    unserved = sum(1 for i, v in enumerate(views) if not held[i] and last.get(i) not in refused)
+    unserved = sum(1 for i in range(len(views)) if not held[i] and last.get(i) not in refused)
     if wanted >= stock:
         # Sold out; or the rest is less than anyone still asked for, and no buyer gave up unserved.
         rest_too_small = remaining > 0 and unserved == 0 and any(a.outcome == "not_enough" for a in purchases)
@@ -176,7 +177,6 @@ async def verdict(pool: Pool, sale: dict[str, Any], records: list[BuyerRecord], 
                         "every order answered with the quantity asked" if not other_qty
                         else f"{len(other_qty)} orders answered with another quantity: {other_qty[:3]}"))
 
-    sql_by_buyer = {i: sum(o["quantity"] for o in rows.values()) for i, rows in found.items()}
     over = [(v.record.user_id, v.units) for v in views if v.units > limit]
     over += [(views[i].record.user_id, n) for i, n in sql_by_buyer.items() if n > limit]
     checks.append(Check("per_user_limit", not over,

@@ -140,7 +140,7 @@ function addChat(msg, fly) {
   const list = $("#chat-list");
   // Follow new messages only when the viewer is at the bottom, not while scrolled up reading.
   const following = list.scrollHeight - list.scrollTop - list.clientHeight < 40;
-  list.append(el("li", { class: [mine && "me", byHost && "host"].filter(Boolean).join(" ") || null, dataset: { id: msg.id } },
+  list.append(el("li", { class: mine ? "me" : null, dataset: { id: msg.id } },
     el("span", { class: "who" }, msg.user.name), byHost && el("span", { class: "badge-host" }, "Host"),
     el("span", {}, msg.text)));
   while (list.children.length > 200) list.firstElementChild.remove();

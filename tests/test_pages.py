@@ -83,6 +83,12 @@ async def join_as_guest(page: Page, name: str) -> None:
     await expect(page.locator("#whoami")).to_have_text(f"Hi, {name}")
 
 
+async def send_chat(page: Page, text: str) -> None:
+    """Type a message and send it with Enter, as a viewer does."""
+    await page.fill("#chat-input", text)
+    await page.press("#chat-input", "Enter")
+
+
 async def test_a_whole_flash_sale_in_the_browser(browser: Browser, server: ServerProcess) -> None:
     base = server.url
     password = "correct horse battery"
@@ -136,8 +142,7 @@ async def test_a_whole_flash_sale_in_the_browser(browser: Browser, server: Serve
         await expect(page.locator("#p-price")).to_have_text("$19.00")
 
     # Danmaku both ways, and likes.
-    await ann.fill("#chat-input", "hello from Ann")
-    await ann.press("#chat-input", "Enter")
+    await send_chat(ann, "hello from Ann")
     await expect(bob.locator("#chat-list li", has_text="hello from Ann")).to_have_count(1)
     await expect(bob.locator("#danmaku .bullet", has_text="hello from Ann")).to_have_count(1)
     await bob.fill("#chat-input", "hi Ann!")
@@ -150,8 +155,7 @@ async def test_a_whole_flash_sale_in_the_browser(browser: Browser, server: Serve
     # XSS sent as chat shows up as text and never runs.
     payloads = ["<img src=x onerror=\"window.__xss=1\">", "<script>window.__xss=1</script>"]
     for payload in payloads:
-        await ann.fill("#chat-input", payload)
-        await ann.press("#chat-input", "Enter")
+        await send_chat(ann, payload)
         await expect(bob.locator("#chat-list li", has_text=payload)).to_have_count(1)
     for page in (ann, bob):
         assert await page.evaluate("window.__xss") is None
@@ -564,12 +568,10 @@ async def test_a_refused_chat_message_goes_back_into_the_box(browser: Browser, s
     page = await new_page(browser)
     await page.goto(f"{server.url}/rooms/{shop.room_id}")
     await join_as_guest(page, "Pia")
-    await page.fill("#chat-input", "big spoiler ahead")
-    await page.press("#chat-input", "Enter")
+    await send_chat(page, "big spoiler ahead")
     await expect(page.locator("#chat-error")).to_have_text("Your message contains a word this room doesn't allow.")
     await expect(page.locator("#chat-input")).to_have_value("big spoiler ahead")
-    await page.fill("#chat-input", "hello")
-    await page.press("#chat-input", "Enter")
+    await send_chat(page, "hello")
     await expect(page.locator("#chat-list li", has_text="hello")).to_have_count(1)
     await expect(page.locator("#chat-input")).to_have_value("")
     assert page.errors == [], page.errors  # type: ignore[attr-defined]
@@ -584,8 +586,7 @@ async def test_a_deleted_message_stops_flying(browser: Browser, server: ServerPr
         page = await new_page(browser)
         await page.goto(f"{server.url}/rooms/{shop.room_id}")
         await join_as_guest(page, "Quinn")
-        await page.fill("#chat-input", "this one goes")
-        await page.press("#chat-input", "Enter")
+        await send_chat(page, "this one goes")
         bullet = page.locator("#danmaku .bullet", has_text="this one goes")
         await expect(bullet).to_have_count(1)
         message_id = await page.locator("#chat-list li", has_text="this one goes").get_attribute("data-id")
@@ -607,8 +608,7 @@ async def test_only_the_hosts_messages_carry_the_host_badge(browser: Browser, se
         await join_as_guest(page, shop.host.name)
         async with open_viewer(server.url, shop.room_id, shop.host.token) as host:
             await host.chat("flash sale in five minutes")
-            await page.fill("#chat-input", "pay me directly instead")
-            await page.press("#chat-input", "Enter")
+            await send_chat(page, "pay me directly instead")
             from_host = page.locator("#chat-list li", has_text="flash sale in five minutes")
             await expect(from_host.locator(".badge-host")).to_have_text("Host")
             from_namesake = page.locator("#chat-list li", has_text="pay me directly instead")
@@ -759,20 +759,17 @@ async def test_moderation_from_the_console(browser: Browser, server: ServerProce
     viewer = await new_page(browser, 390, 844)
     await viewer.goto(f"{base}/rooms/{room['id']}")
     await join_as_guest(viewer, "Troll")
-    await viewer.fill("#chat-input", "buy elsewhere")
-    await viewer.press("#chat-input", "Enter")
+    await send_chat(viewer, "buy elsewhere")
     line = console.locator("#modlog li", has_text="buy elsewhere")
     await expect(line).to_have_count(1)
     await line.locator("button:has-text('Delete')").click()
     await expect(viewer.locator("#chat-list li", has_text="buy elsewhere")).to_have_count(0)
     await expect(console.locator("#modlog li.deleted", has_text="buy elsewhere")).to_have_count(1)
 
-    await viewer.fill("#chat-input", "again")
-    await viewer.press("#chat-input", "Enter")
+    await send_chat(viewer, "again")
     await console.locator("#modlog li", has_text="again").locator("button:has-text('Mute')").click()
     await expect(console.locator("#mutes li")).to_contain_text("Troll until")  # by name, not by id
-    await viewer.fill("#chat-input", "am I muted?")
-    await viewer.press("#chat-input", "Enter")
+    await send_chat(viewer, "am I muted?")
     await expect(viewer.locator("#chat-error")).to_have_text("The host has muted you in this room.")
     await expect(console.locator("#modlog li.rejected", has_text="am I muted?")).to_have_count(1)
     # The host's session is logged out from another device: the console asks to log in again.

@@ -6,7 +6,6 @@ pages carry a Content-Security-Policy)."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import re
 import string
@@ -35,6 +34,7 @@ from tests.support import (
     bearer,
     create_product,
     create_room,
+    eventually,
     guest,
     register,
 )
@@ -412,11 +412,9 @@ class Owned:
 async def start_announced(api: httpx.AsyncClient, sale: dict[str, Any]) -> None:
     """Wait until the jobs process announced the sale's start, a new version of it: a test that
     compares the sale before and after something must not see that change."""
-    for _ in range(100):
-        if (await api.get(f"/api/sales/{sale['id']}")).json()["v"] > sale["v"]:
-            return
-        await asyncio.sleep(0.1)
-    raise AssertionError("the sale's start was never announced")
+    async def announced() -> bool:
+        return bool((await api.get(f"/api/sales/{sale['id']}")).json()["v"] > sale["v"])
+    await eventually(announced, what="the sale's start announced")
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,6 @@ handshake checks (Origin, session, room), against the shared real server."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 from contextlib import AsyncExitStack
 import time
@@ -17,7 +16,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
 from server.ids import new_id
-from tests.support import ServerProcess, bearer, create_room, guest, register
+from tests.support import ServerProcess, bearer, create_room, eventually, guest, register
 from tests.ws_support import (
     Viewer,
     api_client,
@@ -437,13 +436,11 @@ async def test_one_address_holds_a_bounded_number_of_sockets_per_process(tmp_pat
                     open_viewer(srv.url, room["id"]) as exempt:
                 assert other.welcome is not None and exempt.welcome is not None
             await held.pop().ws.close()
-            for _ in range(50):  # its place is free again once the server has seen it go
+            async def admitted() -> bool:  # its place is free again once the server has seen it go
                 async with open_viewer(srv.url, room["id"], headers=crowd, welcome=False) as again:
                     first = await again.expect(lambda e: e["type"] in ("welcome", "error"))
-                if first["type"] == "welcome":
-                    break
-                await asyncio.sleep(0.1)
-            assert first["type"] == "welcome", first
+                return first["type"] == "welcome"
+            await eventually(admitted, timeout=5, what="a socket of the crowded address admitted again")
             async with api_client(srv.url) as c:
                 metrics = (await c.get("/metrics")).text
             assert 'livesale_ws_refused_total{error="too_many_connections"}' in metrics

@@ -14,14 +14,17 @@ import secrets
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import get_args
 
 from load.http import Connection, HttpError, Response, Target
 from load.messages import Attempt, BuyerMix, BuyerRecord
+from server.inventory.records import StockRefusal
 
-REFUSALS = {"sold_out", "not_enough", "limit_exceeded", "not_started", "ended", "key_reused"}
+# The purchase's refusals, in the server's words (reserve.lua's statuses).
+REFUSALS: frozenset[str] = frozenset(get_args(StockRefusal)) | {"key_reused"}
 # Refusals that hold for good once given, as nothing is released during a run: a lost try of the
 # same key, run after one of these, meets it too (and one run before would have made it a 200).
-FINAL = {"sold_out", "not_enough", "limit_exceeded", "ended"}
+FINAL: frozenset[StockRefusal] = frozenset({"sold_out", "not_enough", "limit_exceeded", "ended"})
 MAX_RETRY_AFTER_S = 2.0
 
 

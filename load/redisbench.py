@@ -146,12 +146,12 @@ async def _command_stats(port: int) -> dict[str, float]:
 
 async def engine_bench(workdir: Path, ops: int, connections: int = 8, depth: int = 64) -> dict[str, object]:
     """Start a private embedded Valkey (same binary and config as `livesale serve`) and measure both."""
-    from server.embedded_redis import (
-        EmbeddedRedis,  # the server's own engine launcher, used read-only
+    from server.backends.embedded_valkey import (
+        EmbeddedValkey,  # the server's own engine launcher, used read-only
     )
 
     # A fresh directory each time: the engine keeps an append-only file, and old buyers would answer 'duplicate'.
-    engine = EmbeddedRedis(Path(tempfile.mkdtemp(prefix="engine-", dir=workdir)), port=free_port())
+    engine = EmbeddedValkey(Path(tempfile.mkdtemp(prefix="engine-", dir=workdir)), port=free_port())
     engine.start()
     assert engine.port is not None
     try:

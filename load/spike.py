@@ -39,6 +39,7 @@ from load.setup import (
     get_sale,
     launch_sale,
 )
+from load.spike_chart import write_chart
 from load.verify import verdict
 
 CHAT_PER_USER_MAX = 2.0   # the server's per-user danmaku limit (2/s, burst 5)
@@ -246,7 +247,7 @@ class Spike:
             report.write_json(built, cfg.out / "report.json")
             report.write_attempts(data, cfg.out / "attempts.csv")
             if cfg.chart:
-                report.write_chart(data, cfg.out / "report.png")
+                write_chart(data, cfg.out / "report.png")
         except Exception as exc:
             print(f"load: could not write the report to {cfg.out}: {exc!r}", file=sys.stderr)
             return 2

@@ -7,24 +7,21 @@ import contextlib
 import logging
 from typing import AsyncIterator
 
-from sqlalchemy.exc import OperationalError
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route, WebSocketRoute
 
-from server import pages
-from server.api import accounts, health, live, openapi, products, rooms, sales
-from server.api.endpoint import Router, routes as endpoint_routes
+from server.api import accounts, health, live, openapi, pages, products, rooms, sales
+from server.api.endpoint import Router
+from server.api.endpoint import routes as endpoint_routes
 from server.api.responses import EXCEPTION_HANDLERS, json_response
+from server.api.room_socket import room_socket
+from server.backends.loops import stop as stop_loops
 from server.config import Settings, load_settings
-from server.db import create_schema, make_engine
-from server.embedded_redis import EmbeddedRedis
-from server.loops import stop as stop_loops
 from server.metrics import metrics
-from server.rooms.connection import room_socket
-from server.wiring import wire
+from server.wiring import build_web, ensure_schema, redis_url
 
 log = logging.getLogger("livesale")
 
@@ -33,51 +30,25 @@ ROUTERS: list[Router] = [health.router, accounts.router, products.router, rooms.
                           sales.router]
 
 
-async def ensure_schema(settings: Settings) -> None:
-    engine = make_engine(settings.database_url)
-    try:
-        for attempt in range(5):
-            try:
-                await create_schema(engine)
-                return
-            except OperationalError:
-                # Several workers starting at once may race on CREATE TABLE; the
-                # loser retries and finds the tables there.
-                if attempt == 4:
-                    raise
-                await asyncio.sleep(0.2 * (attempt + 1))
-    finally:
-        await engine.dispose()
-
-
 def create_app(settings: Settings | None = None) -> Starlette:
+    """A web worker. Its Redis is REDIS_URL, or the embedded engine `livesale serve` started; the
+    background jobs run in a process of their own (server/jobs.py)."""
     settings = settings or load_settings()
     schema = openapi.build(ROUTERS)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        embedded: EmbeddedRedis | None = None
-        redis_url = settings.redis_url
-        if redis_url is None:
-            embedded = EmbeddedRedis(settings.data_dir, binary=settings.redis_server_bin)
-            redis_url = embedded.start(supervise=True)
-            log.info("started embedded Valkey at %s", redis_url)
         await ensure_schema(settings)
-        wired = await wire(settings, redis_url)
-        app.state.services = wired.services
-        jobs = wired.room_loops()
-        if settings.background_jobs:  # `livesale serve` runs them in a process of their own instead
-            jobs.update(wired.background_jobs())
-        tasks = [asyncio.create_task(coro, name=name) for name, coro in jobs.items()]
+        services = await build_web(settings, redis_url(settings))
+        app.state.services = services
+        tasks = [asyncio.create_task(coro, name=name) for name, coro in services.loops().items()]
         try:
             yield
         finally:
-            wired.services.hub.shutdown()
+            services.hub.shutdown()
             await asyncio.sleep(0.1)  # let writers send their close frames
             await stop_loops(tasks)
-            await wired.close()
-            if embedded is not None:
-                embedded.stop()
+            await services.close()
 
     async def openapi_json(request: Request) -> Response:
         return json_response(schema)

@@ -7,28 +7,14 @@ inventory layer (what a sale sells).
 from __future__ import annotations
 
 from sqlalchemy import select
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from server import clock
 from server.auth import Principal
-from server.errors import Forbidden, NotFound, Unprocessable
+from server.errors import Forbidden, NotFound
 from server.ids import looks_like_id
 from server.models import Product, Room, RoomProduct, User
 from server.schemas import HostOut, ProductOut, RoomOut
-
-
-BP = 10_000
-
-
-def max_commission_bp(platform_fee_bp: int) -> int:
-    """The highest commission a product may pay: with the platform's fee it must fit in the sale."""
-    return BP - platform_fee_bp
-
-
-def check_commission(rate_bp: int, platform_fee_bp: int) -> None:
-    if rate_bp > max_commission_bp(platform_fee_bp):
-        raise Unprocessable(f"commission_rate_bp can be at most {max_commission_bp(platform_fee_bp)}: the platform "
-                            f"takes {platform_fee_bp} bp of each sale", field="commission_rate_bp")
 
 
 def product_out(p: Product) -> ProductOut:
@@ -103,3 +89,12 @@ async def describe_rooms(db: AsyncSession, rooms: list[Room]) -> list[RoomOut]:
     products = {p.id: p for p in (await db.scalars(select(Product).where(Product.id.in_(product_ids)))).all()} \
         if product_ids else {}
     return [room_out(r, hosts[r.host_id], products.get(r.pinned_product_id or "")) for r in rooms]
+
+
+async def find_room(db: async_sessionmaker[AsyncSession], room_id: str) -> RoomOut | None:
+    """The room as the API shows it, or None if there is no such room."""
+    async with db() as session:
+        try:
+            return await describe_room(session, await get_room(session, room_id))
+        except NotFound:
+            return None

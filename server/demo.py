@@ -5,14 +5,14 @@ from __future__ import annotations
 import msgspec
 from sqlalchemy import select
 
-from server.app import ensure_schema
 from server.auth import hash_password
+from server.backends.sql import make_engine, make_sessionmaker
 from server.config import Settings
-from server.db import make_engine, make_sessionmaker
 from server.errors import ConfigError
 from server.ids import new_id
 from server.models import Product, Room, User
 from server.schemas import Username
+from server.wiring import ensure_schema
 
 PRODUCTS = [
     ("Jasmine green tea, 250 g", "Hand-rolled pearls from Fujian, spring harvest.", 2400, 2000, "/static/demo/tea.svg"),

@@ -1,6 +1,6 @@
 -- GCRA rate limiting: a token bucket kept as one timestamp per bucket, its "theoretical
 -- arrival time" in ms. A prelude: scripts that rate-limit are loaded with this text in front
--- (server/lua.py), so every limit in the product is the same arithmetic.
+-- (server/backends/lua.py), so every limit in the product is the same arithmetic.
 -- gcra(bucket, interval_ms, burst, cost, now_ms) -> new_tat, wait_ms
 --   wait_ms > 0: refused, retry in wait_ms. Else allowed: nothing is written until the caller
 --   spends with gcra_spend(bucket, new_tat, now_ms), once all its checks have passed.

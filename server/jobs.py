@@ -1,5 +1,5 @@
-"""The background jobs in a process of their own: the persister (orders to SQL)
-and the sweeper (expired orders, a sale's start and end).
+"""The background jobs in a process of their own: the persister (orders to SQL),
+the sweeper (expired orders, a sale's start and end) and the late captures.
 
 `livesale serve` starts one beside its web workers and restarts it if it dies.
 Apart, a purchase spike and the SQL writes it causes do not share one
@@ -18,38 +18,33 @@ import signal
 import subprocess
 import sys
 
+from server.backends.loops import stop as stop_loops
+from server.backends.supervisor import Supervised, die_with_parent
 from server.config import Settings
-from server.embedded_redis import die_with_parent
-from server.loops import stop as stop_loops
-from server.supervisor import Supervised
-from server.wiring import wire
+from server.wiring import build_jobs
 
 log = logging.getLogger("livesale.jobs")
 
 STOP_TIMEOUT_S = 15.0
-PARENT_ENV = "LIVESALE_JOBS_PARENT_PID"  # set by `serve` for the child it starts
 
 
-def follow_parent() -> None:
+def follow_parent(parent_pid: int) -> None:
     """Started by `serve`: die with it. Set here, in the child, rather than between fork and
     exec, where a threaded parent must not run Python."""
-    parent = os.environ.get(PARENT_ENV)
-    if parent is None:
-        return
     die_with_parent()
-    if os.getppid() != int(parent):  # it died before the line above
+    if os.getppid() != parent_pid:  # it died before the line above
         raise SystemExit(0)
 
 
 async def run_jobs(settings: Settings, redis_url: str) -> int:
     """Run until SIGTERM or SIGINT (0), or until a job's loop ends, which it never should (1:
     `serve` restarts the process)."""
-    wired = await wire(settings, redis_url)
+    jobs = await build_jobs(settings, redis_url)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    loops = {**wired.background_jobs(), "notifier": wired.notifier.run()}
+    loops = jobs.loops()
     tasks = [asyncio.create_task(coro, name=name) for name, coro in loops.items()]
     stopping = asyncio.create_task(stop.wait())
     log.info("background jobs running: %s", ", ".join(loops))
@@ -63,7 +58,7 @@ async def run_jobs(settings: Settings, redis_url: str) -> int:
     finally:
         stopping.cancel()
         await stop_loops(tasks)
-        await wired.close()
+        await jobs.close()
 
 
 class JobsProcess(Supervised):
@@ -73,9 +68,9 @@ class JobsProcess(Supervised):
     restart_clean_exit = False  # exit 0: stopped by SIGTERM/SIGINT, e.g. a service manager stopping us all
     stop_timeout_s = STOP_TIMEOUT_S
 
-    def __init__(self, env: dict[str, str]) -> None:
+    def __init__(self, log_level: str) -> None:
         super().__init__()
-        self.env = env
+        self.log_level = log_level
 
     def start(self) -> None:
         self._launch()
@@ -83,7 +78,7 @@ class JobsProcess(Supervised):
 
     def _launch(self) -> None:
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "server", "jobs"], env={**self.env, PARENT_ENV: str(os.getpid())},
+            [sys.executable, "-m", "server", "jobs", "--log-level", self.log_level, "--parent", str(os.getpid())],
             stdin=subprocess.DEVNULL,
             # Own session: a Ctrl-C reaches `serve`, which stops this in order.
             start_new_session=True)

@@ -6,8 +6,6 @@ PROMETHEUS_MULTIPROC_DIR to an empty directory so /metrics aggregates them.
 
 from __future__ import annotations
 
-import os
-
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
 from starlette.requests import Request
@@ -26,7 +24,7 @@ PERSISTED = Counter("livesale_persisted_entries_total", "Sale stream entries wri
 
 
 async def metrics(request: Request) -> Response:
-    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    if request.app.state.services.settings.prometheus_multiproc_dir:
         registry = CollectorRegistry()
         MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)

@@ -7,10 +7,8 @@ from datetime import datetime
 from sqlalchemy import ForeignKey, Index, Integer, String, Text
 from sqlalchemy.orm import Mapped, mapped_column
 
+from server.backends.sql import ID, Base, UTCDateTime
 from server.clock import utcnow
-from server.db import Base, UTCDateTime
-
-ID = String(40)
 
 
 class User(Base):

@@ -1,13 +1,13 @@
 -- Spend from one rate-limit bucket (GCRA, see the gcra.lua prelude loaded in front of this).
--- Times in milliseconds, from the Redis server's clock so every app process agrees.
+-- Times in milliseconds, from the Redis server's clock so every app process agrees. Loaded after
+-- the now_ms.lua and gcra.lua preludes.
 -- KEYS[1]  the bucket
 -- ARGV[1]  emission interval: ms per unit (1000 / rate per second)
 -- ARGV[2]  burst: units that may be spent at once
 -- ARGV[3]  cost of this request, in units
 -- ARGV[4]  'refund': give `cost` units back (an attempt that turned out not to count); else spend
 -- Returns {allowed (1|0), retry_after_ms}
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local now = now_ms()
 
 if ARGV[4] == 'refund' then
   local tat = tonumber(redis.call('GET', KEYS[1]))

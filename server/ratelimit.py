@@ -7,8 +7,12 @@ from dataclasses import dataclass
 
 from redis.asyncio import Redis
 
+from server.backends.lua import NOW_MS, Prelude, load_script
 from server.errors import TooManyRequests, Unavailable
-from server.lua import GCRA, load_script
+
+# The GCRA functions (gcra.lua): a prelude of every script that rate-limits, so that every limit
+# in the product is the same arithmetic.
+GCRA: Prelude = ("server", "gcra.lua")
 
 
 @dataclass(frozen=True)
@@ -23,7 +27,7 @@ class Limit:
 
 
 # The limits of the product, in one place (see docs/reliability.md).
-CHAT = Limit("chat", per_second=2, burst=5)
+CHAT = Limit("chat", per_second=2, burst=5)  # per user and room (chat_post.lua)
 LOGIN_PER_IP = Limit("login-ip", per_second=0.2, burst=10)  # slow brute force: 12 a minute after a burst
 # Failed logins per account, whatever the addresses: guesses at one password from many machines
 # stay slow. It refills faster than one address may try (and holds more than two addresses' bursts),
@@ -92,7 +96,7 @@ class PerAddress:
 
 class RateLimiter:
     def __init__(self, redis: Redis) -> None:
-        self._script = load_script(redis, "server", "ratelimit.lua", prelude=GCRA)
+        self._script = load_script(redis, "server", "ratelimit.lua", NOW_MS, GCRA)
 
     async def _run(self, limit: Limit, subject: str, cost: int, mode: str) -> tuple[int, int]:
         allowed, retry_ms = await self._script(keys=[f"rl:{limit.name}:{subject}"],

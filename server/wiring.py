@@ -1,92 +1,176 @@
-"""The object graph of a process, built once at start-up.
+"""The object graph of each kind of process, built once at start-up, every collaborator passed
+in when its user is made.
 
-The web app (server/app.py) and the jobs process (server/jobs.py) build the
-same graph, so a job and a request see the same services; each runs its own
-loops on it.
+A web worker (server/app.py) gets `Services`: what request handlers and sockets use, and the
+loops that serve viewers. The jobs process (server/jobs.py) gets `Jobs`: the persister, the
+sweeper and the late captures, with no hub and no pub/sub listener. Both share one core: the
+Redis client, SQL, the room service and the inventory.
 """
 
 from __future__ import annotations
 
+import asyncio
+import functools
 from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import Any
 
 from redis.asyncio import Redis
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
+import server.inventory.tables  # noqa: F401  (the tables ensure_schema creates)
+import server.models  # noqa: F401
 from server.auth import Sessions
-from server.catalog import describe_room, get_room
+from server.backends.embedded_valkey import EmbeddedValkey
+from server.backends.redis_client import make_listener, make_redis
+from server.backends.sql import create_schema, make_engine, make_sessionmaker
+from server.catalog import find_room
 from server.config import Settings
-from server.db import make_engine, make_sessionmaker
-from server.errors import NotFound
+from server.errors import ConfigError
 from server.inventory.captures import LateCaptures
 from server.inventory.notifier import SaleNotifier
+from server.inventory.orders import Orders
 from server.inventory.payments import SimulatedPayments
 from server.inventory.persister import Persister
-from server.inventory.sales import SaleService
+from server.inventory.room_sales import RoomSales
+from server.inventory.sales import Sales
 from server.inventory.stock import Stock
 from server.inventory.sweeper import Sweeper
 from server.ratelimit import PerAddress, RateLimiter
-from server.redis_pool import make_listener, make_redis
 from server.rooms.broker import Broker
 from server.rooms.hub import Hub
-from server.rooms.service import RoomService, room_meta
+from server.rooms.publisher import Publisher
+from server.rooms.service import BannedWords, RoomService
 from server.rooms.store import RoomStore
-from server.services import Services
+from server.rooms.welcome import Welcomes
 
 Loop = Coroutine[Any, Any, None]
 
 
+def redis_url(settings: Settings) -> str:
+    """REDIS_URL, or the embedded engine that `livesale serve` runs for the data dir."""
+    if settings.redis_url is not None:
+        return settings.redis_url
+    engine = EmbeddedValkey(settings.data_dir)
+    if not engine.socket_path.exists():
+        raise ConfigError(f"no REDIS_URL, and no embedded Valkey running for {settings.data_dir}: "
+                          "start `livesale serve` (it runs one), or set REDIS_URL")
+    return engine.url
+
+
+async def ensure_schema(settings: Settings) -> None:
+    """Create the tables that are missing."""
+    engine = make_engine(settings.database_url)
+    try:
+        for attempt in range(5):
+            try:
+                await create_schema(engine)
+                return
+            except OperationalError:
+                # Several workers starting at once may race on CREATE TABLE; the
+                # loser retries and finds the tables there.
+                if attempt == 4:
+                    raise
+                await asyncio.sleep(0.2 * (attempt + 1))
+    finally:
+        await engine.dispose()
+
+
 @dataclass
-class Wired:
-    services: Services
-    broker: Broker
+class _Core:
+    redis: Redis
+    db_engine: AsyncEngine
+    db: async_sessionmaker[AsyncSession]
+    publisher: Publisher
+    store: RoomStore
+    banned: BannedWords
+    rooms: RoomService
+    stock: Stock
     notifier: SaleNotifier
-    listener: Redis
-
-    def room_loops(self) -> dict[str, Loop]:
-        """What serves viewers: the pub/sub listener, the hub's tick, sale updates."""
-        return {"broker": self.broker.run(), "hub": self.services.hub.run(), "notifier": self.notifier.run()}
-
-    def background_jobs(self) -> dict[str, Loop]:
-        """Orders to SQL, the sales' clock (expiry, start, end), and payments left to capture."""
-        s = self.services
-        return {"persister": Persister(s.redis, s.sales.stock, s.db).run(),
-                "sweeper": Sweeper(s.sales.stock, s.sales, self.notifier).run(),
-                "captures": LateCaptures(s.sales.stock, s.sales).run()}
+    sales: Sales
+    orders: Orders
 
     async def close(self) -> None:
-        self.services.sales.stock.disconnect()
-        await self.listener.aclose(close_connection_pool=True)
-        await self.services.redis.aclose(close_connection_pool=True)
-        await self.services.db_engine.dispose()
+        self.stock.disconnect()
+        await self.redis.aclose(close_connection_pool=True)
+        await self.db_engine.dispose()
 
 
-async def wire(settings: Settings, redis_url: str) -> Wired:
-    redis = make_redis(redis_url, settings.redis_max_connections)
+async def _core(settings: Settings, url: str) -> _Core:
+    redis = make_redis(url, settings.redis_max_connections)
     engine = make_engine(settings.database_url)
     db = make_sessionmaker(engine)
-
-    async def load_meta(room_id: str) -> dict[str, Any] | None:
-        async with db() as session:
-            try:
-                return room_meta(await describe_room(session, await get_room(session, room_id)))
-            except NotFound:
-                return None
-
-    hub: Hub
-    listener = make_listener(redis_url)  # connects only if the broker runs
-    sessions = Sessions(settings.secret_key, settings.token_ttl_s, redis)
-    broker = Broker(redis, listener, lambda room_id, data: hub.on_message(room_id, data), lambda: hub.resync(),
-                    lambda session_ids: hub.end_sessions(session_ids), sessions)
-    store = RoomStore(redis, broker)
-    hub = Hub(store, broker, load_meta)
-    await broker.detect()
-    rooms = RoomService(store, broker)
+    publisher = await Publisher.detect(redis)
+    store = RoomStore(redis, publisher)
+    banned = BannedWords(store)
+    rooms = RoomService(store, publisher, banned)
     stock = Stock(redis, settings.deployment)
-    notifier = SaleNotifier(redis, rooms)
-    sales = SaleService(settings, stock, db, rooms, SimulatedPayments(), notifier)
-    hub.load_sale = sales.snapshot
-    services = Services(settings=settings, redis=redis, db_engine=engine, db=db, sessions=sessions,
-                        limiter=RateLimiter(redis), hub=hub,
-                        sockets=PerAddress(settings.max_sockets_per_address), rooms=rooms, sales=sales)
-    return Wired(services=services, broker=broker, notifier=notifier, listener=listener)
+    notifier = SaleNotifier(stock, rooms)
+    return _Core(redis=redis, db_engine=engine, db=db, publisher=publisher, store=store, banned=banned, rooms=rooms,
+                 stock=stock, notifier=notifier, sales=Sales(settings, stock, RoomSales(redis), db, rooms),
+                 orders=Orders(stock, db, SimulatedPayments(), notifier, rooms))
+
+
+@dataclass
+class Services:
+    """A web worker's long-lived objects: what a request handler or a socket may use."""
+    settings: Settings
+    redis: Redis
+    db_engine: AsyncEngine
+    db: async_sessionmaker[AsyncSession]
+    sessions: Sessions
+    limiter: RateLimiter
+    sockets: PerAddress  # this process's room sockets per address
+    hub: Hub             # this process's connections
+    broker: Broker       # this process's pub/sub link
+    rooms: RoomService   # room operations that reach every process
+    sales: Sales
+    orders: Orders
+    _core: _Core
+    _listener: Redis
+
+    def loops(self) -> dict[str, Loop]:
+        """What serves viewers: the pub/sub listener, the hub's tick, sale updates."""
+        return {"broker": self.broker.run(self.hub), "hub": self.hub.run(), "notifier": self._core.notifier.run()}
+
+    async def close(self) -> None:
+        await self._listener.aclose(close_connection_pool=True)
+        await self._core.close()
+
+
+async def build_web(settings: Settings, url: str) -> Services:
+    core = await _core(settings, url)
+    sessions = Sessions(settings.secret_key, settings.token_ttl_s, core.redis)
+    listener = make_listener(url)  # connects when the broker runs
+    broker = Broker(listener, sessions, sharded=core.publisher.sharded)
+    welcomes = Welcomes(core.store, functools.partial(find_room, core.db), core.sales.in_room)
+    hub = Hub(core.store, broker, core.publisher, core.banned, welcomes)
+    return Services(settings=settings, redis=core.redis, db_engine=core.db_engine, db=core.db, sessions=sessions,
+                    limiter=RateLimiter(core.redis), sockets=PerAddress(settings.max_sockets_per_address), hub=hub,
+                    broker=broker, rooms=core.rooms, sales=core.sales, orders=core.orders, _core=core,
+                    _listener=listener)
+
+
+@dataclass
+class Jobs:
+    """The jobs process's objects: orders to SQL, the sales' clock, payments left to capture, and
+    the sale updates the sweeper's releases cause."""
+    persister: Persister
+    sweeper: Sweeper
+    captures: LateCaptures
+    _core: _Core
+
+    def loops(self) -> dict[str, Loop]:
+        return {"persister": self.persister.run(), "sweeper": self.sweeper.run(), "captures": self.captures.run(),
+                "notifier": self._core.notifier.run()}
+
+    async def close(self) -> None:
+        await self._core.close()
+
+
+async def build_jobs(settings: Settings, url: str) -> Jobs:
+    core = await _core(settings, url)
+    return Jobs(persister=Persister(core.redis, core.stock, core.db),
+                sweeper=Sweeper(core.stock, core.rooms, core.notifier),
+                captures=LateCaptures(core.stock, core.orders), _core=core)

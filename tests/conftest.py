@@ -6,7 +6,7 @@ from typing import Any, AsyncIterator, Iterator
 import httpx
 import pytest
 
-from server.embedded_redis import EmbeddedRedis
+from server.backends.embedded_valkey import EmbeddedValkey
 from tests.inventory_support import DB_POSTGRES, redis_db_url
 from tests.postgres import Postgres, running_postgres
 from tests.support import ServerProcess, cookieless_client, free_port, guest, register
@@ -15,7 +15,7 @@ from tests.support import ServerProcess, cookieless_client, free_port, guest, re
 @pytest.fixture(scope="session")
 def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """One real Valkey for the session, on a loopback TCP port."""
-    engine = EmbeddedRedis(tmp_path_factory.mktemp("valkey"), port=free_port())
+    engine = EmbeddedValkey(tmp_path_factory.mktemp("valkey"), port=free_port())
     url = engine.start()
     yield url
     engine.stop()

@@ -35,15 +35,23 @@ from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from server import clock
-from server.db import create_schema, make_engine, make_sessionmaker
+from server.backends.sql import create_schema, make_engine, make_sessionmaker
 from server.ids import new_id
 from server.inventory import keys
+from server.inventory.notifier import SaleNotifier
+from server.inventory.orders import Orders
+from server.inventory.payments import PaymentProvider, SimulatedPayments
 from server.inventory.persister import Entry, Persister
 from server.inventory.reconcile import Report, reconcile
-from server.inventory.stock import Outcome, Stock, Terms, new_order_id
+from server.inventory.records import Reservation, SaleInfo, SaleState, Terms
+from server.inventory.schemas import SaleProduct
+from server.inventory.stock import Stock, new_order_id
 from server.inventory.tables import LedgerEntry, Order, Sale
 from server.models import Product, Room, User
-from server.redis_pool import make_redis
+from server.backends.redis_client import make_redis
+from server.rooms.publisher import Publisher
+from server.rooms.service import BannedWords, RoomService
+from server.rooms.store import RoomStore
 from tests.support import ServerProcess, bearer, eventually
 
 # Redis database indexes (the session Valkey has the default 16). 0 is the shared `server`'s.
@@ -462,6 +470,13 @@ async def zset_members(redis: Redis, key: str) -> set[str]:
     return {m.decode() for m in cast(list[bytes], await redis.zrange(key, 0, -1))}
 
 
+async def sale_state(stock: Stock, sale_id: str) -> SaleState:
+    """The sale's hash, which must be there."""
+    state = await stock.state(sale_id)
+    assert state is not None, f"sale {sale_id} is not in Redis"
+    return state
+
+
 async def redis_now_ms(redis: Redis) -> int:
     sec, usec = await redis.time()
     return int(sec) * 1000 + int(usec) // 1000
@@ -505,6 +520,18 @@ class World:
             await close_redis(redis)
             await engine.dispose()
 
+    async def room_service(self) -> RoomService:
+        publisher = await Publisher.detect(self.redis)
+        store = RoomStore(self.redis, publisher)
+        return RoomService(store, publisher, BannedWords(store))
+
+    def orders(self, payments: PaymentProvider | None = None, *, stock: Stock | None = None,
+               rooms: RoomService | None = None) -> Orders:
+        """The buying service on this world (its room events go nowhere unless `rooms` is given)."""
+        stock = stock or self.stock
+        rooms = rooms or cast(RoomService, None)
+        return Orders(stock, self.db, payments or SimulatedPayments(), SaleNotifier(stock, rooms), rooms)
+
     def persister(self, consumer: str, claim_idle_ms: int = 0) -> Persister:
         return Persister(self.redis, self.stock, self.db, consumer=consumer, claim_idle_ms=claim_idle_ms)
 
@@ -536,12 +563,13 @@ class World:
         await self.stock.create(Terms(
             sale_id=sale.id, room_id=room.id, stock=stock, per_user_limit=limit, price_cents=price_cents,
             starts_at_ms=clock.to_ms(sale.starts_at), ends_at_ms=clock.to_ms(sale.ends_at),
-            payment_timeout_ms=timeout_ms, info={"product": {"id": product.id, "name": "thing", "description": "",
-                                                               "image_url": None, "list_price_cents": price_cents}}))
+            payment_timeout_ms=timeout_ms,
+            info=SaleInfo(product=SaleProduct(id=product.id, name="thing", description="", image_url=None,
+                                              list_price_cents=price_cents))))
         return InProcSale(sale.id, room.id, host_id, stock, limit, price_cents, commission_rate_bp)
 
     async def reserve(self, sale_id: str, user_id: str, key: str | None = None, quantity: int = 1,
-                      ref: str | None = None) -> Outcome:
+                      ref: str | None = None) -> Reservation:
         return await self.stock.reserve(sale_id, user_id, key or idem_key(), new_order_id(sale_id), quantity, ref)
 
     async def wait_redis_past(self, ms: int) -> None:

@@ -27,11 +27,11 @@ from itsdangerous import TimestampSigner, URLSafeTimedSerializer
 from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from server.db import make_engine, make_sessionmaker
-from server.embedded_redis import EmbeddedRedis
+from server.backends.sql import make_engine, make_sessionmaker
+from server.backends.embedded_valkey import EmbeddedValkey
 from server.inventory.reconcile import Report, reconcile
 from server.inventory.stock import Stock
-from server.redis_pool import make_redis
+from server.backends.redis_client import make_redis
 from tests.inventory_support import api_client, redis_db_url, server_db_url
 from tests.support import ServerProcess, eventually, free_port
 
@@ -119,19 +119,19 @@ class LogWindow:
 
 class Engine:
     """A private Valkey on a fixed loopback port and data dir, that a test can stop, kill and start
-    again (a new EmbeddedRedis on the same directory and port, which replays the append-only file)."""
+    again (a new EmbeddedValkey on the same directory and port, which replays the append-only file)."""
 
     def __init__(self, data_dir: Path) -> None:
         self.data_dir = data_dir
         self.port = free_port()
-        self.current: EmbeddedRedis | None = None
+        self.current: EmbeddedValkey | None = None
 
     @property
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self) -> str:
-        self.current = EmbeddedRedis(self.data_dir, port=self.port)
+        self.current = EmbeddedValkey(self.data_dir, port=self.port)
         return self.current.start()
 
     def stop(self) -> None:

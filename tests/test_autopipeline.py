@@ -1,4 +1,4 @@
-"""server.autopipeline.AutoPipeline: the script calls of one event-loop turn share a round trip,
+"""server.backends.autopipeline.AutoPipeline: the script calls of one event-loop turn share a round trip,
 and every call still gets its own answer or its own error.
 
 Against a private real Valkey (started for this module): SCRIPT FLUSH is server-wide, and the
@@ -18,9 +18,9 @@ from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 
-from server.autopipeline import CLIENT_NAME, AutoPipeline
-from server.embedded_redis import EmbeddedRedis
-from server.redis_pool import make_redis
+from server.backends.autopipeline import CLIENT_NAME, AutoPipeline
+from server.backends.embedded_valkey import EmbeddedValkey
+from server.backends.redis_client import make_redis
 from tests.support import free_port
 
 # Counts one call (INCR of KEYS[1]) and answers with its own tag and the count it saw.
@@ -33,7 +33,7 @@ CALL_TIMEOUT_S = 10.0
 
 @pytest.fixture(scope="module")
 def engine_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    engine = EmbeddedRedis(tmp_path_factory.mktemp("valkey-autopipeline"), port=free_port())
+    engine = EmbeddedValkey(tmp_path_factory.mktemp("valkey-autopipeline"), port=free_port())
     url = engine.start()
     yield url
     engine.stop()

@@ -6,30 +6,38 @@ and welcomes right after an outage."""
 from __future__ import annotations
 
 import asyncio
+import secrets
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import msgspec
 import pytest
 from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
 
 from server.auth import REVOKED_KEY, Principal, Sessions
-from server.embedded_redis import EmbeddedRedis
+from server.backends.embedded_valkey import EmbeddedValkey
 from server.ids import new_id
-from server.redis_pool import make_listener, make_redis
+from server.backends.redis_client import make_listener, make_redis
+from server.ratelimit import CHAT, Limit
 from server.rooms import broker as broker_module
 from server.rooms import keys, protocol
 from server.rooms.broker import Broker
-from server.rooms.hub import Close, Connection, Hub
+from server.rooms.connection import Close, Connection
+from server.rooms.hub import Hub
+from server.rooms.publisher import Publisher
+from server.rooms.service import BannedWords
 from server.rooms.store import Counts, RoomStore
+from server.rooms.welcome import Welcomes
+from server.schemas import HostOut, RoomOut
 from tests.support import eventually, free_port
 
 
 @pytest.fixture(scope="module")
 def engine_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    engine = EmbeddedRedis(tmp_path_factory.mktemp("valkey-broker"), port=free_port())
+    engine = EmbeddedValkey(tmp_path_factory.mktemp("valkey-broker"), port=free_port())
     url = engine.start()
     try:
         yield url
@@ -37,9 +45,20 @@ def engine_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         engine.stop()
 
 
+def room_of(room_id: str) -> RoomOut:
+    return RoomOut(id=room_id, title="broker test", stream_url=None, status="live", host=HostOut(id="usr_h", name="h"),
+                   pinned_product=None, url=f"/rooms/{room_id}", created_at="", started_at=None, ended_at=None)
+
+
+async def any_room(room_id: str) -> RoomOut | None:
+    return room_of(room_id)
+
+
 @dataclass
 class Layer:
-    """One process's room layer: its broker (running), store and hub (ticked by the tests)."""
+    """One process's room layer: its broker (running), store and hub (ticked by the tests). The
+    broker's listener is the layer, which counts reconnects (failing one if told) and hands
+    everything to the hub; the hub reads rooms through `load_room`, which a test may replace."""
     redis: Redis
     broker: Broker
     store: RoomStore
@@ -47,37 +66,46 @@ class Layer:
     sessions: Sessions
     reconnects: int = 0
     fail_next_reconnect: bool = False
+    load_room: Callable[[str], Awaitable[RoomOut | None]] = any_room
+
+    def on_message(self, room_id: str, data: bytes) -> None:
+        self.hub.on_message(room_id, data)
+
+    async def resync(self) -> None:
+        """Counted once done (a test that waits for a count then sees what the resync sent)."""
+        try:
+            if self.fail_next_reconnect:
+                self.fail_next_reconnect = False
+                raise RuntimeError("the database went away during the resync")
+            await self.hub.resync()
+        finally:
+            self.reconnects += 1
+
+    def end_sessions(self, session_ids: Collection[str]) -> None:
+        self.hub.end_sessions(session_ids)
 
 
-def meta_of(room_id: str) -> dict[str, Any]:
-    return {"id": room_id, "title": "broker test", "status": "live", "host": {"id": "usr_h", "name": "h"}}
+async def no_sale(room_id: str) -> object | None:
+    return None
 
 
 @pytest.fixture
 async def layer(engine_url: str) -> AsyncIterator[Layer]:
     redis, listen = make_redis(engine_url, 8), make_listener(engine_url)
     sessions = Sessions("broker-test-secret-" + "b" * 32, 3600, redis)
-    hub: Hub
+    publisher = await Publisher.detect(redis)
+    broker = Broker(listen, sessions, sharded=publisher.sharded)
+    store = RoomStore(redis, publisher)
+    the: Layer
 
-    async def load_meta(room_id: str) -> dict[str, Any] | None:
-        return meta_of(room_id)
+    async def load_room(room_id: str) -> RoomOut | None:
+        return await the.load_room(room_id)
 
-    async def on_reconnect() -> None:
-        the.reconnects += 1
-        if the.fail_next_reconnect:
-            the.fail_next_reconnect = False
-            raise RuntimeError("the database went away during the resync")
-        await hub.resync()
-
-    broker = Broker(redis, listen, lambda room_id, data: hub.on_message(room_id, data), on_reconnect,
-                    lambda ids: hub.end_sessions(ids), sessions)
-    store = RoomStore(redis, broker)
-    hub = Hub(store, broker, load_meta)
+    hub = Hub(store, broker, publisher, BannedWords(store), Welcomes(store, load_room, no_sale))
     the = Layer(redis, broker, store, hub, sessions)
-    await broker.detect()
-    task = asyncio.create_task(broker.run())
+    task = asyncio.create_task(broker.run(the))
     try:
-        await asyncio.wait_for(broker.connected.wait(), 5)
+        await eventually(lambda: asyncio.sleep(0, broker.is_connected()), timeout=5, what="the pub/sub link")
         yield the
     finally:
         task.cancel()
@@ -96,8 +124,11 @@ def drain(conn: Connection) -> list[str | Close]:
     return [conn.queue.get_nowait() for _ in range(conn.queue.qsize())]
 
 
+QUEUE_FRAMES = 64  # the default of LIVESALE_WS_QUEUE_FRAMES
+
+
 async def joined(hub: Hub, principal: Principal | None = None) -> Connection:
-    conn = Connection(new_id("room"), principal, is_host=False)
+    conn = Connection(new_id("room"), principal, is_host=False, queue_frames=QUEUE_FRAMES)
     await hub.join(conn)
     await hub.welcome(conn)
     drain(conn)
@@ -151,10 +182,11 @@ async def test_the_listener_outlives_a_failing_resync_and_events_flow_again(laye
     layer.fail_next_reconnect = True
     await cut_pubsub(layer.redis)
     await eventually(lambda: asyncio.sleep(0, layer.reconnects >= 2), timeout=10, what="a second reconnect")
-    await asyncio.wait_for(layer.broker.connected.wait(), 10)
+    await eventually(lambda: asyncio.sleep(0, layer.broker.is_connected()), timeout=10, what="the link back")
     frames = drain(conn)
     assert frames and '"type":"welcome"' in str(frames[-1])  # the second resync welcomed the viewer again
-    await layer.broker.publish(conn.room_id, broker_module.EVERYONE, b'{"type":"probe"}')
+    probe = protocol.EVERYONE + b'{"type":"probe"}'
+    await Publisher(layer.redis, sharded=layer.broker.sharded).publish(conn.room_id, probe)
 
     async def delivered() -> bool:
         layer.hub.tick()
@@ -179,9 +211,9 @@ async def test_a_logout_whose_message_was_lost_closes_its_sockets_at_the_next_se
 async def test_a_resync_that_cannot_read_the_room_closes_its_viewers_to_reconnect(layer: Layer) -> None:
     conn = await joined(layer.hub)
 
-    async def database_away(room_id: str) -> dict[str, Any] | None:
+    async def database_away(room_id: str) -> RoomOut | None:
         raise RuntimeError("the database went away")
-    layer.hub.load_meta = database_away
+    layer.load_room = database_away
     await layer.hub.resync()
     assert conn.closed
     assert drain(conn) == [Close(protocol.TRY_AGAIN_LATER, "could not resync: reconnect")]
@@ -189,18 +221,17 @@ async def test_a_resync_that_cannot_read_the_room_closes_its_viewers_to_reconnec
 
 async def test_a_resync_welcomes_every_viewer_of_a_room_from_one_read(layer: Layer) -> None:
     first = await joined(layer.hub)
-    second = Connection(first.room_id, None, is_host=False)
+    second = Connection(first.room_id, None, is_host=False, queue_frames=QUEUE_FRAMES)
     await layer.hub.join(second)
     await layer.hub.welcome(second)
     drain(second)
     reads = 0
-    load_meta = layer.hub.load_meta
 
-    async def counting(room_id: str) -> dict[str, Any] | None:
+    async def counting(room_id: str) -> RoomOut | None:
         nonlocal reads
         reads += 1
-        return await load_meta(room_id)
-    layer.hub.load_meta = counting
+        return room_of(room_id)
+    layer.load_room = counting
     await layer.hub.resync()
     assert reads == 1
     for conn in (first, second):
@@ -212,7 +243,7 @@ async def test_presence_lost_in_an_outage_is_restored_by_the_heartbeat(layer: La
     """Redis away for longer than presence lasts (or restarted without it): the viewers still here
     count again, and one that left meanwhile does not come back."""
     staying = await joined(layer.hub)
-    leaving = Connection(staying.room_id, None, is_host=False)
+    leaving = Connection(staying.room_id, None, is_host=False, queue_frames=QUEUE_FRAMES)
     await layer.hub.join(leaving)
     await layer.redis.delete(keys.presence(staying.room_id))
     assert (await layer.store.counts(staying.room_id)).online == 0
@@ -277,7 +308,8 @@ async def test_a_chat_post_and_a_likes_flush_run_again_by_a_retry_count_once(lay
     store, room_id = layer.store, new_id("room")
     store._post, store._likes = RunTwice(store._post), RunTwice(store._likes)  # type: ignore[method-assign]
     event = protocol.Chat(id=new_id("msg"), user=protocol.UserRef(id="usr_a", name="a"), text="once", ts=1)
-    assert await store.post_chat(room_id, event.id, "usr_a", protocol.encode(event)) is None
+    assert await store.post_chat(room_id, event.id, "usr_a", protocol.encode(event), rejected=b"{}", banned=False,
+                                 limit=CHAT) == ("posted", 0)
     assert await layer.redis.lrange(keys.history(room_id), 0, -1) == [protocol.encode(event)]
     assert int(await layer.redis.get(keys.chat_count(room_id))) == 1
     assert await store.flush_likes(room_id, {"usr_a": [1, 7], "usr_b": [2, 3]}) == (10, 10)
@@ -319,3 +351,86 @@ async def test_a_room_holds_a_bounded_number_of_mutes_and_drops_those_run_out(
     assert await layer.redis.hlen(keys.mutes(room_id)) == 3  # the one run out is gone, not only hidden
     await store.unmute(room_id, "usr_b")
     assert await store.mute(room_id, "usr_d", 60_000) is not None
+
+
+class Channel:
+    """A room's channel as another process sees it: every message published on it, raw."""
+
+    def __init__(self, layer: Layer, room_id: str) -> None:
+        self.pubsub = layer.redis.pubsub()
+        self.sharded = layer.broker.sharded
+        self.name = keys.channel(room_id)
+
+    async def __aenter__(self) -> "Channel":
+        await (self.pubsub.ssubscribe(self.name) if self.sharded else self.pubsub.subscribe(self.name))
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.pubsub.aclose()  # type: ignore[no-untyped-call]
+
+    async def messages(self, settle_s: float = 0.3) -> list[bytes]:
+        """What came, until nothing more has for `settle_s`."""
+        got: list[bytes] = []
+        loop = asyncio.get_running_loop()
+        quiet_until = loop.time() + settle_s
+        while (left := quiet_until - loop.time()) > 0:
+            msg = await self.pubsub.get_message(timeout=left)
+            if msg is not None and msg["type"] in ("message", "smessage"):
+                got.append(msg["data"])
+                quiet_until = loop.time() + settle_s
+        return got
+
+
+async def test_the_likes_event_the_flush_script_builds_is_the_protocols(layer: Layer) -> None:
+    """likes_flush.lua writes the `likes` event's JSON itself (the total is only known there): it is
+    exactly what protocol.Likes encodes to, for the audience of everyone."""
+    room_id = new_id("room")
+    async with Channel(layer, room_id) as channel:
+        assert await layer.store.flush_likes(room_id, {"usr_a": [2, 9]}) == (9, 9)
+        (message,) = await channel.messages()
+    assert message[:1] == protocol.EVERYONE
+    event = msgspec.json.decode(message[1:], type=protocol.Likes)
+    assert event == protocol.Likes(total=9, delta=9) and protocol.encode(event) == message[1:]
+
+
+async def test_a_refused_chat_message_spends_the_rate_limit_and_tells_the_host_once(layer: Layer) -> None:
+    """A banned word or a mute refuses a message after its rate limit has spent from it (banned
+    words sent fast are still refused as too fast), and the host hears of it once, a retried call
+    included; the room hears nothing."""
+    store, room_id = layer.store, new_id("room")
+    store._post = RunTwice(store._post)  # type: ignore[method-assign]
+    limit = Limit(f"chat-{secrets.token_hex(3)}", per_second=0.001, burst=2)
+    user = protocol.UserRef(id="usr_a", name="a")
+
+    async def post(text: str, banned: bool) -> tuple[str, int]:
+        event = protocol.Chat(id=new_id("msg"), user=user, text=text, ts=1)
+        rejected = protocol.ChatRejected(user=user, text=text, reason="banned_word" if banned else "muted", ts=1)
+        return await store.post_chat(room_id, event.id, user.id, protocol.encode(event),
+                                     rejected=protocol.encode(rejected), banned=banned, limit=limit)
+
+    async with Channel(layer, room_id) as channel:
+        assert await post("a banned word", banned=True) == ("banned_word", 0)
+        await store.mute(room_id, user.id, 60_000)
+        status, until = await post("while muted", banned=False)
+        assert status == "muted" and until > 0
+        status, wait = await post("one too many", banned=True)
+        assert status == "rate_limited" and wait > 0
+        messages = await channel.messages()
+    assert [m[:1] for m in messages] == [protocol.HOST, protocol.HOST]
+    reasons = [msgspec.json.decode(m[1:], type=protocol.ChatRejected).reason for m in messages]
+    assert reasons == ["banned_word", "muted"]
+    assert await layer.redis.llen(keys.history(room_id)) == 0
+
+
+async def test_the_chat_rate_limit_holds_per_room(layer: Layer) -> None:
+    """Each room has its own bucket per user (the script touches the room's slot only)."""
+    limit = Limit(f"chat-{secrets.token_hex(3)}", per_second=0.001, burst=1)
+    first, second = new_id("room"), new_id("room")
+
+    async def post(room_id: str) -> str:
+        event = protocol.Chat(id=new_id("msg"), user=protocol.UserRef(id="usr_b", name="b"), text="hi", ts=1)
+        status, _ = await layer.store.post_chat(room_id, event.id, "usr_b", protocol.encode(event), rejected=b"{}",
+                                                banned=False, limit=limit)
+        return status
+
+    assert [await post(first), await post(first), await post(second)] == ["posted", "rate_limited", "posted"]

@@ -9,7 +9,7 @@ import pytest
 from sqlalchemy import text
 
 from server.config import load_settings
-from server.db import create_schema, make_engine
+from server.backends.sql import create_schema, make_engine
 from server.errors import ConfigError
 from tests.postgres import Postgres
 
@@ -23,7 +23,6 @@ def test_defaults(data_dir: Path) -> None:
     assert settings.data_dir == data_dir.resolve()
     assert data_dir.is_dir()
     assert settings.redis_url is None
-    assert settings.embedded_redis is True
     assert settings.database_url == f"sqlite+aiosqlite:///{data_dir.resolve() / 'livesale.db'}"
     assert settings.allowed_origins == ()
     assert settings.token_ttl_s == 7 * 24 * 3600
@@ -89,7 +88,6 @@ def test_redis_and_database_urls(data_dir: Path) -> None:
     settings = load_settings(env_for(data_dir, REDIS_URL="redis://127.0.0.1:6390/2",
                                      DATABASE_URL="postgres://u:p@db.internal:5432/livesale"))
     assert settings.redis_url == "redis://127.0.0.1:6390/2"
-    assert settings.embedded_redis is False
     assert settings.database_url == "postgresql+asyncpg://u:p@db.internal:5432/livesale"
     plain = load_settings(env_for(data_dir, DATABASE_URL="postgresql://db/x")).database_url
     assert plain == "postgresql+asyncpg://db/x"

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import httpx
 
-from server.embedded_redis import EmbeddedRedis
+from server.backends.embedded_valkey import EmbeddedValkey
 from tests.support import ServerProcess, bearer, free_port
 
 
@@ -29,7 +29,7 @@ def wait_for_health(url: str, status: int, attempts: int = 100) -> httpx.Respons
 
 
 def test_redis_down_gives_503_and_recovery_gives_200_with_room_events_back(tmp_path: Path) -> None:
-    engine = EmbeddedRedis(tmp_path, port=free_port())
+    engine = EmbeddedValkey(tmp_path, port=free_port())
     engine.start()
     try:
         with ServerProcess(tmp_path / "data", redis_url=engine.url) as srv:

@@ -10,7 +10,7 @@ import time
 from collections import defaultdict
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import pytest
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -26,16 +26,14 @@ from server.ids import new_id
 from server.inventory import keys
 from server.inventory import persister as persister_module
 from server.inventory.captures import LateCaptures
-from server.inventory.payments import SimulatedPayments
 from server.inventory.reconcile import reconcile
-from server.inventory.sales import SaleService
+from server.inventory.records import OrderRecord, Terms
+from server.inventory.room_sales import RoomSales
+from server.inventory.sales import Sales
 from server.inventory.schemas import SaleIn
-from server.inventory.stock import Stock, Terms
+from server.inventory.stock import Stock
 from server.inventory.sweeper import Sweeper
 from server.inventory.tables import LedgerEntry, Order, Sale
-from server.rooms.broker import Broker
-from server.rooms.service import RoomService
-from server.rooms.store import RoomStore
 from tests.inventory_support import (
     DB_SPARE,
     Actor,
@@ -243,7 +241,7 @@ async def test_rates_and_price_are_fixed_at_launch(server: ServerProcess) -> Non
 
 # --- the persister, in-process ----------------------------------------------------------------
 
-async def make_history(world: World) -> tuple[str, dict[str, dict[str, Any]], str]:
+async def make_history(world: World) -> tuple[str, dict[str, OrderRecord], str]:
     """A sale with paid (referred, self-referred, plain), cancelled and reserved orders."""
     sale = await world.add_sale(stock=10, limit=3, price_cents=799, commission_rate_bp=1234)
     b1, b2, b3, b4, b5, referrer = await world.add_users(6)
@@ -255,8 +253,8 @@ async def make_history(world: World) -> tuple[str, dict[str, dict[str, Any]], st
     o5 = (await world.reserve(s, b5, quantity=3)).order
     assert o1 and o2 and o3 and o4 and o5
     for o, buyer in ((o1, b1), (o2, b2), (o3, b3)):
-        assert (await world.stock.pay(s, o["id"], buyer, "pay-" + o["id"][-6:])).status == "paid"
-    assert (await world.stock.release(s, o4["id"], "cancelled", b4)).status == "released"
+        assert (await world.stock.pay(s, o.id, buyer, "pay-" + o.id[-6:])).status == "paid"
+    assert (await world.stock.release(s, o4.id, "cancelled", b4)).status == "released"
     return s, await world.stock.orders(s), referrer
 
 
@@ -274,7 +272,7 @@ async def test_two_persisters_writing_the_same_orders_at_once_never_deadlock(wor
         reserved = await a.read(sale.sale_id, count=n)
         for order, buyer in reversed(list(zip(orders, buyers))):
             assert order is not None
-            assert (await world.stock.pay(sale.sale_id, order["id"], buyer, "p")).status == "paid"
+            assert (await world.stock.pay(sale.sale_id, order.id, buyer, "p")).status == "paid"
         payments = await b.read(sale.sale_id, count=n)
         assert len(reserved) == len(payments) == n
         assert await asyncio.gather(a.apply(sale.sale_id, reserved), b.apply(sale.sale_id, payments)) == [True, True]
@@ -303,14 +301,14 @@ async def test_crash_between_sql_write_and_ack_is_rewritten_once(world: World) -
     for order_id, rec in orders.items():
         row = rows[order_id]
         assert (row.status, row.version, row.quantity, row.buyer_id) == \
-            (rec["status"], rec["v"], rec["quantity"], rec["user_id"])
-        assert row.payment_ref == rec.get("payment")
-        assert (row.paid_at is not None) == (rec["status"] == "paid")
-        assert (row.released_at is not None) == (rec["status"] == "cancelled")
+            (rec.status, rec.v, rec.quantity, rec.user_id)
+        assert row.payment_ref == rec.payment
+        assert (row.paid_at is not None) == (rec.status == "paid")
+        assert (row.released_at is not None) == (rec.status == "cancelled")
     lines = await sql_ledger(world.db, sale_id)
     kinds = sorted((line.order_id, line.kind) for line in lines)
     assert len(kinds) == len(set(kinds)), "a ledger line was written twice"
-    paid_ids = {i for i, rec in orders.items() if rec["status"] == "paid"}
+    paid_ids = {i for i, rec in orders.items() if rec.status == "paid"}
     assert {line.order_id for line in lines} == paid_ids
     referred = [line for line in lines if line.kind == "referral_share"]
     assert [(line.account_id, line.amount_cents) for line in referred] == [(referrer, 1598 * 1234 // 10_000 // 10)]
@@ -338,7 +336,7 @@ async def test_replays_never_move_an_order_back(world: World) -> None:
 
     after = {i: (r.status, r.version, r.paid_at, r.released_at) for i, r in (await sql_orders(world.db, sale_id)).items()}
     assert after == before
-    assert {i: (v[0], v[1]) for i, v in after.items()} == {i: (r["status"], r["v"]) for i, r in orders.items()}
+    assert {i: (v[0], v[1]) for i, v in after.items()} == {i: (r.status, r.v) for i, r in orders.items()}
     ledger_after = sorted((line.order_id, line.kind, line.amount_cents) for line in await sql_ledger(world.db, sale_id))
     assert ledger_after == ledger_before
     assert await pending(world.stock, sale_id) == 0
@@ -350,7 +348,7 @@ async def test_an_older_version_first_then_the_newer_one(world: World) -> None:
     (buyer,) = await world.add_users(1)
     order = (await world.reserve(sale.sale_id, buyer)).order
     assert order is not None
-    await world.stock.pay(sale.sale_id, order["id"], buyer, "p")
+    await world.stock.pay(sale.sale_id, order.id, buyer, "p")
     first, second = world.persister("w1"), world.persister("w2")
     got1 = await first.read(sale.sale_id, count=1)   # v1 (reserved)
     got2 = await second.read(sale.sale_id, count=1)  # v2 (paid)
@@ -358,9 +356,9 @@ async def test_an_older_version_first_then_the_newer_one(world: World) -> None:
     await first.apply(sale.sale_id, got1)
     await first.ack(sale.sale_id, got1)
     await second.ack(sale.sale_id, got2)
-    row = (await sql_orders(world.db, sale.sale_id))[order["id"]]
+    row = (await sql_orders(world.db, sale.sale_id))[order.id]
     assert (row.status, row.version) == ("paid", 2)
-    assert await sql_count(world.db, LedgerEntry, LedgerEntry.order_id == order["id"]) == 2
+    assert await sql_count(world.db, LedgerEntry, LedgerEntry.order_id == order.id) == 2
     info = await world.redis.xinfo_groups(keys.log(sale.sale_id))
     group = world.stock.persister_group(info)
     assert group is not None
@@ -389,7 +387,7 @@ async def test_sql_failure_keeps_entries_until_a_retry_writes_them(world: World)
     assert await p.drain(sale_id) == 0
     assert await pending(world.stock, sale_id) == 0
     rows = await sql_orders(world.db, sale_id)
-    assert set(rows) == set(orders) | {late.order["id"]}
+    assert set(rows) == set(orders) | {late.order.id}
     report = await reconcile(world.stock, world.db, sale_id)
     assert report.ok and report.unpersisted == 0, report.lines()
 
@@ -418,7 +416,7 @@ async def test_entries_of_a_sale_missing_in_sql_stay_pending_until_it_is_back(wo
         session.add(row)
     assert await p.drain(sale.sale_id) == 1
     assert await pending(world.stock, sale.sale_id) == 0
-    assert set(await sql_orders(world.db, sale.sale_id)) == {reserved.order["id"]}
+    assert set(await sql_orders(world.db, sale.sale_id)) == {reserved.order.id}
 
 
 async def test_a_settled_sale_is_archived_and_its_orders_are_answered_from_sql(world: World) -> None:
@@ -429,9 +427,9 @@ async def test_a_settled_sale_is_archived_and_its_orders_are_answered_from_sql(w
     paid = await world.reserve(sale.sale_id, payer, key="pay-key", quantity=2)
     kept = await world.reserve(sale.sale_id, canceller)
     assert paid.order is not None and kept.order is not None
-    assert (await world.stock.pay(sale.sale_id, paid.order["id"], payer, "sim_ref")).status == "paid"
-    await world.stock.captured(sale.sale_id, paid.order["id"])
-    assert (await world.stock.release(sale.sale_id, kept.order["id"], "cancelled", canceller)).status == "released"
+    assert (await world.stock.pay(sale.sale_id, paid.order.id, payer, "sim_ref")).status == "paid"
+    await world.stock.captured(sale.sale_id, paid.order.id)
+    assert (await world.stock.release(sale.sale_id, kept.order.id, "cancelled", canceller)).status == "released"
     assert await world.stock.end(sale.sale_id, "host")
     p = world.persister("archiving")
     for _ in range(3):
@@ -442,25 +440,24 @@ async def test_a_settled_sale_is_archived_and_its_orders_are_answered_from_sql(w
     assert sale.sale_id not in await world.stock.open_sales()
     assert [k for k in keys.all_keys(sale.sale_id) if await world.redis.exists(k)] == [keys.sale(sale.sale_id)]
     state = await world.stock.state(sale.sale_id)
-    assert state is not None and state["archived_at"] > 0
-    assert (state["remaining"], state["reserved"], state["paid"]) == (3, 0, 2)
+    assert state is not None and state.archived_at > 0
+    assert (state.remaining, state.reserved, state.paid) == (3, 0, 2)
     report = await reconcile(world.stock, world.db, sale.sale_id)
     assert report.ok and report.archived and report.sql_orders == 2, report.lines()
 
-    service = SaleService(cast(Any, None), world.stock, world.db, cast(Any, None), SimulatedPayments(),
-                          cast(Any, None))
+    service = world.orders()
     me, them = (Principal(u, "viewer", u[-6:], "session", time.time() + 3600) for u in (payer, canceller))
-    assert (await service.order(me, paid.order["id"])).status == "paid"
-    assert (await service.pay(me, paid.order["id"])).status == "paid"  # paying again: the same answer
+    assert (await service.get(me, paid.order.id)).status == "paid"
+    assert (await service.pay(me, paid.order.id)).status == "paid"  # paying again: the same answer
     with pytest.raises(Conflict) as refused:
-        await service.cancel(me, paid.order["id"])
+        await service.cancel(me, paid.order.id)
     assert refused.value.code == "paid"
-    assert (await service.cancel(them, kept.order["id"])).status == "cancelled"  # again: the same answer
+    assert (await service.cancel(them, kept.order.id)).status == "cancelled"  # again: the same answer
     with pytest.raises(Conflict) as refused:
-        await service.pay(them, kept.order["id"])
+        await service.pay(them, kept.order.id)
     assert refused.value.code == "cancelled"
     with pytest.raises(NotFound):
-        await service.order(them, paid.order["id"])  # somebody else's
+        await service.get(them, paid.order.id)  # somebody else's
     again = await world.reserve(sale.sale_id, payer, key="pay-key", quantity=2)
     assert again.status == "ended"  # the key is forgotten, and nothing new is sold
     assert (await reconcile(world.stock, world.db, sale.sale_id)).ok
@@ -480,19 +477,19 @@ async def test_the_persister_loop_archives_a_sale_once_it_settles(world: World,
     try:
         async def archived() -> bool:
             state = await world.stock.state(sale.sale_id)
-            return state is not None and state["archived_at"] > 0
+            return state is not None and state.archived_at > 0
         await asyncio.sleep(0.5)
         assert not await archived()  # on sale, then ended with an order reserved: not settled
         assert await world.stock.end(sale.sale_id, "host")
         await asyncio.sleep(0.5)
         assert not await archived()
-        await world.stock.release(sale.sale_id, reserved.order["id"], "cancelled", buyer)
+        await world.stock.release(sale.sale_id, reserved.order.id, "cancelled", buyer)
         await eventually(archived, timeout=10, what="the sale archived")
     finally:
         loop.cancel()
         await asyncio.gather(loop, return_exceptions=True)
-    assert set(await sql_orders(world.db, sale.sale_id)) == {reserved.order["id"]}
-    assert (await sql_orders(world.db, sale.sale_id))[reserved.order["id"]].status == "cancelled"
+    assert set(await sql_orders(world.db, sale.sale_id)) == {reserved.order.id}
+    assert (await sql_orders(world.db, sale.sale_id))[reserved.order.id].status == "cancelled"
 
 
 class FailingCreate(Stock):
@@ -511,14 +508,12 @@ async def test_a_launch_that_fails_at_redis_never_leaves_a_second_sale_running(
         world: World, tmp_path: Path, written: bool) -> None:
     """Whatever fails, a sale in Redis is the room's: the host sees it (and can end it), and no
     second sale runs beside it; a sale that never reached Redis shows nowhere and blocks nothing."""
-    broker = Broker(world.redis, world.redis, lambda room_id, data: None, asyncio.sleep, lambda ids: None,
-                    cast(Any, None))
-    await broker.detect()
-    rooms = RoomService(RoomStore(world.redis, broker), broker)
+    rooms = await world.room_service()
+    room_sales = RoomSales(world.redis)
     settings = Settings(data_dir=tmp_path, redis_url=None, database_url="", secret_key="")
     earlier = await world.add_sale()  # the room's previous sale, ended
     assert await world.stock.end(earlier.sale_id, "host")
-    await rooms.store.set_active_sale(earlier.room_id, earlier.sale_id)
+    await room_sales.set_current(earlier.room_id, earlier.sale_id)
     host = Principal(earlier.host_id, "host", "host", "session", time.time() + 3600)
     async with world.db() as session:
         product_id = (await session.get(Sale, earlier.sale_id)).product_id  # type: ignore[union-attr]
@@ -527,12 +522,12 @@ async def test_a_launch_that_fails_at_redis_never_leaves_a_second_sale_running(
     failing.written = written
     try:
         with pytest.raises(RedisConnectionError):
-            await SaleService(settings, failing, world.db, rooms, SimulatedPayments(), cast(Any, None)).launch(
-                host, earlier.room_id, body)
+            await Sales(settings, failing, room_sales, world.db, rooms).launch(host, earlier.room_id, body)
     finally:
         failing.disconnect()
-    service = SaleService(settings, world.stock, world.db, rooms, SimulatedPayments(), cast(Any, None))
-    failed = await rooms.store.active_sale(earlier.room_id)
+    service = Sales(settings, world.stock, room_sales, world.db, rooms)
+    failed = await room_sales.current(earlier.room_id)
+    assert failed is not None
     assert failed not in (None, earlier.sale_id)
     if written:
         assert (await service.get(failed)).status == "active"
@@ -545,7 +540,7 @@ async def test_a_launch_that_fails_at_redis_never_leaves_a_second_sale_running(
         with pytest.raises(NotFound):
             await service.get(failed)  # nothing shows it
     again = await service.launch(host, earlier.room_id, body)
-    assert again.status == "active" and await rooms.store.active_sale(earlier.room_id) == again.id
+    assert again.status == "active" and await room_sales.current(earlier.room_id) == again.id
 
 
 async def test_reconcile_reports_differences(world: World) -> None:
@@ -556,8 +551,8 @@ async def test_reconcile_reports_differences(world: World) -> None:
     await world.persister("r").drain(sale_id)
     assert (await reconcile(world.stock, world.db, sale_id)).ok
 
-    some_paid = next(i for i, o in orders.items() if o["status"] == "paid")
-    some_reserved = next(i for i, o in orders.items() if o["status"] == "reserved")
+    some_paid = next(i for i, o in orders.items() if o.status == "paid")
+    some_reserved = next(i for i, o in orders.items() if o.status == "reserved")
     async with world.db.begin() as session:
         await session.execute(update(Order).where(Order.id == some_paid).values(status="reserved", version=1))
         await session.execute(delete(Order).where(Order.id == some_reserved))

@@ -14,6 +14,7 @@ from typing import Any
 import httpx
 import pytest
 
+from server.inventory.records import OrderRecord
 from tests.inventory_support import (
     Actor,
     Shop,
@@ -33,6 +34,7 @@ from tests.inventory_support import (
     new_host,
     new_shop,
     pay,
+    sale_state,
     server_backends,
     settle_tracked,
     sql_orders,
@@ -116,9 +118,9 @@ async def test_fifty_concurrent_reserves_with_one_key_in_process(world: World) -
     outcomes = await asyncio.gather(*(world.reserve(sale.sale_id, buyer, key) for _ in range(50)))
     statuses = sorted(o.status for o in outcomes)
     assert statuses == ["duplicate"] * 49 + ["reserved"], statuses
-    assert len({o.order["id"] for o in outcomes if o.order}) == 1
+    assert len({o.order.id for o in outcomes if o.order}) == 1
     state = await world.stock.state(sale.sale_id)
-    assert state is not None and (state["remaining"], state["reserved"]) == (9, 1)
+    assert state is not None and (state.remaining, state.reserved) == (9, 1)
     assert len(await world.stock.orders(sale.sale_id)) == 1
     assert int(await world.redis.hget(f"{{sale:{sale.sale_id}}}:buyers", buyer) or 0) == 1
 
@@ -231,23 +233,23 @@ async def test_concurrent_releases_release_once(world: World) -> None:
     assert reserved.status == "reserved" and reserved.remaining == 2
     order = reserved.order
     assert order is not None
-    await world.wait_redis_past(order["pay_by"])
+    await world.wait_redis_past(order.pay_by)
 
-    outcomes = await asyncio.gather(*(world.stock.release(sale.sale_id, order["id"], "expired")
+    outcomes = await asyncio.gather(*(world.stock.release(sale.sale_id, order.id, "expired")
                                       for _ in range(20)))
     statuses = sorted(o.status for o in outcomes)
     assert statuses == ["expired"] * 19 + ["released"], statuses
     assert [o.remaining for o in outcomes if o.status == "released"] == [5]
     state = await world.stock.state(sale.sale_id)
-    assert state is not None and (state["remaining"], state["reserved"], state["paid"]) == (5, 0, 0)
+    assert state is not None and (state.remaining, state.reserved, state.paid) == (5, 0, 0)
     assert int(await world.redis.hget(f"{{sale:{sale.sale_id}}}:buyers", buyer) or 0) == 0
     assert await world.stock.due(sale.sale_id, 2**62) == []
     records = await stream_records(world.redis, sale.sale_id)
     assert [(r["status"], r["v"]) for r in records] == [("reserved", 1), ("expired", 2)]
     # Neither a late cancel nor a late pay moves it.
-    assert (await world.stock.release(sale.sale_id, order["id"], "cancelled", buyer)).status == "expired"
-    assert (await world.stock.pay(sale.sale_id, order["id"], buyer, "late")).status == "expired"
-    assert (await world.stock.state(sale.sale_id) or {})["remaining"] == 5
+    assert (await world.stock.release(sale.sale_id, order.id, "cancelled", buyer)).status == "expired"
+    assert (await world.stock.pay(sale.sale_id, order.id, buyer, "late")).status == "expired"
+    assert (await sale_state(world.stock, sale.sale_id)).remaining == 5
 
 
 async def test_release_before_pay_by_is_not_due(world: World) -> None:
@@ -255,10 +257,10 @@ async def test_release_before_pay_by_is_not_due(world: World) -> None:
     (buyer,) = await world.add_users(1)
     order = (await world.reserve(sale.sale_id, buyer)).order
     assert order is not None
-    outcome = await world.stock.release(sale.sale_id, order["id"], "expired")
+    outcome = await world.stock.release(sale.sale_id, order.id, "expired")
     assert outcome.status == "not_due"
-    assert (await world.stock.state(sale.sale_id) or {})["remaining"] == 1
-    assert await world.stock.due(sale.sale_id, order["pay_by"]) == [order["id"]]
+    assert (await sale_state(world.stock, sale.sale_id)).remaining == 1
+    assert await world.stock.due(sale.sale_id, order.pay_by) == [order.id]
 
 
 # --- pay against expire -----------------------------------------------------------------------
@@ -340,9 +342,9 @@ async def test_pay_and_expire_race_in_process(world: World) -> None:
         assert o.status == "reserved" and o.order is not None
         orders.append(o.order)
 
-    async def race(buyer: str, order: dict[str, Any]) -> list[str]:
-        outcomes = await asyncio.gather(world.stock.pay(sale.sale_id, order["id"], buyer, "ref"),
-                                        *(world.stock.release(sale.sale_id, order["id"], "expired")
+    async def race(buyer: str, order: OrderRecord) -> list[str]:
+        outcomes = await asyncio.gather(world.stock.pay(sale.sale_id, order.id, buyer, "ref"),
+                                        *(world.stock.release(sale.sale_id, order.id, "expired")
                                           for _ in range(3)))
         return [o.status for o in outcomes]
 
@@ -360,10 +362,10 @@ async def test_pay_and_expire_race_in_process(world: World) -> None:
             released += releases.count("released")
     state = await world.stock.state(sale.sale_id)
     assert state is not None
-    assert state["remaining"] + state["reserved"] + state["paid"] == n
-    assert state["paid"] == paid and state["remaining"] == released
+    assert state.remaining + state.reserved + state.paid == n
+    assert state.paid == paid and state.remaining == released
     for order in orders:
-        rec = await world.stock.order(sale.sale_id, order["id"])
-        assert rec is not None and rec["status"] in ("paid", "expired", "reserved")
-        if rec["status"] == "paid":
-            assert rec.get("released_at") is None
+        rec = await world.stock.order(sale.sale_id, order.id)
+        assert rec is not None and rec.status in ("paid", "expired", "reserved")
+        if rec.status == "paid":
+            assert rec.released_at is None

@@ -32,7 +32,9 @@ from hypothesis.stateful import (
 from server import clock
 from server.ids import new_id
 from server.inventory import keys
-from server.inventory.stock import Outcome, Terms, new_order_id
+from server.inventory.records import Change, SaleInfo, Terms
+from server.inventory.schemas import SaleProduct
+from server.inventory.stock import new_order_id
 from tests.inventory_support import (
     World,
     hash_ints,
@@ -44,6 +46,7 @@ from tests.inventory_support import (
 
 T = TypeVar("T")
 STEP_TIMEOUT_S = 30.0  # a guard against a hung step, not an assertion about speed
+INFO = SaleInfo(product=SaleProduct(id="p", name="p", description="", image_url=None, list_price_cents=500))
 
 
 @pytest.fixture
@@ -99,7 +102,7 @@ def make_machine(world: World, loop: asyncio.AbstractEventLoop) -> type[RuleBase
             run(world.stock.create(Terms(
                 sale_id=self.sale_id, room_id=new_id("room"), stock=stock, per_user_limit=limit, price_cents=500,
                 starts_at_ms=now - 5_000, ends_at_ms=now + 3_600_000,
-                payment_timeout_ms=1 if tiny else 3_600_000, info={"product": {"id": "p"}})))
+                payment_timeout_ms=1 if tiny else 3_600_000, info=INFO)))
 
         # --- steps ---------------------------------------------------------------------------
         @rule(data=st.data(), quantity=st.integers(1, 3))
@@ -113,7 +116,7 @@ def make_machine(world: World, loop: asyncio.AbstractEventLoop) -> type[RuleBase
             if (buyer, key) in m.by_key:
                 known = m.orders[m.by_key[(buyer, key)]]
                 want = "duplicate" if known.quantity == quantity else "key_reused"
-                assert out.status == want and out.order is not None and out.order["id"] == known.id, out
+                assert out.status == want and out.order is not None and out.order.id == known.id, out
                 return
             held = m.held(buyer)
             if held + quantity > m.limit:
@@ -128,8 +131,8 @@ def make_machine(world: World, loop: asyncio.AbstractEventLoop) -> type[RuleBase
             if want == "reserved":
                 assert out.order is not None and out.remaining == m.remaining - quantity
                 m.remaining -= quantity
-                m.orders[out.order["id"]] = ModelOrder(out.order["id"], buyer, key, quantity)
-                m.by_key[(buyer, key)] = out.order["id"]
+                m.orders[out.order.id] = ModelOrder(out.order.id, buyer, key, quantity)
+                m.by_key[(buyer, key)] = out.order.id
                 m.changes += 1
             else:
                 assert out.order is None
@@ -145,7 +148,7 @@ def make_machine(world: World, loop: asyncio.AbstractEventLoop) -> type[RuleBase
             rec = await world.stock.order(self.sale_id, order_id)
             assert rec is not None
             for _ in range(100):  # bounded: the pay-by is 1 ms after the reservation
-                if await redis_now_ms(world.redis) > rec["pay_by"]:
+                if await redis_now_ms(world.redis) > rec.pay_by:
                     return
                 await asyncio.sleep(0.001)
             raise AssertionError("the Redis clock did not pass a 1 ms pay-by")
@@ -162,13 +165,13 @@ def make_machine(world: World, loop: asyncio.AbstractEventLoop) -> type[RuleBase
                 if self.model.tiny:
                     assert out.status == "expired", out  # too late: nothing changes until it is released
                 else:
-                    assert out.status == "paid" and out.order is not None and out.order["payment"] == "pref", out
+                    assert out.status == "paid" and out.order is not None and out.order.payment == "pref", out
                     o.status = "paid"
                     self.model.changes += 1
             else:
                 assert out.status == ("already_paid" if o.status == "paid" else o.status), out
 
-        def _release(self, o: ModelOrder, reason: str, outs: list[Outcome]) -> None:
+        def _release(self, o: ModelOrder, reason: str, outs: list[Change]) -> None:
             statuses = [x.status for x in outs]
             if o.status != "reserved":
                 assert set(statuses) == {o.status}, statuses  # released at most once
@@ -182,7 +185,7 @@ def make_machine(world: World, loop: asyncio.AbstractEventLoop) -> type[RuleBase
             o.status = reason
             self.model.remaining += o.quantity
             assert released.remaining == self.model.remaining
-            assert released.order is not None and released.order["status"] == reason
+            assert released.order is not None and released.order.status == reason
             self.model.changes += 1
 
         @precondition(lambda self: bool(self.model.orders))
@@ -190,7 +193,7 @@ def make_machine(world: World, loop: asyncio.AbstractEventLoop) -> type[RuleBase
         def expire(self, data: st.DataObject, concurrent: int) -> None:
             o = self._pick(data)
 
-            async def many() -> list[Outcome]:
+            async def many() -> list[Change]:
                 return list(await asyncio.gather(*(world.stock.release(self.sale_id, o.id, "expired")
                                                    for _ in range(concurrent))))
 
@@ -214,22 +217,22 @@ def make_machine(world: World, loop: asyncio.AbstractEventLoop) -> type[RuleBase
             m = self.model
             state, orders, buyers, due, records = run(self._read())
             assert state is not None
-            assert state["remaining"] >= 0
-            assert state["remaining"] + state["reserved"] + state["paid"] == state["stock"] == m.stock, state
-            assert (state["remaining"], state["reserved"], state["paid"]) == \
+            assert state.remaining >= 0
+            assert state.remaining + state.reserved + state.paid == state.stock == m.stock, state
+            assert (state.remaining, state.reserved, state.paid) == \
                 (m.remaining, m.units("reserved"), m.units("paid")), (state, m)
-            assert state["v"] == 1 + m.changes
+            assert state.v == 1 + m.changes
             # the records agree with the counters and the model
-            assert {i: o["status"] for i, o in orders.items()} == {i: o.status for i, o in m.orders.items()}
-            assert sum(o["quantity"] for o in orders.values() if o["status"] == "reserved") == state["reserved"]
-            assert sum(o["quantity"] for o in orders.values() if o["status"] == "paid") == state["paid"]
+            assert {i: o.status for i, o in orders.items()} == {i: o.status for i, o in m.orders.items()}
+            assert sum(o.quantity for o in orders.values() if o.status == "reserved") == state.reserved
+            assert sum(o.quantity for o in orders.values() if o.status == "paid") == state.paid
             per_buyer: dict[str, int] = defaultdict(int)
             for o in orders.values():
-                if o["status"] in ("reserved", "paid"):
-                    per_buyer[o["user_id"]] += o["quantity"]
+                if o.status in ("reserved", "paid"):
+                    per_buyer[o.user_id] += o.quantity
             assert {b: h for b, h in buyers.items() if h} == dict(per_buyer)
             assert all(h <= m.limit for h in buyers.values()) and all(h >= 0 for h in buyers.values())
-            assert due == {i for i, o in orders.items() if o["status"] == "reserved"}
+            assert due == {i for i, o in orders.items() if o.status == "reserved"}
             # the stream: per order, reserved then at most one more change, versions in order
             history: dict[str, list[tuple[str, int]]] = defaultdict(list)
             for rec in records:
@@ -239,7 +242,7 @@ def make_machine(world: World, loop: asyncio.AbstractEventLoop) -> type[RuleBase
                 assert steps[0] == ("reserved", 1), steps
                 assert len(steps) <= 2, f"{order_id} changed more than once after reserving: {steps}"
                 assert [v for _, v in steps] == list(range(1, len(steps) + 1))
-                assert steps[-1] == (orders[order_id]["status"], orders[order_id]["v"])
+                assert steps[-1] == (orders[order_id].status, orders[order_id].v)
 
         async def _read(self) -> tuple[Any, ...]:
             state = await world.stock.state(self.sale_id)

@@ -292,8 +292,8 @@ async def test_sigkill_mid_spike_then_restart(tmp_path: Path, redis_url: str) ->
         async with server_backends(srv) as (stock, db):
             state = await stock.state(sale_id)
             assert state is not None
-            assert state["remaining"] + state["reserved"] + state["paid"] == STOCK
-            assert state["remaining"] == 0  # demand (120 buyers x 2) was over the stock
+            assert state.remaining + state.reserved + state.paid == STOCK
+            assert state.remaining == 0  # demand (120 buyers x 2) was over the stock
             redis_orders = await stock.orders(sale_id)
             assert set(redis_orders) == set(known), "Redis holds orders no buyer was told about, or lost some"
             report = await wait_persisted(stock, db, sale_id, timeout=RECOVERY_TIMEOUT_S)

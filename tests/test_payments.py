@@ -1,4 +1,4 @@
-"""Paying through SaleService against the real engine, with providers that record what they were
+"""Paying through the buying service (server/inventory/orders.py) against the real engine, with providers that record what they were
 asked: the authorization stored with the order is captured even when the answer to the payment
 was lost (by the buyer's retry, or else by the jobs process's late captures), a provider failing
 at capture never fails a paid order nor stops other captures, and concurrent payments of one
@@ -23,9 +23,10 @@ from server.auth import Principal
 from server.errors import Conflict, NotFound, PaymentRequired, Unavailable
 from server.inventory.payments import Authorization, PaymentDeclined, SimulatedPayments
 from server.inventory.schemas import PurchaseIn
-from server.inventory.sales import SaleService
+from server.inventory.orders import Orders
 from server.inventory import keys
-from server.inventory.stock import Outcome, Stock
+from server.inventory.records import Change
+from server.inventory.stock import Stock
 from server.inventory.captures import RETRY_AFTER_MS, LateCaptures
 from server.inventory.persister import Persister
 from server.inventory.reconcile import reconcile
@@ -76,17 +77,12 @@ class LostAnswerStock(Stock):
 
     lose_next = False
 
-    async def pay(self, sale_id: str, order_id: str, user_id: str, payment_ref: str) -> Outcome:
+    async def pay(self, sale_id: str, order_id: str, user_id: str, payment_ref: str) -> Change:
         outcome = await super().pay(sale_id, order_id, user_id, payment_ref)
         if self.lose_next:
             self.lose_next = False
             raise RedisTimeoutError("the answer was lost on the way")
         return outcome
-
-
-class Notes:
-    def touch(self, sale_id: str, room_id: str) -> None:
-        pass
 
 
 @pytest.fixture
@@ -96,7 +92,7 @@ async def world(redis_url: str, sql_url: str) -> AsyncIterator[World]:
         yield w
 
 
-Paying = tuple[SaleService, LostAnswerStock, RecordingPayments, Principal, str, str]
+Paying = tuple[Orders, LostAnswerStock, RecordingPayments, Principal, str, str]
 
 
 @pytest.fixture
@@ -109,11 +105,10 @@ async def paying(world: World) -> AsyncIterator[Paying]:
     assert reserved.status == "reserved" and reserved.order is not None
     stock = LostAnswerStock(world.redis, world.stock.group.removeprefix("persister:"))
     payments = RecordingPayments()
-    # Paying touches neither the settings nor the rooms; the notifier is asked to announce the sale.
-    service = SaleService(cast(Any, None), stock, world.db, cast(Any, None), payments, cast(Any, Notes()))
+    service = world.orders(payments, stock=stock)
     me = Principal(buyer, "viewer", "buyer", "session", time.time() + 3600)
     try:
-        yield service, stock, payments, me, sale.sale_id, reserved.order["id"]
+        yield service, stock, payments, me, sale.sale_id, reserved.order.id
     finally:
         stock.disconnect()
 
@@ -124,16 +119,16 @@ async def test_a_payment_whose_answer_was_lost_is_captured_when_the_buyer_retrie
     with pytest.raises(RedisTimeoutError):
         await service.pay(me, order_id)
     stored = await stock.order(sale_id, order_id)
-    assert stored is not None and stored["status"] == "paid"
+    assert stored is not None and stored.status == "paid"
     assert payments.count("capture") == Counter()  # the request died before its capture
 
     again = await service.pay(me, order_id)  # the buyer retries
     assert again.status == "paid" and again.total_cents == 2500
-    assert payments.count("capture") == Counter({stored["payment"]: 1})
+    assert payments.count("capture") == Counter({stored.payment: 1})
     assert payments.count("void") == Counter()
     assert await captures_due(world, sale_id) == 0
     assert (await service.pay(me, order_id)).status == "paid"  # once more: nothing is owed, no call
-    assert payments.count("capture") == Counter({stored["payment"]: 1})
+    assert payments.count("capture") == Counter({stored.payment: 1})
 
 
 async def test_concurrent_payments_of_one_order_capture_its_one_authorization_and_void_nothing(
@@ -143,11 +138,11 @@ async def test_concurrent_payments_of_one_order_capture_its_one_authorization_an
     assert {a.status for a in answers} == {"paid"}
     stored = await stock.order(sale_id, order_id)
     assert stored is not None
-    assert set(payments.count("authorize")) <= {stored["payment"]}  # one reference per order
-    assert set(payments.count("capture")) == {stored["payment"]}  # captured, idempotently
+    assert set(payments.count("authorize")) <= {stored.payment}  # one reference per order
+    assert set(payments.count("capture")) == {stored.payment}  # captured, idempotently
     assert payments.count("void") == Counter()
     state = await stock.state(sale_id)
-    assert state is not None and (state["paid"], state["reserved"]) == (2, 0)
+    assert state is not None and (state.paid, state.reserved) == (2, 0)
 
 
 async def captures_due(world: World, sale_id: str) -> int:
@@ -158,7 +153,8 @@ async def test_a_payment_that_went_through_owes_no_capture(world: World, paying:
     service, stock, payments, me, sale_id, order_id = paying
     assert (await service.pay(me, order_id)).status == "paid"
     assert await captures_due(world, sale_id) == 0
-    assert payments.count("capture") == Counter({(await stock.order(sale_id, order_id) or {})["payment"]: 1})
+    stored = await stock.order(sale_id, order_id)
+    assert stored is not None and payments.count("capture") == Counter({stored.payment: 1})
 
 
 async def test_a_payment_whose_request_died_is_captured_by_the_jobs_process_once_due(
@@ -182,8 +178,8 @@ async def test_a_payment_whose_request_died_is_captured_by_the_jobs_process_once
     assert await late.pass_sale(sale_id, int(time.time() * 1000) + 1000) == 1
     assert await late.pass_sale(sale_id, int(time.time() * 1000) + 1000) == 0  # nothing left
     stored = await stock.order(sale_id, order_id)
-    assert stored is not None and stored["status"] == "paid"
-    assert payments.count("capture") == Counter({stored["payment"]: 1})
+    assert stored is not None and stored.status == "paid"
+    assert payments.count("capture") == Counter({stored.payment: 1})
     assert await captures_due(world, sale_id) == 0
     assert await persister.settled(sale_id)
     report = await reconcile(stock, world.db, sale_id)
@@ -197,14 +193,14 @@ class DecliningPayments(RecordingPayments):
 
 async def test_a_declined_payment_answers_402_and_leaves_the_order_reserved(paying: Paying) -> None:
     service, stock, _, me, sale_id, order_id = paying
-    service.payments = declining = DecliningPayments()
+    service._payments = declining = DecliningPayments()  # noqa: SLF001
     with pytest.raises(PaymentRequired) as refused:
         await service.pay(me, order_id)
     assert (refused.value.status, refused.value.code) == (402, "payment_declined")
     stored = await stock.order(sale_id, order_id)
-    assert stored is not None and stored["status"] == "reserved"
+    assert stored is not None and stored.status == "reserved"
     assert declining.calls == []
-    service.payments = RecordingPayments()  # another card
+    service._payments = RecordingPayments()  # noqa: SLF001  # another card
     assert (await service.pay(me, order_id)).status == "paid"
 
 
@@ -247,7 +243,7 @@ async def test_a_sale_is_not_settled_by_a_check_that_a_payment_overtook(
     another jobs process while settled() is looking: settled() answers from one instant, so it does
     not close a sale that owes a capture (late captures visit open sales only)."""
     service, stock, _, me, sale_id, order_id = paying
-    service.payments = FailingCapturePayments()
+    service._payments = FailingCapturePayments()  # noqa: SLF001
     other = world.persister("other")
     assert await stock.end(sale_id, "host")
     for _ in range(3):  # the reservation reaches SQL: nothing pending
@@ -274,7 +270,7 @@ async def test_a_provider_failing_at_capture_fails_no_paid_order_and_holds_up_no
         world: World, paying: Paying) -> None:
     service, stock, _, me, sale_id, order_id = paying
     payments = FailingCapturePayments()
-    service.payments = payments
+    service._payments = payments  # noqa: SLF001
     stock.capture_after_ms = 0
     paid = await service.pay(me, order_id)  # the capture fails: the order is paid all the same
     assert paid.status == "paid" and await captures_due(world, sale_id) == 1
@@ -287,7 +283,7 @@ async def test_a_provider_failing_at_capture_fails_no_paid_order_and_holds_up_no
     payments.failing = False
     stock.lose_next = True
     with pytest.raises(RedisTimeoutError):
-        await service.pay(Principal(other_buyer, "viewer", "b", "s", time.time() + 3600), other.order["id"])
+        await service.pay(Principal(other_buyer, "viewer", "b", "s", time.time() + 3600), other.order.id)
     payments.failing = True
 
     late = LateCaptures(stock, service)
@@ -295,7 +291,7 @@ async def test_a_provider_failing_at_capture_fails_no_paid_order_and_holds_up_no
     assert await late.pass_sale(sale_id, now_ms) == 0  # both fail, neither stops the pass
     scores = dict(await world.redis.zrange(keys.captures(sale_id), 0, -1, withscores=True))
     assert {k.decode(): int(v) for k, v in scores.items()} == {
-        order_id: now_ms + RETRY_AFTER_MS, other.order["id"]: now_ms + RETRY_AFTER_MS}
+        order_id: now_ms + RETRY_AFTER_MS, other.order.id: now_ms + RETRY_AFTER_MS}
 
     payments.failing = False
     assert await late.pass_sale(sale_id, now_ms) == 0  # not due again before the retry time
@@ -308,15 +304,15 @@ async def test_with_a_new_reference_per_authorize_the_losers_are_voided_and_the_
         world: World, paying: Paying) -> None:
     service, stock, _, me, sale_id, order_id = paying
     payments = OnePerCallPayments()
-    service.payments = payments
+    service._payments = payments  # noqa: SLF001
     answers = await asyncio.gather(*(service.pay(me, order_id) for _ in range(6)))
     assert {a.status for a in answers} == {"paid"}
     stored = await stock.order(sale_id, order_id)
     assert stored is not None
     authorized = set(payments.count("authorize"))
-    assert stored["payment"] in authorized
-    assert set(payments.count("void")) == authorized - {stored["payment"]}  # each loser's hold released
-    assert set(payments.count("capture")) == {stored["payment"]}
+    assert stored.payment in authorized
+    assert set(payments.count("void")) == authorized - {stored.payment}  # each loser's hold released
+    assert set(payments.count("capture")) == {stored.payment}
     assert await captures_due(world, sale_id) == 0
 
 
@@ -352,14 +348,13 @@ async def test_a_payment_overtaken_by_another_that_paid_and_was_archived_answers
     archived: the slow payment answers the paid order from SQL, and voids its hold only if that
     hold is not the one that paid (it used to void it, and answer 409 `expired`)."""
     service, stock, _, me, sale_id, order_id = paying
-    other = SaleService(cast(Any, None), stock, world.db, cast(Any, None),
-                        RecordingPayments() if same_reference else OnePerCallPayments(), cast(Any, Notes()))
+    other = world.orders(RecordingPayments() if same_reference else OnePerCallPayments(), stock=stock)
 
     async def paid_and_archived() -> None:
         assert (await other.pay(me, order_id)).status == "paid"
         await settle_and_archive(world, stock, sale_id)
 
-    service.payments = slow = MeanwhilePayments(paid_and_archived)
+    service._payments = slow = MeanwhilePayments(paid_and_archived)  # noqa: SLF001
     answer = await service.pay(me, order_id)
     assert answer.status == "paid" and answer.total_cents == 2500
     assert await stock.order(sale_id, order_id) is None  # answered from SQL
@@ -375,7 +370,7 @@ async def test_a_payment_overtaken_by_a_cancel_and_an_archive_voids_its_hold(wor
         assert (await service.cancel(me, order_id)).status == "cancelled"
         await settle_and_archive(world, stock, sale_id)
 
-    service.payments = slow = MeanwhilePayments(cancelled_and_archived)
+    service._payments = slow = MeanwhilePayments(cancelled_and_archived)  # noqa: SLF001
     with pytest.raises(Conflict) as refused:
         await service.pay(me, order_id)
     assert refused.value.code == "cancelled"
@@ -411,29 +406,29 @@ class HangingPayments(RecordingPayments):
 
 @pytest.fixture
 def short_provider_timeout(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("server.inventory.sales.PROVIDER_TIMEOUT_S", 0.2)
+    monkeypatch.setattr("server.inventory.orders.PROVIDER_TIMEOUT_S", 0.2)
 
 
 @pytest.mark.parametrize("trouble", ["hangs", "fails"])
 async def test_a_provider_that_hangs_or_fails_at_authorize_answers_503_and_leaves_the_order_reserved(
         paying: Paying, short_provider_timeout: None, trouble: str) -> None:
     service, stock, _, me, sale_id, order_id = paying
-    service.payments = HangingPayments(**{trouble: frozenset({"authorize"})})
+    service._payments = HangingPayments(**{trouble: frozenset({"authorize"})})  # noqa: SLF001
     async with asyncio.timeout(5):  # bounded by the provider timeout, not by the provider
         with pytest.raises(Unavailable) as refused:
             await service.pay(me, order_id)
     assert (refused.value.status, refused.value.code) == (503, "unavailable")
     assert refused.value.headers["Retry-After"]
     stored = await stock.order(sale_id, order_id)
-    assert stored is not None and stored["status"] == "reserved"
-    service.payments = RecordingPayments()  # the provider is back: the buyer's retry pays
+    assert stored is not None and stored.status == "reserved"
+    service._payments = RecordingPayments()  # noqa: SLF001  # the provider is back: the buyer's retry pays
     assert (await service.pay(me, order_id)).status == "paid"
 
 
 async def test_a_capture_that_hangs_answers_the_paid_order_and_stays_owed(
         world: World, paying: Paying, short_provider_timeout: None) -> None:
     service, stock, _, me, sale_id, order_id = paying
-    service.payments = HangingPayments(hangs=frozenset({"capture"}))
+    service._payments = HangingPayments(hangs=frozenset({"capture"}))  # noqa: SLF001
     async with asyncio.timeout(5):
         assert (await service.pay(me, order_id)).status == "paid"
     assert await captures_due(world, sale_id) == 1  # for the jobs process's late captures
@@ -448,7 +443,7 @@ async def test_a_void_that_hangs_does_not_hold_up_the_refusal(paying: Paying, sh
         assert (await service.cancel(me, order_id)).status == "cancelled"
 
     slow = MeanwhilePayments(cancelled)
-    service.payments = slow
+    service._payments = slow  # noqa: SLF001
 
     async def hang(auth: Authorization) -> None:
         await asyncio.sleep(3600)
@@ -467,7 +462,7 @@ async def test_a_payment_whose_order_is_gone_everywhere_voids_its_hold(world: Wo
     async def lost() -> None:
         await world.redis.hdel(keys.orders(sale_id), order_id)
 
-    service.payments = slow = MeanwhilePayments(lost)
+    service._payments = slow = MeanwhilePayments(lost)  # noqa: SLF001
     with pytest.raises(NotFound):
         await service.pay(me, order_id)
     (ref,) = slow.count("authorize")
@@ -486,9 +481,7 @@ async def test_a_reservation_is_answered_201_when_telling_the_room_fails(world: 
     the sell-out found no free Redis connection): a load run counted it as never made."""
     sale = await world.add_sale(stock=1, limit=1)
     (buyer,) = await world.add_users(1)
-    service = SaleService(cast(Any, None), world.stock, world.db, cast(Any, UnreachableRooms()),
-                          SimulatedPayments(), cast(Any, Notes()))
-    service._rooms[sale.sale_id] = sale.room_id  # the sale's room, known already
+    service = world.orders(rooms=cast(Any, UnreachableRooms()))
     me = Principal(buyer, "viewer", "buyer", "session", time.time() + 3600)
     status, order = await service.purchase(me, sale.sale_id, "k1", PurchaseIn(quantity=1), None)
     assert (status, order.status, order.remaining) == (201, "reserved", 0)

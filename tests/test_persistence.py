@@ -11,7 +11,7 @@ from sqlalchemy import inspect
 
 from server.app import ensure_schema
 from server.config import Settings
-from server.db import Base, make_engine
+from server.backends.sql import Base, make_engine
 from tests.support import ServerProcess, bearer
 
 PASSWORD = "correct horse battery"

@@ -17,7 +17,8 @@ import pytest
 
 from server.inventory import keys
 from server.inventory.keys import limit as limit_key
-from server.inventory.stock import Outcome, Stock, new_order_id
+from server.inventory.records import Reservation
+from server.inventory.stock import Stock, new_order_id
 from server.ratelimit import PURCHASE_PER_USER, Limit
 from tests.inventory_support import (
     DB_IN_PROCESS,
@@ -35,6 +36,7 @@ from tests.inventory_support import (
     open_redis,
     redis_db_url,
     redis_now_ms,
+    sale_state,
     settle_tracked,
 )
 from tests.support import ServerProcess, assert_error
@@ -58,7 +60,7 @@ def ip_limit(per_second: float = FROZEN, burst: int = 5) -> Limit:
 
 
 async def attempt(stock: Stock, sale_id: str, user_id: str, limits: list[tuple[Limit, str]], key: str | None = None,
-                  quantity: int = 1) -> Outcome:
+                  quantity: int = 1) -> Reservation:
     return await stock.reserve(sale_id, user_id, key or idem_key(), new_order_id(sale_id), quantity, None, limits)
 
 
@@ -191,7 +193,7 @@ async def test_under_concurrency_exactly_the_burst_gets_through(world: World, re
         try:
             gate = asyncio.Event()
 
-            async def one(i: int) -> Outcome:
+            async def one(i: int) -> Reservation:
                 await gate.wait()
                 if i % 7 == 0:
                     await asyncio.sleep(0.001 * (i % 5))  # some in later turns, in batches of their own
@@ -297,11 +299,11 @@ async def test_the_api_answers_429_with_retry_after_when_the_buyer_bucket_is_emp
 
 async def test_the_start_is_announced_once_as_a_new_version_and_never_after_the_end(world: World) -> None:
     sale = await world.add_sale()
-    v = (await world.stock.state(sale.sale_id) or {})["v"]
+    v = (await sale_state(world.stock, sale.sale_id)).v
     results = await asyncio.gather(*(world.stock.mark_started(sale.sale_id) for _ in range(8)))
     assert sorted(results) == [0] * 7 + [v + 1]  # one caller of all, with the new version
     ended = await world.add_sale()
     assert await world.stock.end(ended.sale_id, "host")
-    v_end = (await world.stock.state(ended.sale_id) or {})["v"]
+    v_end = (await sale_state(world.stock, ended.sale_id)).v
     assert await world.stock.mark_started(ended.sale_id) == 0  # an end that won the race is the news
-    assert (await world.stock.state(ended.sale_id) or {})["v"] == v_end
+    assert (await sale_state(world.stock, ended.sale_id)).v == v_end

@@ -17,7 +17,7 @@ from starlette.requests import Request
 from websockets.exceptions import InvalidStatus
 
 from server.api.responses import on_database_error
-from server.db import create_schema, make_engine
+from server.backends.sql import create_schema, make_engine
 from tests.inventory_support import (
     DB_PG_OUTAGE,
     api_client,

@@ -218,7 +218,7 @@ async def test_purchases_go_on_while_the_database_is_locked_and_sql_catches_up(
         assert report.ok, report.lines()
         assert (report.redis_orders, report.sql_orders) == (12, 12), report.lines()
         states = [await stock.state(sale_id) for sale_id in await stock.open_sales()]
-        assert unlaunched.room_id not in {s["room_id"] for s in states if s is not None}
+        assert unlaunched.room_id not in {s.room_id for s in states if s is not None}
     r = await api_a.get(f"/api/rooms/{unlaunched.room_id}/sales")
     assert r.status_code == 200 and r.json() == [], r.text
     for buyer in buyers:

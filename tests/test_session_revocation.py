@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Collection
 
 import pytest
 from itsdangerous import URLSafeTimedSerializer
@@ -169,20 +169,32 @@ async def test_a_tampered_token_is_refused_every_time_and_never_cached(redis: Re
     assert (await mine.verify(token)).session_id == principal.session_id
 
 
+class NoRooms:
+    """A broker listener with no rooms to serve: here only the sessions channel matters."""
+
+    def on_message(self, room_id: str, data: bytes) -> None:
+        pass
+
+    async def resync(self) -> None:
+        pass
+
+    def end_sessions(self, session_ids: Collection[str]) -> None:
+        pass
+
+
 async def test_a_logout_whose_message_was_lost_is_seen_at_the_next_resync(
         redis: Redis, redis_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """The broker reloads the revoked sessions every SESSIONS_RESYNC_S while subscribed: a logout
     recorded in Redis whose pub/sub message never came (its publish failed) is refused after that."""
-    from server import redis_pool
+    from server.backends import redis_client
     from server.rooms import broker as broker_module
+    from server.rooms.publisher import Publisher
 
     monkeypatch.setattr(broker_module, "SESSIONS_RESYNC_S", 0.3)
     mine, other = process(redis), process(redis)
-    listener = redis_pool.make_listener(redis_db_url(redis_url, DB_REVOCATION))
-    broker = broker_module.Broker(redis, listener, lambda room, data: None, lambda: asyncio.sleep(0),
-                                  lambda session_id: None, mine)
-    await broker.detect()
-    task = asyncio.create_task(broker.run())
+    listener = redis_client.make_listener(redis_db_url(redis_url, DB_REVOCATION))
+    broker = broker_module.Broker(listener, mine, sharded=(await Publisher.detect(redis)).sharded)
+    task = asyncio.create_task(broker.run(NoRooms()))
     try:
         async def synced() -> bool:
             return mine.in_sync

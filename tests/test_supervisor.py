@@ -1,4 +1,4 @@
-"""server.supervisor.Supervised, through the embedded engine: a killed Valkey is started again by
+"""server.backends.supervisor.Supervised, through the embedded engine: a killed Valkey is started again by
 its watchdog with its data (the AOF), and stop() leaves nothing running. (The jobs process, the
 other supervised child, is tests/test_jobs_process.py's.)"""
 
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import redis
 
-from server.embedded_redis import EmbeddedRedis
+from server.backends.embedded_valkey import EmbeddedValkey
 from tests.support import free_port
 
 
@@ -26,7 +26,7 @@ def answers(url: str) -> bool:
 
 
 def test_a_killed_engine_is_restarted_with_its_data(tmp_path: Path) -> None:
-    engine = EmbeddedRedis(tmp_path, port=free_port())
+    engine = EmbeddedValkey(tmp_path, port=free_port())
     url = engine.start(supervise=True)
     try:
         client = redis.Redis.from_url(url)

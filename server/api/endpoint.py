@@ -27,7 +27,7 @@ from starlette.types import Receive, Scope, Send
 from server.api.responses import json_response
 from server.auth import Principal, authenticate, check_csrf
 from server.errors import BadRequest, Forbidden, PayloadTooLarge, Unauthorized, Unprocessable, UnsupportedMediaType
-from server.services import Services
+from server.wiring import Services
 
 B = TypeVar("B")
 Auth = Literal["none", "optional", "user", "host"]

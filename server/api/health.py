@@ -9,7 +9,7 @@ from starlette.responses import Response
 
 from server.api.endpoint import Call, Router
 from server.api.responses import json_response
-from server.db import ping
+from server.backends.sql import ping
 from server.schemas import Health
 
 router = Router("health")
@@ -30,7 +30,7 @@ async def healthz(call: Call[None]) -> Response:
     viewers who join wait for it and the room's events do not reach them)."""
     redis_state, db_state = await asyncio.gather(_check(call.services.redis.ping()),
                                                  _check(ping(call.services.db_engine)))
-    pubsub_state: Literal["ok", "down"] = "ok" if call.services.hub.broker.connected.is_set() else "down"
+    pubsub_state: Literal["ok", "down"] = "ok" if call.services.broker.is_connected() else "down"
     ok = redis_state == db_state == pubsub_state == "ok"
     return json_response(Health(status="ok" if ok else "unavailable", redis=redis_state, database=db_state,
                                 pubsub=pubsub_state), 200 if ok else 503)

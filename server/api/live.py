@@ -19,7 +19,6 @@ from server.ids import looks_like_id
 from server.inventory.figures import room_sales_figures
 from server.models import Room, RoomProduct, User
 from server.rooms.protocol import Lineup
-from server.rooms.store import MAX_MUTES
 from server.schemas import (
     BannedWordsIn,
     BannedWordsOut,
@@ -121,9 +120,7 @@ async def mute(call: Call[MuteIn]) -> MuteOut:
     async with call.services.db() as db:
         if await db.get(User, call.body.user_id) is None:
             raise NotFound("no such user", code="user_not_found")
-    until_ms = await call.services.rooms.store.mute(room.id, call.body.user_id, call.body.duration_s * 1000)
-    if until_ms is None:
-        raise Conflict(f"this room holds {MAX_MUTES} mutes already; lift some first", code="too_many_mutes")
+    until_ms = await call.services.rooms.mute(room.id, call.body.user_id, call.body.duration_s * 1000)
     return (await _mutes_out(call, {call.body.user_id: until_ms}))[0]
 
 
@@ -140,7 +137,7 @@ async def list_mutes(call: Call[None]) -> list[MuteOut]:
     """Users muted in this room now."""
     async with call.services.db() as db:
         room = await get_owned_room(db, call.param("room_id"), call.me)
-    return await _mutes_out(call, await call.services.rooms.store.mutes(room.id))
+    return await _mutes_out(call, await call.services.rooms.mutes(room.id))
 
 
 @router.endpoint("DELETE", "/api/rooms/{room_id}/mutes/{user_id}", auth="host", response=MuteOut, errors=(404,))
@@ -149,7 +146,7 @@ async def unmute(call: Call[None]) -> MuteOut:
     async with call.services.db() as db:
         room = await get_owned_room(db, call.param("room_id"), call.me)
     user_id = call.param("user_id")
-    if not await call.services.rooms.store.unmute(room.id, user_id):
+    if not await call.services.rooms.unmute(room.id, user_id):
         raise NotFound("that user is not muted here", code="not_muted")
     return (await _mutes_out(call, {user_id: int(time.time() * 1000)}))[0]
 
@@ -159,7 +156,7 @@ async def get_banned_words(call: Call[None]) -> BannedWordsOut:
     """The room's banned words."""
     async with call.services.db() as db:
         room = await get_owned_room(db, call.param("room_id"), call.me)
-    return BannedWordsOut(words=await call.services.rooms.store.banned_words(room.id))
+    return BannedWordsOut(words=await call.services.rooms.banned_words(room.id))
 
 
 @router.endpoint("PUT", "/api/rooms/{room_id}/banned-words", auth="host", body=BannedWordsIn,
@@ -178,7 +175,7 @@ async def stats(call: Call[None]) -> RoomStatsOut:
     """Live figures of your room."""
     async with call.services.db() as db:
         room = await get_owned_room(db, call.param("room_id"), call.me)
-    live = await call.services.rooms.store.stats(room.id)
+    live = await call.services.rooms.stats(room.id)
     async with call.services.db() as db:
         sales = await room_sales_figures(db, room.id)
     unique = live["unique_viewers"]

@@ -4,6 +4,7 @@ security headers every response carries."""
 from __future__ import annotations
 
 from pathlib import Path
+
 from starlette.responses import FileResponse
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles

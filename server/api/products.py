@@ -7,8 +7,9 @@ from msgspec import UnsetType
 from sqlalchemy import select
 
 from server.api.endpoint import Call, Router
-from server.catalog import check_commission, get_owned_product, get_product, lineup, product_out
+from server.catalog import get_owned_product, get_product, lineup, product_out
 from server.ids import new_id
+from server.inventory.ledger import check_commission
 from server.models import Product, Room, RoomProduct
 from server.rooms.protocol import Lineup
 from server.schemas import ProductIn, ProductOut, ProductPatch

@@ -14,8 +14,8 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
+from server.api.pages import SECURITY_HEADERS
 from server.errors import ApiError
-from server.pages import SECURITY_HEADERS
 
 log = logging.getLogger("livesale.api")
 
@@ -61,7 +61,7 @@ async def on_unavailable(request: Request, exc: Exception) -> Response:
 
 
 # PostgreSQL's SQLSTATEs for "cannot serve now, try again", not "this request is wrong": class 08
-# (connection; server/db.py raises 08001 for a server it cannot reach), 40 (a deadlock or a
+# (connection; server/backends/sql.py raises 08001 for a server it cannot reach), 40 (a deadlock or a
 # serialization failure rolled the transaction back), 53 (insufficient resources: too many
 # connections), 55P03 (lock timeout), 57014 (statement timeout), 57P01 to 57P03 (shutting down,
 # crashed, starting up).

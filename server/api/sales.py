@@ -2,16 +2,11 @@
 
 from __future__ import annotations
 
-from sqlalchemy import select
-
 from server import clock
 from server.api.endpoint import Call, Router
-from server.catalog import get_room
 from server.errors import BadRequest
 from server.inventory import ledger
-from server.inventory.sales import sale_out
 from server.inventory.schemas import EarningsOut, LedgerLine, OrderOut, PurchaseIn, SaleIn, SaleOut
-from server.inventory.tables import Sale
 from server.ratelimit import Gate, address_key
 
 router = Router("sales")
@@ -35,12 +30,7 @@ async def launch_sale(call: Call[SaleIn]) -> SaleOut:
 @router.endpoint("GET", "/api/rooms/{room_id}/sales", response=list[SaleOut], errors=(404,))
 async def list_room_sales(call: Call[None]) -> list[SaleOut]:
     """The room's sales, newest first (at most 50)."""
-    async with call.services.db() as db:
-        await get_room(db, call.param("room_id"))
-        ids = (await db.scalars(select(Sale.id).where(Sale.room_id == call.param("room_id"))
-                                .order_by(Sale.created_at.desc()).limit(50))).all()
-    states = [(i, await call.services.sales.stock.state(i)) for i in ids]
-    return [sale_out(i, s) for i, s in states if s is not None]
+    return await call.services.sales.of_room(call.param("room_id"))
 
 
 @router.endpoint("GET", "/api/sales/{sale_id}", response=SaleOut, errors=(404,))
@@ -67,7 +57,7 @@ async def purchase(call: Call[PurchaseIn]) -> tuple[int, OrderOut]:
                          "reuse it when you retry", code="idempotency_key_required", field="Idempotency-Key")
     ip = call.request.client.host if call.request.client else "unknown"
     with PURCHASE_GATE:
-        return await call.services.sales.purchase(
+        return await call.services.orders.purchase(
             call.me, call.param("sale_id"), key, call.body,
             None if ip in call.services.settings.rate_limit_exempt_ips else address_key(ip))
 
@@ -75,25 +65,25 @@ async def purchase(call: Call[PurchaseIn]) -> tuple[int, OrderOut]:
 @router.endpoint("GET", "/api/orders", auth="user", response=list[OrderOut])
 async def list_orders(call: Call[None]) -> list[OrderOut]:
     """Your orders, newest first (as persisted: a new order shows up within moments)."""
-    return await call.services.sales.orders_of(call.me)
+    return await call.services.orders.of_buyer(call.me)
 
 
 @router.endpoint("GET", "/api/orders/{order_id}", auth="user", response=OrderOut, errors=(404,))
 async def read_order(call: Call[None]) -> OrderOut:
     """One of your orders, live."""
-    return await call.services.sales.order(call.me, call.param("order_id"))
+    return await call.services.orders.get(call.me, call.param("order_id"))
 
 
 @router.endpoint("POST", "/api/orders/{order_id}/pay", auth="user", response=OrderOut, errors=(402, 404, 409, 503))
 async def pay_order(call: Call[None]) -> OrderOut:
     """Pay a reserved order before its pay-by time (409 `expired` after it)."""
-    return await call.services.sales.pay(call.me, call.param("order_id"))
+    return await call.services.orders.pay(call.me, call.param("order_id"))
 
 
 @router.endpoint("POST", "/api/orders/{order_id}/cancel", auth="user", response=OrderOut, errors=(404, 409))
 async def cancel_order(call: Call[None]) -> OrderOut:
     """Cancel a reserved order; its units go back on sale."""
-    return await call.services.sales.cancel(call.me, call.param("order_id"))
+    return await call.services.orders.cancel(call.me, call.param("order_id"))
 
 
 @router.endpoint("GET", "/api/me/earnings", auth="user", response=EarningsOut)

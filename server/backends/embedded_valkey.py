@@ -20,8 +20,8 @@ from pathlib import Path
 
 import redis
 
-from server.errors import ConfigError
 from server.backends.supervisor import Supervised, die_with_parent
+from server.errors import ConfigError
 
 log = logging.getLogger("livesale.embedded_valkey")
 

@@ -15,10 +15,10 @@ import asyncio
 import logging
 import time
 
+from server.backends.loops import repeat
+from server.inventory.orders import Orders
 from server.inventory.payments import TIMEOUT_S
-from server.inventory.sales import SaleService
 from server.inventory.stock import Stock
-from server.loops import running
 
 log = logging.getLogger("livesale.inventory.captures")
 
@@ -27,9 +27,9 @@ RETRY_AFTER_MS = 60_000
 
 
 class LateCaptures:
-    def __init__(self, stock: Stock, sales: SaleService) -> None:
+    def __init__(self, stock: Stock, orders: Orders) -> None:
         self.stock = stock
-        self.sales = sales
+        self._orders = orders
 
     async def pass_sale(self, sale_id: str, now_ms: int) -> int:
         """Capture what is due in one sale; returns how many were captured."""
@@ -37,7 +37,7 @@ class LateCaptures:
         for order_id in await self.stock.captures_due(sale_id, now_ms):
             try:
                 async with asyncio.timeout(TIMEOUT_S):
-                    done = await self.sales.capture_late(sale_id, order_id)
+                    done = await self._orders.capture_late(sale_id, order_id)
             except Exception as exc:  # the provider failed or hung: this one later, the others now
                 log.error("sale %s: capturing the payment of order %s failed (%r); trying again in %d s",
                           sale_id, order_id, exc, RETRY_AFTER_MS // 1000)
@@ -49,12 +49,10 @@ class LateCaptures:
                             sale_id, order_id)
         return captured
 
+    async def _step(self) -> None:
+        now_ms = int(time.time() * 1000)
+        for sale_id in await self.stock.open_sales():
+            await self.pass_sale(sale_id, now_ms)
+
     async def run(self) -> None:
-        while running():
-            try:
-                now_ms = int(time.time() * 1000)
-                for sale_id in await self.stock.open_sales():
-                    await self.pass_sale(sale_id, now_ms)
-            except Exception as exc:  # Redis away for a moment: try again next pass
-                log.warning("capture pass failed: %r", exc)
-            await asyncio.sleep(EVERY_S)
+        await repeat(self._step, every_s=EVERY_S, what="capture pass", logger=log)

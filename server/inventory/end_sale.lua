@@ -1,6 +1,6 @@
 -- End a sale: early by its host, or because its time is up. Orders already
 -- reserved may still be paid until their pay-by time.
--- Times in milliseconds, from the Redis server's clock.
+-- Times in milliseconds, from the Redis server's clock (the now_ms.lua prelude).
 -- KEYS[1]  sale hash
 -- KEYS[2]  log stream
 -- ARGV[1]  reason: 'host' (now) or 'time' (only once ends_at has passed)
@@ -8,8 +8,7 @@
 local sale, log = KEYS[1], KEYS[2]
 local reason = ARGV[1]
 
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local now = now_ms()
 
 local s = redis.call('HMGET', sale, 'ended_at', 'ends_at')
 if not s[1] or tonumber(s[1]) > 0 then

@@ -1,7 +1,9 @@
-"""Redis key names of a sale. All share the hash tag {sale:ID}: the sale's
-scripts touch one slot, so they also run on Redis Cluster."""
+"""Redis key names of the inventory layer. A sale's keys share the hash tag {sale:ID}: the sale's
+scripts touch one slot, so they also run on Redis Cluster. A room's sale pointer and launch lock
+share the room's tag {room:ID}."""
 
 from __future__ import annotations
+
 
 def open_sales(deployment: str) -> str:
     """Set of the sale ids one deployment's background jobs still watch."""
@@ -55,3 +57,13 @@ def limit(sale_id: str, name: str, subject: str) -> str:
 def all_keys(sale_id: str) -> list[str]:
     return [sale(sale_id), buyers(sale_id), idempotency(sale_id), orders(sale_id), expiry(sale_id), captures(sale_id),
             log(sale_id)]
+
+
+def room_sale(room_id: str) -> str:
+    """String: the id of the room's current sale (the last launched)."""
+    return "{room:" + room_id + "}:sale"
+
+
+def launching(room_id: str) -> str:
+    """String: the room's launch lock, a holder's token with a lease."""
+    return "{room:" + room_id + "}:launching"

@@ -7,7 +7,8 @@
     platform_fee    = gmv * platform_fee_bp // 10000
 
 Rounding is always down, in integers; the rates are those fixed when the sale launched, and
-commission + platform_fee never exceed gmv (catalog.check_commission, and the launch's check).
+commission + platform_fee never exceed gmv (check_commission, when a product is priced, and
+the launch's own check, with the fee as it is then).
 """
 
 from __future__ import annotations
@@ -17,10 +18,22 @@ from dataclasses import dataclass
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from server.errors import Unprocessable
 from server.inventory.tables import LedgerEntry
 
 PLATFORM_ACCOUNT = "platform"
-BP = 10_000
+BP = 10_000  # basis points in a whole
+
+
+def max_commission_bp(platform_fee_bp: int) -> int:
+    """The highest commission a product may pay: with the platform's fee it must fit in the sale."""
+    return BP - platform_fee_bp
+
+
+def check_commission(rate_bp: int, platform_fee_bp: int) -> None:
+    if rate_bp > max_commission_bp(platform_fee_bp):
+        raise Unprocessable(f"commission_rate_bp can be at most {max_commission_bp(platform_fee_bp)}: the platform "
+                            f"takes {platform_fee_bp} bp of each sale", field="commission_rate_bp")
 
 
 @dataclass(frozen=True)

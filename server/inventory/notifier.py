@@ -3,45 +3,39 @@ carrying the numbers read from Redis at send time (never a stale copy)."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
 
-from redis.asyncio import Redis
-
-from server.inventory import keys
-from server.loops import running
+from server.backends.loops import repeat
+from server.inventory.stock import Stock
 from server.rooms import protocol
 from server.rooms.service import RoomService
 
 log = logging.getLogger("livesale.inventory.notifier")
 
-TICK_S = 0.05
-
 
 class SaleNotifier:
-    def __init__(self, redis: Redis, rooms: RoomService) -> None:
-        self.redis = redis
-        self.rooms = rooms
-        self._dirty: dict[str, str] = {}  # sale -> room
+    def __init__(self, stock: Stock, rooms: RoomService) -> None:
+        self._stock = stock
+        self._rooms = rooms
+        self._dirty: set[str] = set()  # sales whose figures changed since the last tick
 
-    def touch(self, sale_id: str, room_id: str) -> None:
-        self._dirty[sale_id] = room_id
+    def touch(self, sale_id: str) -> None:
+        self._dirty.add(sale_id)
 
     async def flush(self) -> None:
-        dirty, self._dirty = self._dirty, {}
-        for sale_id, room_id in dirty.items():
-            remaining, reserved, paid, v = await self.redis.hmget(keys.sale(sale_id),
-                                                                  ["remaining", "reserved", "paid", "v"])
-            if remaining is None or reserved is None or paid is None or v is None:
+        dirty, self._dirty = self._dirty, set()
+        for sale_id in dirty:
+            figures = await self._stock.figures(sale_id)
+            room_id = await self._stock.room_of(sale_id)
+            if figures is None or room_id is None:
                 continue
-            await self.rooms.tell(room_id, protocol.SaleUpdate(
-                id=sale_id, remaining=int(remaining), sold=int(reserved) + int(paid), v=int(v)))
+            remaining, sold, v = figures
+            await self._rooms.tell(room_id, protocol.SaleUpdate(id=sale_id, remaining=remaining, sold=sold, v=v))
+
+    async def _step(self) -> None:
+        if self._dirty:
+            await self.flush()
 
     async def run(self) -> None:
-        while running():
-            await asyncio.sleep(TICK_S)
-            if self._dirty:
-                try:
-                    await self.flush()
-                except Exception as exc:  # Redis away: the next change sends fresh numbers
-                    log.warning("sale update failed: %r", exc)
+        # A failed flush drops its sales' updates: the next change sends fresh numbers.
+        await repeat(self._step, every_s=protocol.TICK_S, what="sale update", logger=log)

@@ -1,6 +1,6 @@
 -- Mark a reserved order paid. Paying and expiring are both state changes of the
 -- same order in this one slot, so exactly one of them happens.
--- Times in milliseconds, from the Redis server's clock.
+-- Times in milliseconds, from the Redis server's clock (the now_ms.lua prelude).
 -- KEYS[1]  sale hash
 -- KEYS[2]  orders hash
 -- KEYS[3]  expiry sorted set
@@ -16,8 +16,7 @@
 local sale, orders, expiry, log, captures = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local order_id, user, payment, capture_after = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
 
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local now = now_ms()
 
 local record = redis.call('HGET', orders, order_id)
 if not record then

@@ -12,7 +12,6 @@ claims and rewrites them, which changes nothing the second time.
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import logging
 import os
@@ -28,10 +27,11 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from server import clock
+from server.backends.loops import repeat
 from server.inventory import keys, ledger
-from server.inventory.stock import Stock
+from server.inventory.records import EndReason, OrderRecord
+from server.inventory.stock import Stock, decode_order
 from server.inventory.tables import LedgerEntry, Order, Sale
-from server.loops import running
 from server.metrics import PERSISTED
 from server.models import User
 
@@ -47,6 +47,15 @@ CLAIM_EVERY_S = 5.0
 PASS_INTERVAL_S = 0.1
 
 Entry = tuple[bytes, dict[bytes, bytes]]
+
+
+class SaleEnded(msgspec.Struct):
+    """A stream entry of end_sale.lua."""
+    ended_at: int
+    reason: EndReason
+
+
+_sale_ended = msgspec.json.Decoder(SaleEnded)
 
 
 @functools.cache
@@ -65,8 +74,8 @@ def _statements(dialect: str) -> tuple[Any, Any]:
     return orders, lines
 
 
-def _ms(value: Any) -> Any:
-    return clock.from_ms(int(value)) if value else None
+def _ms(value: int | None) -> Any:
+    return clock.from_ms(value) if value else None
 
 
 class Persister:
@@ -79,6 +88,7 @@ class Persister:
         self.claim_idle_ms = claim_idle_ms
         self._failed: set[str] = set()  # sales whose last write failed
         self._missing: set[str] = set()  # sales not in SQL, already logged
+        self._claimed_at = 0.0  # the last look for entries a crashed persister left
 
     # --- reading -----------------------------------------------------------------
     async def read(self, sale_id: str, count: int = BATCH, *, mine: bool = False) -> list[Entry]:
@@ -113,15 +123,15 @@ class Persister:
     async def apply(self, sale_id: str, entries: list[Entry]) -> bool:
         """Write the entries' changes in one transaction; False (nothing written) if the sale is
         not in SQL."""
-        latest: dict[str, dict[str, Any]] = {}
-        ended: dict[str, Any] | None = None
+        latest: dict[str, OrderRecord] = {}
+        ended: SaleEnded | None = None
         for _, fields in entries:
             if b"order" in fields:
-                rec = msgspec.json.decode(fields[b"order"])
-                if rec["id"] not in latest or latest[rec["id"]]["v"] < rec["v"]:
-                    latest[rec["id"]] = rec
+                rec = decode_order(fields[b"order"])
+                if rec.id not in latest or latest[rec.id].v < rec.v:
+                    latest[rec.id] = rec
             elif b"sale_ended" in fields:
-                ended = msgspec.json.decode(fields[b"sale_ended"])
+                ended = _sale_ended.decode(fields[b"sale_ended"])
         async with self.db.begin() as db:
             sale = await db.get(Sale, sale_id)
             if sale is None:
@@ -140,36 +150,34 @@ class Persister:
                 # opposite orders and deadlock.
                 records = [latest[order_id] for order_id in sorted(latest)]
                 await self._upsert_orders(db, sale, records)
-                await self._ledger(db, sale, [r for r in records if r["status"] == "paid"])
+                await self._ledger(db, sale, [r for r in records if r.status == "paid"])
             PERSISTED.inc(len(entries))
             if ended is not None:
                 await db.execute(update(Sale).where(Sale.id == sale_id, Sale.ended_at.is_(None))
-                                 .values(ended_at=_ms(ended["ended_at"]), end_reason=ended["reason"]))
+                                 .values(ended_at=_ms(ended.ended_at), end_reason=ended.reason))
         return True
 
-    async def _upsert_orders(self, db: AsyncSession, sale: Sale, records: list[dict[str, Any]]) -> None:
+    async def _upsert_orders(self, db: AsyncSession, sale: Sale, records: list[OrderRecord]) -> None:
         rows = [{
-            "id": r["id"], "sale_id": sale.id, "buyer_id": r["user_id"], "quantity": r["quantity"],
-            "unit_price_cents": r["price_cents"], "status": r["status"], "ref_user_id": r.get("ref"),
-            "idempotency_key": r["key"], "payment_ref": r.get("payment"), "created_at": _ms(r["created_at"]),
-            "pay_by": _ms(r["pay_by"]), "paid_at": _ms(r.get("paid_at")), "released_at": _ms(r.get("released_at")),
-            "version": r["v"],
+            "id": r.id, "sale_id": sale.id, "buyer_id": r.user_id, "quantity": r.quantity,
+            "unit_price_cents": r.price_cents, "status": r.status, "ref_user_id": r.ref,
+            "idempotency_key": r.key, "payment_ref": r.payment, "created_at": _ms(r.created_at),
+            "pay_by": _ms(r.pay_by), "paid_at": _ms(r.paid_at), "released_at": _ms(r.released_at),
+            "version": r.v,
         } for r in records]
         await db.execute(_statements(db.get_bind().dialect.name)[0], rows)
 
-    async def _ledger(self, db: AsyncSession, sale: Sale, paid: list[dict[str, Any]]) -> None:
+    async def _ledger(self, db: AsyncSession, sale: Sale, paid: list[OrderRecord]) -> None:
         if not paid:
             return
-        refs = {r["ref"] for r in paid if r.get("ref")}
+        refs = {r.ref for r in paid if r.ref}
         known = set((await db.scalars(select(User.id).where(User.id.in_(refs)))).all()) if refs else set()
         rows: list[dict[str, Any]] = []
         for r in paid:
-            ref = r.get("ref")
-            referrer = ref if ref in known and ref not in (r["user_id"], sale.host_id) else None
-            s = ledger.split(r["price_cents"], r["quantity"], sale.commission_rate_bp, sale.platform_fee_bp,
+            referrer = r.ref if r.ref in known and r.ref not in (r.user_id, sale.host_id) else None
+            s = ledger.split(r.price_cents, r.quantity, sale.commission_rate_bp, sale.platform_fee_bp,
                              sale.referral_share_bp, referrer is not None)
-            base = {"order_id": r["id"], "sale_id": sale.id, "room_id": sale.room_id,
-                    "created_at": _ms(r["paid_at"])}
+            base = {"order_id": r.id, "sale_id": sale.id, "room_id": sale.room_id, "created_at": _ms(r.paid_at)}
             rows.append({**base, "account_id": sale.host_id, "kind": "host_commission",
                          "amount_cents": s.host_commission})
             rows.append({**base, "account_id": ledger.PLATFORM_ACCOUNT, "kind": "platform_fee",
@@ -218,29 +226,25 @@ class Persister:
         state = books.state
         if state is None:
             return True
-        if state["ended_at"] == 0 or state["reserved"] != 0:
+        if state.ended_at == 0 or state.reserved != 0:
             return False
         group = books.group
         return group is not None and group["pending"] == 0 and group.get("lag") == 0
 
+    async def step(self) -> float:
+        """One pass over the open sales; the pause before the next (0: a backlog, go on at once)."""
+        backlog = False  # a full batch was read: more is waiting
+        sales = await self.stock.open_sales()
+        for sale_id in sales:
+            backlog |= await self.drain(sale_id) >= BATCH
+        if time.monotonic() - self._claimed_at >= CLAIM_EVERY_S:
+            self._claimed_at = time.monotonic()
+            for sale_id in sales:
+                backlog |= await self.recover(sale_id) >= BATCH
+                if await self.settled(sale_id):
+                    await self.stock.archive(sale_id)
+        return 0.0 if backlog else PASS_INTERVAL_S
+
     async def run(self) -> None:
-        last_claim = 0.0
-        while running():
-            try:
-                backlog = False  # a full batch was read: more is waiting, go on at once
-                sales = await self.stock.open_sales()
-                for sale_id in sales:
-                    backlog |= await self.drain(sale_id) >= BATCH
-                if time.monotonic() - last_claim >= CLAIM_EVERY_S:
-                    last_claim = time.monotonic()
-                    for sale_id in sales:
-                        backlog |= await self.recover(sale_id) >= BATCH
-                        if await self.settled(sale_id):
-                            await self.stock.archive(sale_id)
-                if not backlog:
-                    await asyncio.sleep(PASS_INTERVAL_S)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # Redis or SQL away: entries stay in the stream; retry
-                log.warning("persister pass failed (%r); retrying", exc)
-                await asyncio.sleep(1.0)
+        # Redis or SQL away: the entries stay in the streams, and the pass is tried again.
+        await repeat(self.step, every_s=PASS_INTERVAL_S, retry_s=1.0, what="persister pass", logger=log)

@@ -7,14 +7,14 @@ waited so long that no persister is getting them into SQL.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from collections.abc import Iterable
-from typing import Any
+from dataclasses import dataclass, field
 
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from server.inventory.persister import CLAIM_IDLE_MS
+from server.inventory.records import SaleState
 from server.inventory.stock import Stock
 from server.inventory.tables import Order, Sale
 
@@ -60,18 +60,18 @@ async def reconcile(stock: Stock, db: async_sessionmaker[AsyncSession], sale_id:
         report.problems.append("sale not in Redis")
         return report
     report.captures_owed = books.captures_owed
-    report.stock, report.remaining = state["stock"], state["remaining"]
-    report.reserved, report.paid = state["reserved"], state["paid"]
+    report.stock, report.remaining = state.stock, state.remaining
+    report.reserved, report.paid = state.reserved, state.paid
     if report.remaining < 0:
         report.problems.append(f"remaining is negative: {report.remaining}")
     if report.remaining + report.reserved + report.paid != report.stock:
         report.problems.append("remaining + reserved + paid != stock")
-    if state["archived_at"]:
+    if state.archived_at:
         await _reconcile_archived(report, db, state)
         return report
 
     report.redis_orders = len(orders)
-    _check_holdings(report, state["limit"], ((o["status"], o["quantity"], o["user_id"]) for o in orders.values()),
+    _check_holdings(report, state.limit, ((o.status, o.quantity, o.user_id) for o in orders.values()),
                     "counters disagree with the orders")
 
     group = books.group
@@ -96,15 +96,14 @@ async def reconcile(stock: Stock, db: async_sessionmaker[AsyncSession], sale_id:
         row = rows.get(order_id)
         if row is None:
             report.problems.append(f"order {order_id} missing in SQL")
-        elif (row.status, row.quantity, row.buyer_id, row.version) != (o["status"], o["quantity"], o["user_id"],
-                                                                       o["v"]):
-            report.problems.append(f"order {order_id}: Redis {o['status']} v{o['v']}, SQL {row.status} v{row.version}")
+        elif (row.status, row.quantity, row.buyer_id, row.version) != (o.status, o.quantity, o.user_id, o.v):
+            report.problems.append(f"order {order_id}: Redis {o.status} v{o.v}, SQL {row.status} v{row.version}")
     for order_id in rows.keys() - orders.keys():
         report.problems.append(f"order {order_id} in SQL but not in Redis")
     return report
 
 
-async def _reconcile_archived(report: Report, db: async_sessionmaker[AsyncSession], state: dict[str, Any]) -> None:
+async def _reconcile_archived(report: Report, db: async_sessionmaker[AsyncSession], state: SaleState) -> None:
     """An archived sale's orders live in SQL only: its figures must add up to them."""
     report.archived = True
     async with db() as session:
@@ -112,7 +111,7 @@ async def _reconcile_archived(report: Report, db: async_sessionmaker[AsyncSessio
             report.problems.append("sale not in SQL")
         rows = (await session.scalars(select(Order).where(Order.sale_id == report.sale_id))).all()
     report.sql_orders = len(rows)
-    _check_holdings(report, state["limit"], ((r.status, r.quantity, r.buyer_id) for r in rows),
+    _check_holdings(report, state.limit, ((r.status, r.quantity, r.buyer_id) for r in rows),
                     "archived sale's counters disagree with SQL")
 
 

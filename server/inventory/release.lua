@@ -1,7 +1,7 @@
 -- Release a reserved order's stock back to the sale: on expiry (the pay-by time
 -- passed) or on cancellation by its buyer. Idempotent: an order is released at
 -- most once, however many sweepers or retries run it.
--- Times in milliseconds, from the Redis server's clock.
+-- Times in milliseconds, from the Redis server's clock (the now_ms.lua prelude).
 -- KEYS[1]  sale hash
 -- KEYS[2]  buyers hash
 -- KEYS[3]  orders hash
@@ -15,8 +15,7 @@
 local sale, buyers, orders, expiry, log = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local order_id, reason, user = ARGV[1], ARGV[2], ARGV[3]
 
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local now = now_ms()
 
 local record = redis.call('HGET', orders, order_id)
 if not record then

@@ -5,7 +5,8 @@
 -- all but the sale's existence, so a retried call (redis-py retries after a timeout or a
 -- dropped connection; buyers retry with the same key) returns the order it already made,
 -- without spending from the rate limits.
--- Times in milliseconds, from the Redis server's clock. Loaded after the gcra.lua prelude.
+-- Times in milliseconds, from the Redis server's clock. Loaded after the now_ms.lua and gcra.lua
+-- preludes.
 -- KEYS[1]  sale hash: stock, remaining, reserved, paid, limit, starts_at, ends_at, ended_at, timeout_ms, price, v
 -- KEYS[2]  buyers hash: user id -> units held (reserved + paid)
 -- KEYS[3]  idempotency hash: '<user id>:<key>' -> order id
@@ -25,8 +26,7 @@
 local sale, buyers, idem, orders, expiry, log = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
 local user, key, order_id, qty, ref = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4]), ARGV[5]
 
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local now = now_ms()
 
 local s = redis.call('HMGET', sale, 'remaining', 'limit', 'starts_at', 'ends_at', 'ended_at', 'timeout_ms', 'price',
                     'reserved', 'v')

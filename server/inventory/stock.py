@@ -11,22 +11,35 @@ import re
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import msgspec
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
-from server.autopipeline import AutoPipeline
+from server.backends.autopipeline import AutoPipeline
+from server.backends.lua import NOW_MS, load_script
+from server.backends.redis_client import text
 from server.ids import random_b32
 from server.inventory import keys
-from server.lua import GCRA, load_script
-from server.ratelimit import Limit
-from server.redis_pool import text
+from server.inventory.records import (
+    Change,
+    OrderRecord,
+    PayStatus,
+    ReleaseStatus,
+    Reservation,
+    ReserveStatus,
+    SaleInfo,
+    SaleState,
+    Terms,
+)
+from server.ratelimit import GCRA, Limit
 
 CAPTURE_AFTER_MS = 30_000
 
 _ORDER_ID = re.compile(r"^ord_([a-z2-7]{26})[a-z2-7]{16}$")
+_order = msgspec.json.Decoder(OrderRecord)
+_info = msgspec.json.Decoder(SaleInfo)
 
 
 def new_order_id(sale_id: str) -> str:
@@ -39,59 +52,34 @@ def sale_of(order_id: str) -> str | None:
     return f"sale_{m.group(1)}" if m else None
 
 
-@dataclass(frozen=True)
-class Terms:
-    sale_id: str
-    room_id: str
-    stock: int
-    per_user_limit: int
-    price_cents: int
-    starts_at_ms: int
-    ends_at_ms: int
-    payment_timeout_ms: int
-    info: dict[str, Any]  # product and rates, as shown to viewers
-
-
-@dataclass(frozen=True)
-class Outcome:
-    status: str
-    order: dict[str, Any] | None
-    remaining: int = 0
-    v: int = 0  # the sale's version after the change
-    retry_after_ms: int = 0  # when rate_limited
+def decode_order(raw: bytes | str) -> OrderRecord:
+    return _order.decode(raw)
 
 
 @dataclass(frozen=True)
 class Books:
     """One instant of a sale's bookkeeping in Redis (Stock.books)."""
-    state: dict[str, Any] | None
+    state: SaleState | None
     captures_owed: int
     group: dict[str, Any] | None  # this deployment's persister group; None while the sale has no stream
-    orders: dict[str, dict[str, Any]]  # only when asked for
+    orders: dict[str, OrderRecord]  # only when asked for
 
 
-def _outcome(raw: list[Any]) -> Outcome:
-    record = msgspec.json.decode(raw[1]) if raw[1] else None
-    return Outcome(raw[0].decode(), record, *(int(x) for x in raw[2:]))
+def _order_or_none(raw: bytes) -> OrderRecord | None:
+    return _order.decode(raw) if raw else None
 
 
-def parse_state(raw: Mapping[bytes | str, bytes | str]) -> dict[str, Any] | None:
-    """The sale hash with its numbers as ints; None if there is no such sale."""
+def parse_state(raw: Mapping[bytes | str, bytes | str]) -> SaleState | None:
+    """The sale hash, typed; None if there is no such sale."""
     if not raw:
         return None
-    state: dict[str, Any] = {text(k): v for k, v in raw.items()}
-    for name in ("stock", "remaining", "reserved", "paid", "limit", "price", "starts_at", "ends_at",
-                 "ended_at", "timeout_ms", "v"):
-        state[name] = int(state[name])
-    state["room_id"] = text(state["room_id"])
-    state["info"] = msgspec.json.decode(state["info"])
-    state["end_reason"] = text(state["end_reason"]) if "end_reason" in state else None
-    state["archived_at"] = int(state.get("archived_at", 0))  # 0: its orders are still in Redis
-    return state
+    fields: dict[str, Any] = {text(k): text(v) for k, v in raw.items()}
+    fields["info"] = _info.decode(fields["info"])
+    return msgspec.convert(fields, SaleState, strict=False)  # the numbers come as text
 
 
-def parse_orders(raw: Mapping[bytes | str, bytes | str]) -> dict[str, dict[str, Any]]:
-    return {text(k): msgspec.json.decode(v) for k, v in raw.items()}
+def parse_orders(raw: Mapping[bytes | str, bytes | str]) -> dict[str, OrderRecord]:
+    return {text(k): _order.decode(v) for k, v in raw.items()}
 
 
 class Stock:
@@ -101,12 +89,13 @@ class Stock:
         # own, so deployments sharing a Redis never take each other's orders.
         self.open_key = keys.open_sales(deployment)
         self.group = f"persister:{deployment}"
-        self._reserve = load_script(redis, "server.inventory", "reserve.lua", prelude=GCRA)
-        self._pay = load_script(redis, "server.inventory", "pay.lua")
-        self._release = load_script(redis, "server.inventory", "release.lua")
-        self._end = load_script(redis, "server.inventory", "end_sale.lua")
+        self._reserve = load_script(redis, "server.inventory", "reserve.lua", NOW_MS, GCRA)
+        self._pay = load_script(redis, "server.inventory", "pay.lua", NOW_MS)
+        self._release = load_script(redis, "server.inventory", "release.lua", NOW_MS)
+        self._end = load_script(redis, "server.inventory", "end_sale.lua", NOW_MS)
         self._mark_started = load_script(redis, "server.inventory", "mark_started.lua")
         self._batched = AutoPipeline(redis)
+        self._rooms: dict[str, str] = {}  # sale -> room: never changes
         # How long a paying request has to capture before the late captures do it in its place.
         self.capture_after_ms = CAPTURE_AFTER_MS
 
@@ -171,7 +160,7 @@ class Stock:
                 raise
 
     async def reserve(self, sale_id: str, user_id: str, idem_key: str, order_id: str, quantity: int,
-                      ref: str | None, limits: Sequence[tuple[Limit, str]] = ()) -> Outcome:
+                      ref: str | None, limits: Sequence[tuple[Limit, str]] = ()) -> Reservation:
         """Reserve units, after spending one attempt from each (limit, subject) rate-limit bucket.
         The buckets are the sale's own, so the script touches one slot."""
         script_keys = [keys.sale(sale_id), keys.buyers(sale_id), keys.idempotency(sale_id), keys.orders(sale_id),
@@ -180,12 +169,15 @@ class Stock:
         for limit, subject in limits:
             script_keys.append(keys.limit(sale_id, limit.name, subject))
             args += [limit.interval_ms, limit.burst]
-        return _outcome(await self._batched.script(self._reserve, script_keys, args))
+        status, order, remaining, *more = await self._batched.script(self._reserve, script_keys, args)
+        return Reservation(cast(ReserveStatus, text(status)), _order_or_none(order), int(remaining),
+                           *(int(x) for x in more))
 
-    async def pay(self, sale_id: str, order_id: str, user_id: str, payment_ref: str) -> Outcome:
-        return _outcome(await self._batched.script(self._pay,
+    async def pay(self, sale_id: str, order_id: str, user_id: str, payment_ref: str) -> Change:
+        status, order = await self._batched.script(self._pay,
             [keys.sale(sale_id), keys.orders(sale_id), keys.expiry(sale_id), keys.log(sale_id), keys.captures(sale_id)],
-            [order_id, user_id, payment_ref, self.capture_after_ms]))
+            [order_id, user_id, payment_ref, self.capture_after_ms])
+        return Change(cast(PayStatus, text(status)), _order_or_none(order))
 
     async def captured(self, sale_id: str, order_id: str) -> None:
         """The order's payment is captured: no capture is due for it any more."""
@@ -202,22 +194,40 @@ class Stock:
         """Paid orders whose paying request has not reported its capture in time."""
         return await self._due(keys.captures(sale_id), now_ms, limit)
 
-    async def release(self, sale_id: str, order_id: str, reason: str, user_id: str = "") -> Outcome:
-        return _outcome(await self._batched.script(self._release,
+    async def release(self, sale_id: str, order_id: str, reason: str, user_id: str = "") -> Change:
+        status, order, remaining = await self._batched.script(self._release,
             [keys.sale(sale_id), keys.buyers(sale_id), keys.orders(sale_id), keys.expiry(sale_id), keys.log(sale_id)],
-            [order_id, reason, user_id]))
+            [order_id, reason, user_id])
+        return Change(cast(ReleaseStatus, text(status)), _order_or_none(order), int(remaining))
 
     async def end(self, sale_id: str, reason: str) -> bool:
         return bool(await self._end(keys=[keys.sale(sale_id), keys.log(sale_id)], args=[reason]))
 
-    async def state(self, sale_id: str) -> dict[str, Any] | None:
+    async def state(self, sale_id: str) -> SaleState | None:
         return parse_state(await self.redis.hgetall(keys.sale(sale_id)))
 
-    async def order(self, sale_id: str, order_id: str) -> dict[str, Any] | None:
-        raw = await self.redis.hget(keys.orders(sale_id), order_id)
-        return msgspec.json.decode(raw) if raw else None
+    async def room_of(self, sale_id: str) -> str | None:
+        """The sale's room (remembered: it never changes); None if there is no such sale."""
+        room_id = self._rooms.get(sale_id)
+        if room_id is None:
+            raw = await self.redis.hget(keys.sale(sale_id), "room_id")
+            if raw is None:
+                return None
+            room_id = self._rooms[sale_id] = text(raw)
+        return room_id
 
-    async def orders(self, sale_id: str) -> dict[str, dict[str, Any]]:
+    async def figures(self, sale_id: str) -> tuple[int, int, int] | None:
+        """(remaining, sold, v): what a `sale_update` tells; None if there is no such sale."""
+        remaining, reserved, paid, v = await self.redis.hmget(keys.sale(sale_id), ["remaining", "reserved", "paid", "v"])
+        if remaining is None or reserved is None or paid is None or v is None:
+            return None
+        return int(remaining), int(reserved) + int(paid), int(v)
+
+    async def order(self, sale_id: str, order_id: str) -> OrderRecord | None:
+        raw = await self.redis.hget(keys.orders(sale_id), order_id)
+        return _order.decode(raw) if raw else None
+
+    async def orders(self, sale_id: str) -> dict[str, OrderRecord]:
         return parse_orders(await self.redis.hgetall(keys.orders(sale_id)))
 
     async def due(self, sale_id: str, now_ms: int, limit: int = 500) -> list[str]:

@@ -8,9 +8,8 @@ from datetime import datetime
 from sqlalchemy import BigInteger, ForeignKey, Index, Integer, String, UniqueConstraint
 from sqlalchemy.orm import Mapped, mapped_column
 
+from server.backends.sql import ID, Base, UTCDateTime
 from server.clock import utcnow
-from server.db import Base, UTCDateTime
-from server.models import ID
 
 
 class Sale(Base):

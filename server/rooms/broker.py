@@ -1,16 +1,13 @@
-"""Room events across processes, through Redis pub/sub.
+"""Receiving room events from every process, through Redis pub/sub (the publishing side is
+server/rooms/publisher.py; a message's format, server/rooms/protocol.py).
 
-One listener task per process holds one pub/sub connection, subscribed to the
+One listener task per web process holds one pub/sub connection, subscribed to the
 channels of the rooms that have viewers in this process (sharded pub/sub,
-SSUBSCRIBE, when the server has it). It hands each message to the hub. All
-subscription changes are made by the listener itself, so the pub/sub
-connection is only ever used by one task. If Redis goes away, the listener
-reconnects with backoff, resubscribes, and tells the hub so it can resync
-its viewers (events published meanwhile are lost: pub/sub does not queue).
-
-A message is one byte of audience then the event's JSON:
-  A  everyone in the room      H  the room's host only
-  C  a control message for the hubs (JSON object with an "op"), not forwarded
+SSUBSCRIBE, when the server has it). It hands each message to its listener, the hub.
+All subscription changes are made by the listener task itself, so the pub/sub
+connection is only ever used by one task. If Redis goes away, it reconnects with
+backoff, resubscribes, and has the listener resync its viewers (events published
+meanwhile are lost: pub/sub does not queue).
 """
 
 from __future__ import annotations
@@ -19,7 +16,7 @@ import asyncio
 import contextlib
 import logging
 import random
-from typing import Awaitable, Callable, Collection, Protocol
+from typing import Collection, Protocol
 
 from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
@@ -27,17 +24,11 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from server.loops import running
+from server.backends.loops import running
 from server.rooms import keys
 
 log = logging.getLogger("livesale.rooms.broker")
 
-EVERYONE = b"A"
-HOST = b"H"
-CONTROL = b"C"
-
-# Session ids logged out anywhere: every process closes its sockets of that session.
-SESSIONS_CHANNEL = "livesale:sessions"
 # The revoked sessions are read again this often while subscribed: a logout whose message was
 # lost (its publish failed, or a half-open link) is then seen within this long anyway.
 SESSIONS_RESYNC_S = 10.0
@@ -45,9 +36,22 @@ SESSIONS_RESYNC_S = 10.0
 # back, and a refused connect costs next to nothing.
 RECONNECT_MAX_S = 1.0
 
-OnMessage = Callable[[str, bytes], None]
-OnReconnect = Callable[[], Awaitable[None]]
-OnSessionsEnd = Callable[[Collection[str]], None]
+
+
+class Listener(Protocol):
+    """Who the broker hands what it receives (server.rooms.hub.Hub)."""
+
+    def on_message(self, room_id: str, data: bytes) -> None:
+        """A message published on a subscribed room's channel."""
+        ...
+
+    async def resync(self) -> None:
+        """The link was lost and is back: events published meanwhile were lost."""
+        ...
+
+    def end_sessions(self, session_ids: Collection[str]) -> None:
+        """These sessions logged out: close their sockets."""
+        ...
 
 
 class SessionFeed(Protocol):
@@ -63,44 +67,23 @@ class SessionFeed(Protocol):
 
 
 class Broker:
-    def __init__(self, redis: Redis, listen: Redis, on_message: OnMessage, on_reconnect: OnReconnect,
-                 on_sessions_end: OnSessionsEnd, sessions: SessionFeed) -> None:
-        self._redis = redis  # publishing: the shared client, with its retries
-        # Listening: a client that never retries, so a dropped link always reaches run(),
-        # which resubscribes and has the hub resend `welcome` (redis-py would otherwise
-        # reconnect inside get_message and the events published meanwhile would vanish unseen).
+    def __init__(self, listen: Redis, sessions: SessionFeed, *, sharded: bool) -> None:
+        # A client that never retries, so a dropped link always reaches run(), which
+        # resubscribes and has the hub resend `welcome` (redis-py would otherwise reconnect
+        # inside get_message and the events published meanwhile would vanish unseen).
         self._listen_client = listen
-        self._on_message = on_message
-        self._on_sessions_end = on_sessions_end
         self._sessions = sessions
         self._sessions_due: float | None = None  # when to (re)load the revoked sessions
-        self._on_reconnect = on_reconnect
-        self.sharded = True
+        self.sharded = sharded
         self._wanted: set[str] = set()        # rooms that should be subscribed
         self._active: set[str] = set()        # rooms subscribed on the current connection
         self._waiters: dict[str, list[asyncio.Future[None]]] = {}
         self._changed = asyncio.Event()
-        self.connected = asyncio.Event()
+        self._connected = asyncio.Event()
 
-    async def detect(self) -> None:
-        """Use sharded pub/sub when the server supports it (Redis/Valkey 7+)."""
-        try:
-            await self._redis.execute_command("SPUBLISH", "livesale:probe", b"")  # type: ignore[no-untyped-call]
-        except ResponseError:
-            self.sharded = False
-        log.info("room fan-out uses %s", "sharded pub/sub" if self.sharded else "pub/sub")
-
-    @property
-    def publish_command(self) -> str:
-        return "SPUBLISH" if self.sharded else "PUBLISH"
-
-    async def publish(self, room_id: str, audience: bytes, event: bytes) -> None:
-        await self._redis.execute_command(  # type: ignore[no-untyped-call]
-            self.publish_command, keys.channel(room_id), audience + event)
-
-    async def end_session(self, session_id: str) -> None:
-        await self._redis.execute_command(  # type: ignore[no-untyped-call]
-            self.publish_command, SESSIONS_CHANNEL, session_id)
+    def is_connected(self) -> bool:
+        """Whether the link is up and subscribed: the rooms' events reach this process."""
+        return self._connected.is_set()
 
     async def subscribe(self, room_id: str) -> None:
         """Return once this process receives the room's events."""
@@ -123,26 +106,27 @@ class Broker:
         self._wanted.discard(room_id)
         self._changed.set()
 
-    async def run(self) -> None:
+    async def run(self, listener: Listener) -> None:
+        """Receive for `listener` until cancelled."""
         backoff = 0.1
         first = True
         while running():
             pubsub = self._listen_client.pubsub()
             try:
                 self._active.clear()
-                await (pubsub.ssubscribe(SESSIONS_CHANNEL) if self.sharded else pubsub.subscribe(SESSIONS_CHANNEL))
+                await (pubsub.ssubscribe(keys.SESSIONS_CHANNEL) if self.sharded else pubsub.subscribe(keys.SESSIONS_CHANNEL))
                 await self._sync(pubsub)
-                self.connected.set()
+                self._connected.set()
                 if not first:
                     log.warning("pub/sub reconnected; resubscribed to %d rooms", len(self._active))
-                    await self._on_reconnect()
+                    await listener.resync()
                 first = False
                 backoff = 0.1
-                await self._listen(pubsub)
+                await self._listen(pubsub, listener)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # whatever ended the link, the listener must go on
-                self.connected.clear()
+                self._connected.clear()
                 self._sessions.lost()  # now, not after the backoff
                 if isinstance(exc, (RedisConnectionError, RedisTimeoutError, OSError)):
                     log.warning("pub/sub connection lost (%r); retrying in %.1fs", exc, backoff)
@@ -151,10 +135,10 @@ class Broker:
                 await asyncio.sleep(backoff * (0.5 + random.random()))
                 backoff = min(backoff * 2, RECONNECT_MAX_S)
             finally:
-                self.connected.clear()
+                self._connected.clear()
                 self._sessions.lost()  # however the link ended
                 try:
-                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+                    await pubsub.aclose()
                 except Exception:  # the connection is already broken; nothing to clean
                     pass
 
@@ -180,13 +164,13 @@ class Broker:
                     if not fut.done():
                         fut.set_result(None)
 
-    async def _sync_sessions(self) -> None:
+    async def _sync_sessions(self, listener: Listener) -> None:
         loop = asyncio.get_running_loop()
         try:
             missed = await self._sessions.sync()
             self._sessions_due = loop.time() + SESSIONS_RESYNC_S
             if missed:  # logouts whose message never came: close their sockets now
-                self._on_sessions_end(missed)
+                listener.end_sessions(missed)
         except (RedisConnectionError, RedisTimeoutError, ResponseError, OSError) as exc:
             # Not the pub/sub link's fault (the read uses the shared pool): keep the link, let
             # requests ask Redis meanwhile, and try again soon.
@@ -194,28 +178,28 @@ class Broker:
             self._sessions_due = loop.time() + 1.0
             log.warning("could not load the revoked sessions (%r); asking Redis per request meanwhile", exc)
 
-    async def _listen(self, pubsub: PubSub) -> None:
+    async def _listen(self, pubsub: PubSub, listener: Listener) -> None:
         self._sessions_due = None  # until the sessions channel is confirmed on this link
         while running():
             if self._changed.is_set():
                 await self._sync(pubsub)
             if self._sessions_due is not None and asyncio.get_running_loop().time() >= self._sessions_due:
-                await self._sync_sessions()
+                await self._sync_sessions(listener)
             msg = await pubsub.get_message(timeout=0.05)
             if msg is None:
                 continue
             kind = msg["type"]
             channel = msg["channel"].decode() if isinstance(msg["channel"], bytes) else str(msg["channel"])
-            if channel == SESSIONS_CHANNEL:
+            if channel == keys.SESSIONS_CHANNEL:
                 if kind in ("message", "smessage"):
                     session_id = msg["data"].decode()
                     self._sessions.revoked(session_id)
-                    self._on_sessions_end((session_id,))
+                    listener.end_sessions((session_id,))
                 elif kind in ("subscribe", "ssubscribe"):
-                    await self._sync_sessions()
+                    await self._sync_sessions(listener)
                 continue
-            room_id = channel[len("{room:"):channel.index("}")]
+            room_id = keys.room_id_of(channel)
             if kind in ("message", "smessage"):
-                self._on_message(room_id, msg["data"])
+                listener.on_message(room_id, msg["data"])
             elif kind in ("subscribe", "ssubscribe"):
                 self._release_waiters(room_id)

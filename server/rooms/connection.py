@@ -1,212 +1,136 @@
-"""The WebSocket endpoint /ws/rooms/{room_id}: handshake checks, then a reader
-and a writer task per connection until either ends."""
+"""One viewer's socket as the room layer sees it: a bounded queue of frames that its writer
+task drains, the frames that came before its welcome, and its per-connection limits."""
 
 from __future__ import annotations
 
 import asyncio
-import logging
+import secrets
 import time
+from dataclasses import dataclass
 
-import msgspec
-from redis.exceptions import RedisError
-from sqlalchemy.exc import SQLAlchemyError
-from starlette.websockets import WebSocket, WebSocketDisconnect
-
-from server.auth import authenticate
-from server.clock import from_ms, iso
-from server.errors import ApiError
-from server.ids import new_id
-from server.metrics import REFUSED
-from server.origins import origin_allowed, own_origin
-from server.ratelimit import CHAT, address_key
+from server.auth import Principal
+from server.metrics import CLOSED
 from server.rooms import protocol
-from server.rooms.hub import Close, Connection
-from server.services import Services
-from server.text import clean, folded, visible
 
-log = logging.getLogger("livesale.rooms.connection")
-
-UNAVAILABLE = "the room is unavailable, reconnect shortly"
-
-
-async def _refuse(ws: WebSocket, code: int, error: str, message: str) -> None:
-    REFUSED.labels(error).inc()
-    await ws.accept()
-    await ws.send_text(protocol.error_frame(error, message))
-    await ws.close(code, message)
+# Frames held for a viewer whose welcome is on its way (joining, or a resync): more than a
+# join may take (hub.JOIN_TIMEOUT_S) at one frame per tick. They are shared strings: pointers only.
+EARLY_FRAMES = 256
+SEND_TIMEOUT_S = 10.0  # a send that cannot complete in this long means a dead or stalled peer
+PINGS_PER_S, PINGS_BURST = 10, 30
 
 
-async def room_socket(ws: WebSocket) -> None:
-    services: Services = ws.app.state.services
-    room_id = str(ws.path_params["room_id"])
-    origin = ws.headers.get("origin")
-    # Browsers always send Origin; refusing before accept() answers the handshake with 403.
-    if origin is not None and not origin_allowed(origin, own_origin(ws.url.scheme, ws.headers),
-                                                 services.settings.allowed_origins):
-        await ws.close(protocol.POLICY)
-        return
-    ip = ws.client.host if ws.client else "unknown"
-    address = None if ip in services.settings.rate_limit_exempt_ips else address_key(ip)
-    if address is not None and not services.sockets.take(address):
-        await _refuse(ws, protocol.TRY_AGAIN_LATER, "too_many_connections",
-                      f"at most {services.sockets.limit} open connections per address")
-        return
-    try:
-        await _join(ws, services, room_id)
-    finally:
-        if address is not None:
-            services.sockets.give_back(address)
+@dataclass(frozen=True)
+class Close:
+    code: int
+    reason: str
 
 
-async def _join(ws: WebSocket, services: Services, room_id: str) -> None:
-    hub = services.hub
-    try:
-        principal = await authenticate(services.sessions, ws.headers, ws.cookies)
-        meta = await hub.room_meta(room_id)
-    except ApiError as exc:
-        await _refuse(ws, protocol.SESSION_ENDED, exc.code, exc.message)
-        return
-    except (RedisError, SQLAlchemyError):
-        await _refuse(ws, protocol.TRY_AGAIN_LATER, "unavailable", UNAVAILABLE)
-        return
-    if meta is None:
-        await _refuse(ws, protocol.ROOM_NOT_FOUND, "room_not_found", "no such room")
-        return
-    await ws.accept()
-    conn = Connection(room_id, principal, is_host=principal is not None and principal.user_id == meta["host"]["id"])
-    try:
-        try:
-            await hub.join(conn)
-            if principal is not None and await services.sessions.is_revoked(principal.session_id):
-                # Logged out after it was authenticated and before it joined: the logout's
-                # message found no socket to close.
-                await ws.close(protocol.SESSION_ENDED, "logged out")
+class TokenBucket:
+    """A local bucket, for limits that only need to hold per connection."""
+    __slots__ = ("rate", "burst", "tokens", "at")
+
+    def __init__(self, rate: float, burst: float) -> None:
+        self.rate, self.burst, self.tokens, self.at = rate, burst, burst, time.monotonic()
+
+    def take(self, n: float = 1.0) -> bool:
+        now = time.monotonic()
+        self.tokens = min(self.burst, self.tokens + (now - self.at) * self.rate)
+        self.at = now
+        if self.tokens >= n:
+            self.tokens -= n
+            return True
+        return False
+
+
+class Connection:
+    """One viewer's socket: a bounded queue of frames, drained by its writer task."""
+    __slots__ = ("id", "room_id", "principal", "is_host", "queue", "ready", "early", "closed", "likes_bucket", "pings",
+                 "strikes", "writer", "sending_since", "__weakref__")
+
+    def __init__(self, room_id: str, principal: Principal | None, is_host: bool, queue_frames: int) -> None:
+        self.id = secrets.token_hex(8)
+        self.room_id = room_id
+        self.principal = principal
+        self.is_host = is_host
+        self.queue: asyncio.Queue[str | Close] = asyncio.Queue(queue_frames)
+        self.ready = False        # False until the welcome is queued
+        self.early: list[str | Close] = []  # what came before the welcome: frames, perhaps a close
+        self.closed = False
+        self.likes_bucket = TokenBucket(rate=protocol.MAX_LIKE_FRAMES_PER_S, burst=protocol.MAX_LIKE_FRAMES_PER_S)
+        # Pings: a client syncs its clock with a few, then sends one every 15 s; each costs a pong.
+        self.pings = TokenBucket(rate=PINGS_PER_S, burst=PINGS_BURST)
+        # Abuse counter: invalid frames and refused messages; decays 1 per second.
+        self.strikes = TokenBucket(rate=1, burst=20)
+        # The writer task, and when its current send began (0: not sending). A send waits only
+        # while the socket's buffer is full; the hub's tick ends writers stalled for too long.
+        # (A timeout around each send cost more than the send: a task per frame, on Python 3.11.)
+        self.writer: asyncio.Task[None] | None = None
+        self.sending_since = 0.0
+
+    def offer(self, frame: str) -> None:
+        if self.closed:
+            return
+        if not self.ready:
+            if len(self.early) >= EARLY_FRAMES:  # the welcome is late: no more waiting without bound
+                self.close(protocol.TRY_AGAIN_LATER, "too slow: reconnect", flush=False)
                 return
-            meta = await hub.welcome(conn)
-        except (asyncio.TimeoutError, OSError, ConnectionError, RedisError, SQLAlchemyError) as exc:
-            log.warning("join failed for room %s: %r", room_id, exc)
-            await ws.send_text(protocol.error_frame("unavailable", UNAVAILABLE))
-            await ws.close(protocol.TRY_AGAIN_LATER)
+            self.early.append(frame)
             return
-        if meta["status"] == "ended":
-            conn.close(protocol.NORMAL, "room ended")
-        await _serve(ws, conn, services)
-    finally:
-        await hub.leave(conn)
+        self._put(frame)
 
-
-async def _serve(ws: WebSocket, conn: Connection, services: Services) -> None:
-    writer = conn.writer = asyncio.create_task(_write(ws, conn))
-    reader = asyncio.create_task(_read(ws, conn, services))
-    done, pending = await asyncio.wait({writer, reader}, return_when=asyncio.FIRST_COMPLETED)
-    for task in pending:
-        task.cancel()
-    for task in (writer, reader):
+    def _put(self, frame: str) -> None:
         try:
-            await task
-        except (asyncio.CancelledError, WebSocketDisconnect):
-            pass
-        except Exception:
-            log.exception("connection task failed")
-    conn.writer = None  # a finished task holds its frames (and so the connection) through its result
+            self.queue.put_nowait(frame)
+        except asyncio.QueueFull:
+            # A viewer that cannot keep up is dropped rather than buffered without bound.
+            self.close(protocol.TRY_AGAIN_LATER, "too slow: reconnect", flush=False)
 
+    def start(self, welcome: str) -> None:
+        """Queue the welcome, then what came while the viewer joined, a close included: a room
+        that ends as someone joins still shows them its welcome (status `ended`) first."""
+        self.ready = True
+        early, self.early = self.early, []
+        frames: list[str] = []
+        deferred: Close | None = None
+        for item in early:
+            if isinstance(item, Close):
+                deferred = item
+                break
+            frames.append(item)
+        # The frames that came while it joined go as one (each is a JSON array of events): a
+        # slow join in a busy room gathers more of them than the queue holds.
+        for item in (welcome, *([protocol.join_batches(frames)] if frames else [])):
+            if self.closed and deferred is None:  # closed at once (flush=False): nothing more to send
+                return
+            self._put(item)
+        if deferred is not None:
+            self._queue_close(deferred, flush=True)
 
-async def _write(ws: WebSocket, conn: Connection) -> None:
-    while True:
-        item = await conn.queue.get()
-        if isinstance(item, Close):
+    def close(self, code: int, reason: str, *, flush: bool = True) -> None:
+        """Close after the queued frames (flush) or at once, dropping them."""
+        if self.closed:
+            return
+        self.closed = True
+        CLOSED.labels(str(code)).inc()
+        if flush and not self.ready:
+            self.early.append(Close(code, reason))  # after the welcome: start() queues it
+            return
+        self._queue_close(Close(code, reason), flush)
+
+    def _queue_close(self, close: Close, flush: bool) -> None:
+        if flush:
             try:
-                await asyncio.wait_for(ws.close(item.code, item.reason), 2.0)
-            except (asyncio.TimeoutError, RuntimeError, OSError):
+                self.queue.put_nowait(close)
+                return
+            except asyncio.QueueFull:
                 pass
-            return
-        conn.sending_since = time.monotonic()
-        try:
-            await ws.send_text(item)  # a stalled peer: the hub cancels this task, the server closes the transport
-        finally:
-            conn.sending_since = 0.0
+        while not self.queue.empty():
+            self.queue.get_nowait()
+        self.queue.put_nowait(close)
 
+    def stalled(self, now: float) -> bool:
+        return self.sending_since != 0.0 and now - self.sending_since > SEND_TIMEOUT_S
 
-async def _read(ws: WebSocket, conn: Connection, services: Services) -> None:
-    while not conn.closed:
-        message = await ws.receive()
-        if message["type"] == "websocket.disconnect":
-            return
-        text = message.get("text")
-        if text is None:
-            _bad(conn, "binary_frame", "send JSON as text frames")
-            continue
-        try:
-            msg = protocol.decode(text)
-        except msgspec.ValidationError as exc:
-            _bad(conn, "invalid_message", str(exc))
-            continue
-        except msgspec.DecodeError:
-            _bad(conn, "malformed_json", "a frame must be one JSON object")
-            continue
-        if isinstance(msg, protocol.PingIn):
-            if not conn.pings.take():
-                conn.close(protocol.POLICY, "pings too fast")
-                continue
-            conn.offer(protocol.batch([protocol.encode(protocol.Pong(ts=int(time.time() * 1000)))]))
-        elif isinstance(msg, protocol.LikeIn):
-            _like(conn, msg, services)
-        else:
-            try:
-                await _chat(conn, msg, services)
-            except RedisError:
-                _error(conn, "unavailable", "chat is unavailable for a moment; try again")
-
-
-def _error(conn: Connection, code: str, message: str, retry_after_ms: int | None = None) -> None:
-    conn.offer(protocol.error_frame(code, message, retry_after_ms))
-
-
-def _bad(conn: Connection, code: str, message: str) -> None:
-    """An invalid frame or a refused message: tell the sender; close if it keeps coming."""
-    _error(conn, code, message)
-    if conn.strike():
-        conn.close(protocol.POLICY, "too many invalid frames")
-
-
-def _like(conn: Connection, msg: protocol.LikeIn, services: Services) -> None:
-    if not conn.likes_bucket.take():
-        conn.close(protocol.POLICY, "likes too fast")
-        return
-    if conn.principal is None:
-        _bad(conn, "login_required", "sign in to like")
-        return
-    services.hub.add_likes(conn.room_id, conn.principal.user_id, msg.count)
-
-
-async def _chat(conn: Connection, msg: protocol.ChatIn, services: Services) -> None:
-    p = conn.principal
-    if p is None:
-        _bad(conn, "login_required", "sign in to chat")
-        return
-    text = clean(msg.text)
-    if not visible(text) or len(text) > protocol.MAX_TEXT_CHARS:
-        _bad(conn, "invalid_text", f"a message has 1 to {protocol.MAX_TEXT_CHARS} characters")
-        return
-    wait = await services.limiter.hit(CHAT, p.user_id)
-    if wait:
-        _error(conn, "rate_limited", "slow down: at most 2 messages a second", int(wait * 1000))
-        if conn.strike():
-            conn.close(protocol.POLICY, "chat too fast")
-        return
-    hub, store = services.hub, services.hub.store
-    user = protocol.UserRef(id=p.user_id, name=p.name)
-    now_ms = int(time.time() * 1000)
-    if not conn.is_host:
-        as_filtered = folded(text)
-        if any(word in as_filtered for word in await hub.banned_words(conn.room_id)):
-            _bad(conn, "banned_word", "your message contains a word this room does not allow")
-            await services.rooms.tell_host(conn.room_id, protocol.ChatRejected(
-                user=user, text=text, reason="banned_word", ts=now_ms))
-            return
-    event = protocol.Chat(id=new_id("msg"), user=user, text=text, ts=now_ms)
-    muted_until = await store.post_chat(conn.room_id, event.id, p.user_id, protocol.encode(event))
-    if muted_until is not None:
-        _bad(conn, "muted", f"the host muted you until {iso(from_ms(muted_until))}")
-        await services.rooms.tell_host(conn.room_id, protocol.ChatRejected(
-            user=user, text=text, reason="muted", ts=now_ms))
+    def strike(self) -> bool:
+        """Count one bad frame; True when the client has earned a policy close."""
+        return not self.strikes.take()

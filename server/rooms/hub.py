@@ -15,165 +15,28 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import secrets
 import time
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable, Collection, Coroutine
+from typing import Any, Collection, Coroutine
 
 import msgspec
 
-from server.auth import Principal
-from server.loops import running
+from server.backends.loops import repeat
 from server.metrics import CLOSED, CONNECTIONS, FRAMES
 from server.rooms import protocol
-from server.rooms.broker import CONTROL, EVERYONE, HOST, Broker
-from server.rooms.store import Counts, RoomStore, Snapshot
-from server.text import folded
+from server.rooms.broker import Broker
+from server.rooms.connection import Connection
+from server.rooms.publisher import Publisher
+from server.rooms.service import BannedWords
+from server.rooms.store import Counts, RoomStore
+from server.rooms.welcome import Welcomes
 
 log = logging.getLogger("livesale.rooms.hub")
 
-TICK_S = 0.05
 VIEWERS_EVERY_S = 1.0
 HEARTBEAT_S = 10.0
-META_TTL_S = 5.0
-BANNED_TTL_S = 5.0
 JOIN_TIMEOUT_S = 10.0
-QUEUE_FRAMES = int(os.environ.get("LIVESALE_WS_QUEUE_FRAMES", "64"))
-# Frames held for a viewer whose welcome is on its way (joining, or a resync): more than a
-# join may take (JOIN_TIMEOUT_S) at one frame per tick. They are shared strings: pointers only.
-EARLY_FRAMES = 256
-SEND_TIMEOUT_S = 10.0  # a send that cannot complete in this long means a dead or stalled peer
 STALL_CHECK_S = 1.0
-PINGS_PER_S, PINGS_BURST = 10, 30
-
-MetaLoader = Callable[[str], Awaitable[dict[str, Any] | None]]
-SaleLoader = Callable[[str], Awaitable[dict[str, Any] | None]]
-
-
-@dataclass(frozen=True)
-class Close:
-    code: int
-    reason: str
-
-
-class TokenBucket:
-    """A local bucket, for limits that only need to hold per connection."""
-    __slots__ = ("rate", "burst", "tokens", "at")
-
-    def __init__(self, rate: float, burst: float) -> None:
-        self.rate, self.burst, self.tokens, self.at = rate, burst, burst, time.monotonic()
-
-    def take(self, n: float = 1.0) -> bool:
-        now = time.monotonic()
-        self.tokens = min(self.burst, self.tokens + (now - self.at) * self.rate)
-        self.at = now
-        if self.tokens >= n:
-            self.tokens -= n
-            return True
-        return False
-
-
-class Connection:
-    """One viewer's socket: a bounded queue of frames, drained by its writer task."""
-    __slots__ = ("id", "room_id", "principal", "is_host", "queue", "ready", "early", "closed", "likes_bucket", "pings",
-                 "strikes", "writer", "sending_since", "__weakref__")
-
-    def __init__(self, room_id: str, principal: Principal | None, is_host: bool) -> None:
-        self.id = secrets.token_hex(8)
-        self.room_id = room_id
-        self.principal = principal
-        self.is_host = is_host
-        self.queue: asyncio.Queue[str | Close] = asyncio.Queue(QUEUE_FRAMES)
-        self.ready = False        # False until the welcome is queued
-        self.early: list[str | Close] = []  # what came before the welcome: frames, perhaps a close
-        self.closed = False
-        self.likes_bucket = TokenBucket(rate=20, burst=20)
-        # Pings: a client syncs its clock with a few, then sends one every 15 s; each costs a pong.
-        self.pings = TokenBucket(rate=PINGS_PER_S, burst=PINGS_BURST)
-        # Abuse counter: invalid frames and refused messages; decays 1 per second.
-        self.strikes = TokenBucket(rate=1, burst=20)
-        # The writer task, and when its current send began (0: not sending). A send waits only
-        # while the socket's buffer is full; the hub's tick ends writers stalled for too long.
-        # (A timeout around each send cost more than the send: a task per frame, on Python 3.11.)
-        self.writer: asyncio.Task[None] | None = None
-        self.sending_since = 0.0
-
-    def offer(self, frame: str) -> None:
-        if self.closed:
-            return
-        if not self.ready:
-            if len(self.early) >= EARLY_FRAMES:  # the welcome is late: no more waiting without bound
-                self.close(protocol.TRY_AGAIN_LATER, "too slow: reconnect", flush=False)
-                return
-            self.early.append(frame)
-            return
-        self._put(frame)
-
-    def _put(self, frame: str) -> None:
-        try:
-            self.queue.put_nowait(frame)
-        except asyncio.QueueFull:
-            # A viewer that cannot keep up is dropped rather than buffered without bound.
-            self.close(protocol.TRY_AGAIN_LATER, "too slow: reconnect", flush=False)
-
-    def start(self, welcome: str) -> None:
-        """Queue the welcome, then what came while the viewer joined, a close included: a room
-        that ends as someone joins still shows them its welcome (status `ended`) first."""
-        self.ready = True
-        early, self.early = self.early, []
-        frames: list[str] = []
-        deferred: Close | None = None
-        for item in early:
-            if isinstance(item, Close):
-                deferred = item
-                break
-            frames.append(item)
-        # The frames that came while it joined go as one (each is a JSON array of events): a
-        # slow join in a busy room gathers more of them than the queue holds.
-        for item in (welcome, *([protocol.join_batches(frames)] if frames else [])):
-            if self.closed and deferred is None:  # closed at once (flush=False): nothing more to send
-                return
-            self._put(item)
-        if deferred is not None:
-            self._queue_close(deferred, flush=True)
-
-    def close(self, code: int, reason: str, *, flush: bool = True) -> None:
-        """Close after the queued frames (flush) or at once, dropping them."""
-        if self.closed:
-            return
-        self.closed = True
-        CLOSED.labels(str(code)).inc()
-        if flush and not self.ready:
-            self.early.append(Close(code, reason))  # after the welcome: start() queues it
-            return
-        self._queue_close(Close(code, reason), flush)
-
-    def _queue_close(self, close: Close, flush: bool) -> None:
-        if flush:
-            try:
-                self.queue.put_nowait(close)
-                return
-            except asyncio.QueueFull:
-                pass
-        while not self.queue.empty():
-            self.queue.get_nowait()
-        self.queue.put_nowait(close)
-
-    def stalled(self, now: float) -> bool:
-        return self.sending_since != 0.0 and now - self.sending_since > SEND_TIMEOUT_S
-
-    def strike(self) -> bool:
-        """Count one bad frame; True when the client has earned a policy close."""
-        return not self.strikes.take()
-
-
-@dataclass(frozen=True)
-class RoomState:
-    """What a welcome shows of a room, read once for all who are welcomed together."""
-    snapshot: Snapshot
-    meta: dict[str, Any]
-    sale: dict[str, Any] | None
 
 
 @dataclass
@@ -188,18 +51,19 @@ class LocalRoom:
     viewers_busy: bool = False
     viewers_at: float = 0.0
     viewers_sent: Counts | None = None
-    banned: list[str] | None = None
-    banned_at: float = 0.0
 
 
 class Hub:
-    def __init__(self, store: RoomStore, broker: Broker, load_meta: MetaLoader) -> None:
-        self.store = store
-        self.broker = broker
-        self.load_meta = load_meta
-        self.load_sale: SaleLoader | None = None  # set by the inventory layer
+    """The broker's listener (server.rooms.broker.Listener) in a web process."""
+
+    def __init__(self, store: RoomStore, broker: Broker, publisher: Publisher, banned: BannedWords,
+                 welcomes: Welcomes) -> None:
+        self._store = store
+        self._broker = broker
+        self._publisher = publisher
+        self._banned = banned
+        self._welcomes = welcomes
         self.rooms: dict[str, LocalRoom] = {}
-        self._meta: dict[str, tuple[float, dict[str, Any] | None]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._stall_checked_at = 0.0
 
@@ -210,9 +74,9 @@ class Hub:
             room = self.rooms[conn.room_id] = LocalRoom(conn.room_id)
         room.conns.add(conn)
         CONNECTIONS.inc()
-        await asyncio.wait_for(self.broker.subscribe(conn.room_id), JOIN_TIMEOUT_S)
+        await asyncio.wait_for(self._broker.subscribe(conn.room_id), JOIN_TIMEOUT_S)
         viewer = conn.principal.user_id if conn.principal else None
-        counts = await self.store.join(conn.room_id, conn.id, viewer)
+        counts = await self._store.join(conn.room_id, conn.id, viewer)
         room.viewers_dirty = True
         return counts
 
@@ -225,55 +89,19 @@ class Hub:
         CONNECTIONS.dec()
         room.viewers_dirty = True
         try:
-            await self.store.leave(conn.room_id, conn.id)
+            await self._store.leave(conn.room_id, conn.id)
         except Exception as exc:  # Redis down: the entry expires by itself (PRESENCE_TTL_MS)
             log.warning("presence leave failed for room %s: %r", conn.room_id, exc)
 
     async def welcome(self, conn: Connection) -> dict[str, Any]:
         """Queue the welcome (after join: the room's events already flow); return the room it showed."""
-        state = await self._room_state(conn.room_id)
-        conn.start(self._welcome_frame(conn, state))
+        state = await self._welcomes.read(conn.room_id)
+        conn.start(self._welcomes.frame(conn, state))
         return state.meta
 
-    async def _room_state(self, room_id: str) -> RoomState:
-        snap = await self.store.snapshot(room_id)
-        meta = await self.room_meta(room_id) or {}
-        sale = await self.load_sale(snap.sale_id) if snap.sale_id and self.load_sale else None
-        return RoomState(snap, meta, sale)
-
-    @staticmethod
-    def _welcome_frame(conn: Connection, state: RoomState) -> str:
-        you = None
-        if conn.principal is not None:
-            p = conn.principal
-            you = {"user_id": p.user_id, "name": p.name, "role": p.role, "is_host": conn.is_host}
-        snap = state.snapshot
-        event = protocol.Welcome(room=state.meta, you=you, pinned_product=snap.pin, sale=state.sale,
-                                 likes=snap.likes,
-                                 viewers=protocol.Counts(online=snap.counts.online, peak=snap.counts.peak),
-                                 history=snap.history, server_time=int(time.time() * 1000))
-        return protocol.batch([protocol.encode(event)])
-
-    # --- shared state the connections read -----------------------------------------
     async def room_meta(self, room_id: str) -> dict[str, Any] | None:
-        """The room as viewers see it. Cached only while this process is subscribed to the
-        room (so `meta` control messages keep the cache true); read fresh otherwise."""
-        cached = self._meta.get(room_id)
-        if cached is not None and time.monotonic() - cached[0] < META_TTL_S:
-            return cached[1]
-        meta = await self.load_meta(room_id)
-        if room_id in self.rooms:
-            self._meta[room_id] = (time.monotonic(), meta)
-        return meta
-
-    async def banned_words(self, room_id: str) -> list[str]:
-        room = self.rooms.get(room_id)
-        if room is not None and room.banned is not None and time.monotonic() - room.banned_at < BANNED_TTL_S:
-            return room.banned
-        words = [folded(w) for w in await self.store.banned_words(room_id)]  # also lists saved before NFKC
-        if room is not None:
-            room.banned, room.banned_at = words, time.monotonic()
-        return words
+        """The room as viewers see it (None: no such room), cached while it has viewers here."""
+        return await self._welcomes.room_meta(room_id, keep=room_id in self.rooms)
 
     def add_likes(self, room_id: str, user_id: str, taps: int) -> None:
         room = self.rooms.get(room_id)
@@ -292,23 +120,22 @@ class Hub:
         if room is None or not data:
             return
         audience, payload = data[:1], data[1:]
-        if audience != CONTROL:
+        if audience != protocol.CONTROL:
             room.events.append((audience, payload))
             return
         try:
-            control = msgspec.json.decode(payload)
-        except msgspec.DecodeError:
-            log.error("bad control message in room %s", room_id)
+            control = protocol.decode_control(payload)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            log.error("bad control message in room %s: %s", room_id, exc)
             return
-        op = control.get("op")
-        if op == "meta":
-            self._meta[room_id] = (time.monotonic(), control["room"])
-        elif op == "banned":
-            room.banned = None
-        elif op == "close":
+        if isinstance(control, protocol.MetaChanged):
+            self._welcomes.meta_changed(room_id, control.room)
+        elif isinstance(control, protocol.BannedChanged):
+            self._banned.forget(room_id)
+        else:
             self._flush_events(room)  # let `room_ended` go out first
             for conn in list(room.conns):
-                conn.close(int(control["code"]), str(control.get("reason", "")))
+                conn.close(control.code, control.reason)
 
     def end_sessions(self, session_ids: Collection[str]) -> None:
         """The sessions logged out: close their sockets here."""
@@ -323,13 +150,13 @@ class Hub:
         refreshed during a long outage have expired). A room that cannot be read now (Redis
         or the database away again) closes its viewers with 1013: they reconnect later."""
         for room in list(self.rooms.values()):
-            self._meta.pop(room.room_id, None)
+            self._welcomes.forget(room.room_id)
             conns = [c for c in room.conns if not c.closed]
             for conn in conns:
                 conn.ready = False  # what comes meanwhile follows the new welcome
             try:
                 await self._refresh_presence({room.room_id: conns})
-                state = await self._room_state(room.room_id)
+                state = await self._welcomes.read(room.room_id)
             except Exception as exc:
                 log.warning("resync of room %s failed (%r); its %d viewers reconnect", room.room_id, exc, len(conns))
                 for conn in conns:
@@ -337,17 +164,18 @@ class Hub:
                 continue
             room.viewers_dirty = True
             for conn in conns:
-                conn.start(self._welcome_frame(conn, state))
+                conn.start(self._welcomes.frame(conn, state))
 
     # --- the tick -----------------------------------------------------------------------
     def _flush_events(self, room: LocalRoom) -> None:
         if not room.events:
             return
         events, room.events = room.events, []
-        everyone = [e for audience, e in events if audience == EVERYONE]
+        everyone = [e for audience, e in events if audience == protocol.EVERYONE]
         frame_all = protocol.batch(everyone) if everyone else None
         has_host_events = len(everyone) != len(events)
-        frame_host = protocol.batch([e for a, e in events if a in (EVERYONE, HOST)]) if has_host_events \
+        frame_host = protocol.batch([e for a, e in events if a in (protocol.EVERYONE, protocol.HOST)]) \
+            if has_host_events \
             else frame_all
         sent = 0
         for conn in room.conns:
@@ -369,17 +197,17 @@ class Hub:
 
     async def _flush_likes(self, room: LocalRoom, likes: dict[str, list[int]]) -> None:
         try:
-            await self.store.flush_likes(room.room_id, likes)
+            await self._store.flush_likes(room.room_id, likes)
         finally:
             room.likes_busy = False
 
     async def _publish_viewers(self, room: LocalRoom, only_if_changed: bool) -> None:
         try:
-            counts = await self.store.counts(room.room_id)
+            counts = await self._store.counts(room.room_id)
             if only_if_changed and counts == room.viewers_sent:
                 return
-            await self.broker.publish(room.room_id, EVERYONE,
-                                      protocol.encode(protocol.Viewers(online=counts.online, peak=counts.peak)))
+            await self._publisher.publish(room.room_id,
+                                          protocol.to_everyone(protocol.Viewers(online=counts.online, peak=counts.peak)))
             room.viewers_sent = counts
         finally:
             room.viewers_busy = False
@@ -397,11 +225,11 @@ class Hub:
         await self._refresh_presence(present)
 
     async def _refresh_presence(self, present: dict[str, list[Connection]]) -> None:
-        await self.store.refresh({rid: [c.id for c in conns] for rid, conns in present.items()})
+        await self._store.refresh({rid: [c.id for c in conns] for rid, conns in present.items()})
         # A connection that left during the refresh may have been added back after its leave.
         left = {rid: [c.id for c in conns if c.closed] for rid, conns in present.items()}
         if any(left.values()):
-            await self.store.forget(left)
+            await self._store.forget(left)
 
     def _end_stalled(self, now: float) -> None:
         """End the connections whose peer stopped reading: their send has waited too long."""
@@ -429,20 +257,22 @@ class Hub:
             if not room.conns and not room.likes and not room.likes_busy and not room.viewers_dirty \
                     and not room.viewers_busy:
                 del self.rooms[room_id]
-                self._meta.pop(room_id, None)
-                self.broker.unsubscribe(room_id)
+                self._welcomes.forget(room_id)
+                self._banned.forget(room_id)
+                self._broker.unsubscribe(room_id)
 
     async def run(self) -> None:
+        """The tick, and every HEARTBEAT_S the heartbeat, until cancelled."""
         last_beat = time.monotonic()
-        while running():
-            await asyncio.sleep(TICK_S)
-            try:
-                self.tick()
-            except Exception:  # a bug in one tick must not stop the room layer
-                log.exception("hub tick failed")
+
+        async def step() -> None:
+            nonlocal last_beat
+            self.tick()
             if time.monotonic() - last_beat >= HEARTBEAT_S:
                 last_beat = time.monotonic()
                 self._spawn(self._heartbeat())
+
+        await repeat(step, every_s=protocol.TICK_S, what="hub tick", logger=log)
 
     def shutdown(self) -> None:
         for room in self.rooms.values():

@@ -6,6 +6,9 @@ touch one slot and also run on Redis Cluster.
 
 from __future__ import annotations
 
+# Session ids logged out anywhere: every process closes its sockets of that session.
+SESSIONS_CHANNEL = "livesale:sessions"
+
 
 def tag(room_id: str) -> str:
     return "{room:" + room_id + "}"
@@ -16,7 +19,7 @@ def channel(room_id: str) -> str:
 
 
 def state(room_id: str) -> str:
-    """Hash: `pin` (product JSON), `sale` (active sale id)."""
+    """Hash: `pin` (the pinned product, JSON)."""
     return tag(room_id) + ":state"
 
 
@@ -64,4 +67,15 @@ def done(room_id: str, call_id: str) -> str:
 
 
 def like_frames(room_id: str, user_id: str, second: int) -> str:
+    """Counter: a user's like frames in one second, across processes."""
     return f"{tag(room_id)}:lf:{user_id}:{second}"
+
+
+def chat_limit(room_id: str, user_id: str) -> str:
+    """String: a user's chat rate-limit bucket in this room (GCRA, ms)."""
+    return f"{tag(room_id)}:rl:chat:{user_id}"
+
+
+def room_id_of(channel: str) -> str:
+    """The room of a channel name (channel(room_id))."""
+    return channel[len("{room:"):channel.index("}")]

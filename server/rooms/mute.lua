@@ -1,5 +1,6 @@
 -- Mute a user in a room until a time; the mutes that ran out are dropped on the way, and a room
--- holds at most ARGV[3] mutes at once. Times in milliseconds (Redis clock).
+-- holds at most ARGV[3] mutes at once. Times in milliseconds (Redis clock). Loaded after
+-- the now_ms.lua prelude.
 -- KEYS[1]  mutes hash: user id -> muted until
 -- ARGV[1]  user id
 -- ARGV[2]  muted for this many ms from now
@@ -7,8 +8,7 @@
 -- Returns the muted-until time, or 0 if the room holds too many mutes
 local mutes, user, duration, most = KEYS[1], ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
 
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local now = now_ms()
 
 local all = redis.call('HGETALL', mutes)
 local held = 0

@@ -1,4 +1,4 @@
--- A room's presence counted, with its peak raised to the count: a prelude (server/lua.py) of
+-- A room's presence counted, with its peak raised to the count: a prelude (server/backends/lua.py) of
 -- the presence scripts, so a join and a recount (after a heartbeat added connections back) keep
 -- the peak alike.
 -- count(presence, peak_key) -> online, peak

@@ -1,5 +1,5 @@
 -- Leave (optionally) and count a room's presence. Times in milliseconds (Redis clock). Loaded
--- after the presence.lua prelude.
+-- after the now_ms.lua and presence.lua preludes.
 -- KEYS[1]  presence sorted set: connection id -> expiry
 -- KEYS[2]  peak viewers
 -- ARGV[1]  connection id that leaves, or '' to only count
@@ -7,8 +7,7 @@
 local presence, peak_key = KEYS[1], KEYS[2]
 local leaving = ARGV[1]
 
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local now = now_ms()
 
 if leaving ~= '' then
   redis.call('ZREM', presence, leaving)

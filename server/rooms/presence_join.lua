@@ -1,5 +1,5 @@
 -- A connection joins a room's presence. Times in milliseconds (Redis clock). Loaded after the
--- presence.lua prelude.
+-- now_ms.lua and presence.lua preludes.
 -- KEYS[1]  presence sorted set: connection id -> expiry
 -- KEYS[2]  peak viewers
 -- KEYS[3]  unique viewers (HyperLogLog)
@@ -10,8 +10,7 @@
 local presence, peak_key, uv = KEYS[1], KEYS[2], KEYS[3]
 local conn, ttl, viewer = ARGV[1], tonumber(ARGV[2]), ARGV[3]
 
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local now = now_ms()
 
 -- Connections of a process that died stop being refreshed and fall out here.
 redis.call('ZREMRANGEBYSCORE', presence, '-inf', now)

@@ -1,27 +1,48 @@
-"""The room WebSocket protocol, defined once (see docs/protocol.md).
+"""The room protocol, defined once: the WebSocket's messages (see docs/protocol.md) and the
+messages between processes on a room's pub/sub channel.
 
 Client -> server: one JSON object per text frame, with a `type`.
 Server -> client: one JSON array of events per text frame (a tick's batch).
+Process -> processes: one audience byte, then an event's JSON (or a control message's).
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Final, Literal
 
 import msgspec
 from msgspec import Meta, Struct
 
+TICK_S = 0.05  # a room's events are sent in one frame per tick; sale updates at most one per tick
+
 # --- close codes --------------------------------------------------------------
+# uvicorn itself closes with 1009 (a frame over MAX_FRAME_BYTES) and 1012 (a graceful restart).
 NORMAL = 1000            # the room ended
 GOING_AWAY = 1001        # the server is shutting down: reconnect
 POLICY = 1008            # abuse: too fast, or too much garbage
-TOO_BIG = 1009           # a frame over MAX_FRAME_BYTES
 TRY_AGAIN_LATER = 1013   # reconnect: the client could not keep up, or a backend was away while it joined
 SESSION_ENDED = 4401     # the session is invalid, expired or logged out
 ROOM_NOT_FOUND = 4404
 
 MAX_FRAME_BYTES = 4096
 MAX_TEXT_CHARS = 200
+# Like frames a user may send a second: per connection, and (likes_flush.lua) across all of them.
+MAX_LIKE_FRAMES_PER_S = 20
+
+# --- `error` event codes (besides the session's: invalid_token, session_expired, ...) ---------
+BINARY_FRAME: Final = "binary_frame"
+MALFORMED_JSON: Final = "malformed_json"
+INVALID_MESSAGE: Final = "invalid_message"
+LOGIN_REQUIRED: Final = "login_required"
+INVALID_TEXT: Final = "invalid_text"
+RATE_LIMITED: Final = "rate_limited"
+BANNED_WORD: Final = "banned_word"
+MUTED: Final = "muted"
+UNAVAILABLE: Final = "unavailable"
+TOO_MANY_CONNECTIONS: Final = "too_many_connections"
+ROOM_NOT_FOUND_ERROR: Final = "room_not_found"
+ERROR_CODES = (BINARY_FRAME, MALFORMED_JSON, INVALID_MESSAGE, LOGIN_REQUIRED, INVALID_TEXT, RATE_LIMITED, BANNED_WORD,
+               MUTED, UNAVAILABLE, TOO_MANY_CONNECTIONS, ROOM_NOT_FOUND_ERROR)
 
 
 # --- client -> server ---------------------------------------------------------
@@ -76,7 +97,7 @@ class ChatRejected(_Out, tag="chat_rejected"):
     """Sent to the room's host only: a message that did not go out, and why."""
     user: UserRef
     text: str
-    reason: str
+    reason: Literal["banned_word", "muted"]
     ts: int
 
 
@@ -159,9 +180,6 @@ class Welcome(_Out, tag="welcome"):
     server_time: int  # epoch ms: clients anchor countdowns to this, not to their own clock
 
 
-Event = Chat | ChatDeleted | ChatRejected | Likes | Viewers | Pin | Unpin | Lineup | RoomUpdate | RoomEnded | Sale \
-    | SaleUpdate | SoldOut | SaleEnded | Pong | Error | Welcome
-
 _encoder = msgspec.json.Encoder()
 
 
@@ -182,3 +200,51 @@ def join_batches(frames: list[str]) -> str:
 
 def error_frame(code: str, message: str, retry_after_ms: int | None = None) -> str:
     return batch([encode(Error(code=code, message=message, retry_after_ms=retry_after_ms))])
+
+
+# --- between processes ----------------------------------------------------------
+# A message on a room's channel: one byte saying who gets it, then its JSON.
+EVERYONE = b"A"  # every viewer of the room
+HOST = b"H"      # the room's host only
+CONTROL = b"C"   # the hubs themselves: a control message, never forwarded
+
+
+class _Control(Struct, tag_field="op", forbid_unknown_fields=True):
+    pass
+
+
+class MetaChanged(_Control, tag="meta"):
+    """The room as viewers see it changed: hubs replace their cached copy."""
+    room: dict[str, Any]
+
+
+class BannedChanged(_Control, tag="banned"):
+    """The room's banned words changed: hubs read them again."""
+
+
+class CloseRoom(_Control, tag="close"):
+    """Close every viewer's socket, after the events already queued."""
+    code: int
+    reason: str
+
+
+Control = MetaChanged | BannedChanged | CloseRoom
+_control_decoder = msgspec.json.Decoder(Control)
+
+
+def to_everyone(event: Any) -> bytes:
+    return EVERYONE + _encoder.encode(event)
+
+
+def to_host(event: Any) -> bytes:
+    return HOST + _encoder.encode(event)
+
+
+def to_hubs(control: Control) -> bytes:
+    return CONTROL + _encoder.encode(control)
+
+
+def decode_control(payload: bytes) -> Control:
+    """Raises msgspec.DecodeError or msgspec.ValidationError for a message no version sends."""
+    control: Control = _control_decoder.decode(payload)
+    return control

@@ -3,27 +3,26 @@ banned words and counters. Every process reads and writes the same numbers."""
 
 from __future__ import annotations
 
-import contextlib
 import secrets
 import time
 from dataclasses import dataclass
-from typing import Any, AsyncIterator
+from typing import Any, Literal, cast
 
 import msgspec
 from redis.asyncio import Redis
 
-from server.errors import Conflict
-from server.lua import load_script
-from server.redis_pool import text
-from server.rooms import keys
-from server.rooms.broker import Broker
+from server.backends.lua import NOW_MS, Prelude, load_script
+from server.backends.redis_client import text
+from server.ratelimit import GCRA, Limit
+from server.rooms import keys, protocol
+from server.rooms.publisher import Publisher
 
 HISTORY_LEN = 50
 PRESENCE_TTL_MS = 30_000  # a connection not refreshed for this long no longer counts
-MAX_LIKE_FRAMES_PER_S = 20
 MAX_MUTES = 10_000  # per room at once: more than a raid's guest accounts, and a room's hash bounded
-MAX_BANNED_WORDS = 200
-PRESENCE = ("server.rooms", "presence.lua")  # the count-and-peak function, a prelude of both presence scripts
+PRESENCE: Prelude = ("server.rooms", "presence.lua")  # count and peak, for both presence scripts
+
+ChatStatus = Literal["posted", "rate_limited", "banned_word", "muted"]  # chat_post.lua's answers
 
 
 @dataclass(frozen=True)
@@ -35,24 +34,22 @@ class Counts:
 @dataclass(frozen=True)
 class Snapshot:
     pin: msgspec.Raw | None
-    sale_id: str | None
     likes: int
     counts: Counts
     history: list[msgspec.Raw]  # oldest first
 
 
 class RoomStore:
-    def __init__(self, redis: Redis, broker: Broker) -> None:
+    def __init__(self, redis: Redis, publisher: Publisher) -> None:
         self.redis = redis
-        self.broker = broker
-        self._join = load_script(redis, "server.rooms", "presence_join.lua", prelude=PRESENCE)
-        self._count = load_script(redis, "server.rooms", "presence_count.lua", prelude=PRESENCE)
-        self._post = load_script(redis, "server.rooms", "chat_post.lua")
+        self.publish = publisher.command  # scripts publish themselves, with the command they are given
+        self._join = load_script(redis, "server.rooms", "presence_join.lua", NOW_MS, PRESENCE)
+        self._count = load_script(redis, "server.rooms", "presence_count.lua", NOW_MS, PRESENCE)
+        self._post = load_script(redis, "server.rooms", "chat_post.lua", NOW_MS, GCRA)
         self._delete = load_script(redis, "server.rooms", "chat_delete.lua")
         self._likes = load_script(redis, "server.rooms", "likes_flush.lua")
-        self._unlock = load_script(redis, "server.rooms", "launch_unlock.lua")
         self._refresh_pin = load_script(redis, "server.rooms", "pin_refresh.lua")
-        self._mute = load_script(redis, "server.rooms", "mute.lua")
+        self._mute = load_script(redis, "server.rooms", "mute.lua", NOW_MS)
 
     # --- presence -------------------------------------------------------------
     async def join(self, room_id: str, conn_id: str, viewer_id: str | None) -> Counts:
@@ -90,19 +87,21 @@ class RoomStore:
             await pipe.execute()
 
     # --- chat -------------------------------------------------------------------
-    async def post_chat(self, room_id: str, message_id: str, user_id: str, event: bytes) -> int | None:
-        """Record and publish, once per message id; None when posted, else the ms timestamp the
-        sender is muted until."""
-        posted, muted_until = await self._post(
+    async def post_chat(self, room_id: str, message_id: str, user_id: str, event: bytes, *, rejected: bytes,
+                        banned: bool, limit: Limit) -> tuple[ChatStatus, int]:
+        """Spend from the sender's `limit`, then record and publish, once per message id; or refuse
+        (a banned word, a mute: the host gets `rejected`). The status, and the ms to wait
+        (rate_limited) or the mute's end (muted)."""
+        status, n = await self._post(
             keys=[keys.mutes(room_id), keys.history(room_id), keys.chat_count(room_id), keys.channel(room_id),
-                  keys.done(room_id, message_id)],
-            args=[user_id, event, self.broker.publish_command, HISTORY_LEN])
-        return None if int(posted) else int(muted_until)
+                  keys.done(room_id, message_id), keys.chat_limit(room_id, user_id)],
+            args=[user_id, event, rejected, int(banned), self.publish, HISTORY_LEN, limit.interval_ms, limit.burst])
+        return cast(ChatStatus, text(status)), int(n)
 
     async def delete_chat(self, room_id: str, message_id: str, event: bytes) -> bool:
         prefix = b'{"type":"chat","id":' + msgspec.json.encode(message_id)
         found = await self._delete(keys=[keys.history(room_id), keys.channel(room_id)],
-                                   args=[prefix, event, self.broker.publish_command])
+                                   args=[prefix, event, self.publish])
         return bool(found)
 
     # --- likes ------------------------------------------------------------------
@@ -115,7 +114,7 @@ class RoomStore:
         total, accepted = await self._likes(
             keys=[keys.likes(room_id), keys.channel(room_id), keys.done(room_id, "likes:" + secrets.token_hex(8))]
             + [keys.like_frames(room_id, u, second) for u in users],
-            args=[self.broker.publish_command, MAX_LIKE_FRAMES_PER_S, *flat])
+            args=[self.publish, protocol.MAX_LIKE_FRAMES_PER_S, *flat])
         return int(total), int(accepted)
 
     # --- moderation -------------------------------------------------------------
@@ -155,41 +154,17 @@ class RoomStore:
         """Replace the pinned copy of `product` and publish `message`, if it is still pinned."""
         return bool(await self._refresh_pin(keys=[keys.state(room_id), keys.channel(room_id)],
                                             args=[product["id"], msgspec.json.encode(product), message,
-                                                  self.broker.publish_command]))
-
-    async def set_active_sale(self, room_id: str, sale_id: str | None) -> None:
-        if sale_id is None:
-            await self.redis.hdel(keys.state(room_id), "sale")
-        else:
-            await self.redis.hset(keys.state(room_id), "sale", sale_id)
-
-    @contextlib.asynccontextmanager
-    async def launch_lock(self, room_id: str, lease_s: float) -> AsyncIterator[None]:
-        """One sale launch at a time per room, across processes (the check for a running
-        sale and the new sale's creation must not interleave). The holder must be done within
-        `lease_s`: after it the lock lapses, so that a crashed launch does not block the room."""
-        key, token = keys.tag(room_id) + ":launching", secrets.token_hex(8)
-        if not await self.redis.set(key, token, nx=True, px=int(lease_s * 1000)):
-            raise Conflict("another sale is being launched in this room", code="sale_running")
-        try:
-            yield
-        finally:
-            await self._unlock(keys=[key], args=[token])
-
-    async def active_sale(self, room_id: str) -> str | None:
-        sale = await self.redis.hget(keys.state(room_id), "sale")
-        return text(sale) if sale else None
+                                                  self.publish]))
 
     async def snapshot(self, room_id: str) -> Snapshot:
         async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.hmget(keys.state(room_id), ["pin", "sale"])
+            pipe.hget(keys.state(room_id), "pin")
             pipe.get(keys.likes(room_id))
             pipe.lrange(keys.history(room_id), 0, HISTORY_LEN - 1)
-            (pin, sale), likes, history = await pipe.execute()
+            pin, likes, history = await pipe.execute()
         counts = await self.counts(room_id)
         # Raw: stored JSON goes back on the wire without a decode/encode round trip.
-        return Snapshot(pin=msgspec.Raw(pin) if pin else None, sale_id=sale.decode() if sale else None,
-                        likes=int(likes or 0), counts=counts, history=[msgspec.Raw(h) for h in reversed(history)])
+        return Snapshot(pin=msgspec.Raw(pin) if pin else None, likes=int(likes or 0), counts=counts, history=[msgspec.Raw(h) for h in reversed(history)])
 
     async def stats(self, room_id: str) -> dict[str, int]:
         async with self.redis.pipeline(transaction=False) as pipe:

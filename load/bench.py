@@ -223,6 +223,8 @@ def table(res: dict[str, Any]) -> str:
                      f"p50 {_fmt(b['delivery_ms'].get('p50'), '.1f')}", "", ""))
         rows.append((f"broadcast {n}: CPU share server/client", f"{b['server_cpu_share']}",
                      f"client {b['client_cpu_share']}", "", ""))
+        rows.append((f"broadcast {n}: server CPU us/message", _fmt(b.get("server_cpu_us_per_message")),
+                     f"{b['messages_sent']} messages", "", ""))
         rows.append((f"broadcast {n}: KiB per idle viewer", _fmt(b["memory_per_idle_viewer_kib"], ".1f"),
                      f"RSS {b['server_rss_kib']['before'] // 1024}->{b['server_rss_kib']['after_connect'] // 1024} MiB",
                      "", f"< {MEMORY_TARGET_KIB:.0f}"))

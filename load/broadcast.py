@@ -110,6 +110,8 @@ async def broadcast_run(srv: Served, n: int, *, seconds: float, procs: int, chat
         "engine_rss_kib": {"before": engine_before, "after_connect": engine_after},
         # CPU shares during the chat (1.0 = one core): which side ran out first.
         "server_cpu_share": round((cpu1 - cpu0) / chat_s, 2) if chat_s else None,
+        # All of it: posting each message (its checks and Redis step) and delivering it to the room.
+        "server_cpu_us_per_message": round((cpu1 - cpu0) / sent * 1e6) if sent else None,
         "engine_cpu_share": round((engine_cpu1 - engine_cpu0) / chat_s, 2) if chat_s else None,
         "client_cpu_share": [round(r.live_cpu_s / r.live_s, 2) if r.live_s else None for r in results.values()],
     }

@@ -1,6 +1,6 @@
-"""Servers the bench starts for itself: `livesale serve` on a fresh data dir with
-its embedded Valkey, and the bare baseline app. Loopback, free ports, and always
-stopped (the whole process group) when the `with` block ends."""
+"""Servers started as subprocesses: `livesale serve` (`Livesale`: the bench's on a fresh data dir
+with its embedded Valkey, the tests' with the options they set) and the bare baseline app.
+Loopback, free ports, and always stopped (the whole process group) when the `with` block ends."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import Self
@@ -24,9 +25,23 @@ START_TIMEOUT_S = 60.0
 
 
 def free_port() -> int:
+    """A loopback TCP port nobody listens on (for a server to bind a moment later)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def stop_group(proc: subprocess.Popen[bytes] | None, sig: int = signal.SIGTERM, timeout: float = 20.0) -> None:
+    """Ask a process started with start_new_session to stop with `sig`; SIGKILL its whole group if
+    it has not stopped in `timeout` seconds."""
+    if proc is None or proc.poll() is not None:
+        return
+    proc.send_signal(sig)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
 
 
 def healthy(url: str) -> bool:
@@ -55,23 +70,25 @@ class Served:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self) -> None:
+    def start(self, timeout: float = START_TIMEOUT_S) -> Self:
+        """Start it and wait until /healthz answers 200 (its log tail in the error if it never does)."""
         self.workdir.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(self.argv, cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT,
                                          start_new_session=True)
-        deadline = time.monotonic() + START_TIMEOUT_S
+        deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"{self.name} exited with {self.proc.returncode}:\n{self.log()}")
             if healthy(self.url):
-                return
+                return self
             time.sleep(0.1)
         self.stop()
-        raise RuntimeError(f"{self.name} did not become healthy in {START_TIMEOUT_S:.0f}s:\n{self.log()}")
+        raise RuntimeError(f"{self.name} did not become healthy in {timeout:.0f}s:\n{self.log()}")
 
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")[-3000:] if self.log_path.exists() else ""
+    def log(self, chars: int = 5000) -> str:
+        """The end of its log (stdout and stderr)."""
+        return self.log_path.read_text(errors="replace")[-chars:] if self.log_path.exists() else ""
 
     def app_pids(self) -> list[int]:
         """The processes serving requests: uvicorn's workers when there are several, else the main one."""
@@ -107,36 +124,55 @@ class Served:
     def rss_kib(self) -> int:
         return sum(rss_kib(p) for p in self.app_pids())
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 20.0) -> None:
+        """SIGTERM, then SIGKILL to the whole process group if it has not exited in `timeout` seconds."""
         proc, self.proc = self.proc, None
-        if proc is None or proc.poll() is not None:
-            return
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
+        stop_group(proc, signal.SIGTERM, timeout)
+
+    def kill(self) -> None:
+        """SIGKILL the whole process group, as a crash would."""
+        proc, self.proc = self.proc, None
+        if proc is not None and proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
 
     def __enter__(self) -> Self:
-        self.start()
-        return self
+        return self.start()
 
     def __exit__(self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
         self.stop()
 
 
-def livesale(workdir: Path, workers: int = 1) -> Served:
-    """A fresh `livesale serve`: new data dir, embedded Valkey, loopback exempt from per-IP limits."""
-    port = free_port()
+class Livesale(Served):
+    """`livesale serve` on 127.0.0.1 with `data_dir` as its data dir (and its log file there), loopback
+    exempt from per-IP limits. Settings come from `env`, over this process's environment without
+    REDIS_URL, DATABASE_URL and LIVESALE_HOST: the embedded Valkey and SQLite unless `redis_url` or
+    `env` names others. `secret_key` None: the server's own (generated and kept in the data dir)."""
+
+    def __init__(self, data_dir: Path, *, redis_url: str | None = None, env: Mapping[str, str] | None = None,
+                 workers: int = 1, port: int | None = None, secret_key: str | None = None,
+                 log_level: str = "warning", name: str | None = None) -> None:
+        port = port or free_port()
+        full = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "DATABASE_URL", "LIVESALE_HOST")}
+        full.update({"LIVESALE_DATA_DIR": str(data_dir), "LIVESALE_RATE_LIMIT_EXEMPT_IPS": "127.0.0.1",
+                     "PYTHONUNBUFFERED": "1"})
+        if secret_key is not None:
+            full["LIVESALE_SECRET_KEY"] = secret_key
+        full.update(env or {})
+        if redis_url is not None:
+            full["REDIS_URL"] = redis_url
+        argv = [sys.executable, "-m", "server", "serve", "--host", "127.0.0.1", "--port", str(port),
+                "--workers", str(workers), "--log-level", log_level]
+        super().__init__(name or f"server-{port}", argv, full, port, data_dir)
+        self.data_dir = data_dir
+        self.workers = workers
+        self.log_level = log_level
+
+
+def livesale(workdir: Path, workers: int = 1) -> Livesale:
+    """A fresh `livesale serve` for the bench: new data dir under `workdir`, embedded Valkey."""
     data = Path(tempfile.mkdtemp(prefix="ls-bench-", dir=workdir))
-    env = {**os.environ, "LIVESALE_DATA_DIR": str(data), "LIVESALE_RATE_LIMIT_EXEMPT_IPS": "127.0.0.1",
-           "PYTHONUNBUFFERED": "1"}
-    for name in ("REDIS_URL", "DATABASE_URL", "LIVESALE_HOST"):  # its own engine and database, on loopback
-        env.pop(name, None)
-    return Served(f"livesale-w{workers}", [sys.executable, "-m", "server", "serve", "--host", "127.0.0.1",
-                                           "--port", str(port), "--workers", str(workers), "--log-level", "warning"],
-                  env, port, data)
+    return Livesale(data, workers=workers, name=f"livesale-w{workers}")
 
 
 def baseline(workdir: Path, workers: int = 1) -> Served:

@@ -6,10 +6,11 @@ from typing import Any, AsyncIterator, Iterator
 import httpx
 import pytest
 
+from load.servers import free_port
 from server.backends.embedded_valkey import EmbeddedValkey
 from tests.inventory_support import DB_POSTGRES, redis_db_url
 from tests.postgres import Postgres, running_postgres
-from tests.support import ServerProcess, cookieless_client, free_port, guest, register
+from tests.support import ServerProcess, cookieless_client, guest, register
 
 
 @pytest.fixture(scope="session")

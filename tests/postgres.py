@@ -27,7 +27,8 @@ from typing import IO
 import asyncpg
 import pytest
 
-from tests.support import ServerProcess, free_port, stop_process
+from load.servers import free_port, stop_group
+from tests.support import ServerProcess
 
 USER = "livesale"
 
@@ -146,7 +147,7 @@ class Postgres:
     def halt(self, timeout: float = 30.0) -> None:
         """Stop the server, keeping the cluster (`resume` starts it again)."""
         proc, self.proc = self.proc, None
-        stop_process(proc, signal.SIGINT, timeout)  # SIGINT: "fast" shutdown, ends sessions at once
+        stop_group(proc, signal.SIGINT, timeout)  # SIGINT: "fast" shutdown, ends sessions at once
 
     def stop(self) -> None:
         self.halt()

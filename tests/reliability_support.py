@@ -27,13 +27,14 @@ from itsdangerous import TimestampSigner, URLSafeTimedSerializer
 from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from load.servers import free_port
 from server.backends.sql import make_engine, make_sessionmaker
 from server.backends.embedded_valkey import EmbeddedValkey
 from server.inventory.reconcile import Report, reconcile
 from server.inventory.stock import Stock
 from server.backends.redis_client import make_redis
 from tests.inventory_support import api_client, redis_db_url, server_db_url
-from tests.support import ServerProcess, eventually, free_port
+from tests.support import ServerProcess, eventually
 
 DB_PAIR = 13       # test_reliability_processes: two processes on one data dir
 DB_SESSIONS = 14   # test_security_sessions
@@ -46,7 +47,7 @@ PASSWORD = "correct horse battery"
 LOG_ALARMS = ("Traceback", "Exception in ASGI application", "unhandled error")
 
 __all__ = ["DB_HTTP", "DB_PAIR", "DB_SESSIONS", "OP_BINARY", "OP_CLOSE", "OP_CONT", "OP_PING", "OP_PONG", "OP_TEXT",
-           "Engine", "LogWindow", "LoggingServer", "PASSWORD", "RawSocket", "access_lines", "api_client", "backends",
+           "Engine", "LogWindow", "PASSWORD", "RawSocket", "access_lines", "api_client", "backends",
            "clients", "craft_token", "frame", "open_redis", "payload_of", "poll", "redis_db_url", "tokens_in",
            "wait_health", "wait_reconciled"]
 
@@ -79,17 +80,6 @@ async def backends(srv: ServerProcess) -> AsyncIterator[tuple[Stock, async_sessi
 
 
 # --- servers --------------------------------------------------------------------------------------
-
-class LoggingServer(ServerProcess):
-    """ServerProcess with a chosen uvicorn log level (ServerProcess always uses `warning`); `info`
-    turns on the access log."""
-
-    def __init__(self, data_dir: Path, *, log_level: str = "info", **kwargs: Any) -> None:
-        super().__init__(data_dir, log_level=log_level, **kwargs)
-
-    def __enter__(self) -> "LoggingServer":
-        return self.start()
-
 
 class LogWindow:
     """The part of a server's log written since this object was made (the whole file, not the 5000

@@ -18,10 +18,10 @@ from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 
+from load.servers import free_port
 from server.backends.autopipeline import CLIENT_NAME, AutoPipeline
 from server.backends.embedded_valkey import EmbeddedValkey
 from server.backends.redis_client import make_redis
-from tests.support import free_port
 
 # Counts one call (INCR of KEYS[1]) and answers with its own tag and the count it saw.
 TAGGED_INCR = "local n = redis.call('INCR', KEYS[1]) return {ARGV[1], n}"

@@ -17,6 +17,7 @@ import pytest
 from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
 
+from load.servers import free_port
 from server.auth import REVOKED_KEY, Principal, Sessions
 from server.backends.embedded_valkey import EmbeddedValkey
 from server.ids import new_id
@@ -32,7 +33,7 @@ from server.rooms.service import BannedWords
 from server.rooms.store import Counts, RoomStore
 from server.rooms.welcome import Welcomes
 from server.schemas import HostOut, RoomOut
-from tests.support import eventually, free_port
+from tests.support import eventually
 
 
 @pytest.fixture(scope="module")

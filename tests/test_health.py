@@ -7,8 +7,9 @@ from pathlib import Path
 
 import httpx
 
+from load.servers import free_port
 from server.backends.embedded_valkey import EmbeddedValkey
-from tests.support import ServerProcess, bearer, free_port
+from tests.support import ServerProcess, bearer
 
 
 async def test_healthz_reports_both_backends(client: httpx.AsyncClient) -> None:

@@ -16,7 +16,6 @@ from websockets.exceptions import InvalidStatus
 
 from tests.reliability_support import (
     DB_SESSIONS,
-    LoggingServer,
     LogWindow,
     access_lines,
     api_client,
@@ -26,7 +25,7 @@ from tests.reliability_support import (
     redis_db_url,
     tokens_in,
 )
-from tests.support import bearer, create_room, guest, register
+from tests.support import ServerProcess, bearer, create_room, guest, register
 from tests.ws_support import chat_text, open_viewer
 
 pytestmark = pytest.mark.reliability
@@ -36,21 +35,21 @@ TTL_S = 60
 
 
 @pytest.fixture(scope="module")
-def srv(tmp_path_factory: pytest.TempPathFactory, redis_url: str) -> Iterator[LoggingServer]:
+def srv(tmp_path_factory: pytest.TempPathFactory, redis_url: str) -> Iterator[ServerProcess]:
     env = {"LIVESALE_SECRET_KEY": "", "LIVESALE_TOKEN_TTL_S": str(TTL_S), "LIVESALE_ALLOWED_ORIGINS": APP_ORIGIN}
-    with LoggingServer(tmp_path_factory.mktemp("sessions"), redis_url=redis_db_url(redis_url, DB_SESSIONS), env=env,
+    with ServerProcess(tmp_path_factory.mktemp("sessions"), redis_url=redis_db_url(redis_url, DB_SESSIONS), env=env,
                        log_level="info") as proc:
         yield proc
 
 
 @pytest.fixture(scope="module")
-async def api(srv: LoggingServer) -> AsyncIterator[httpx.AsyncClient]:
+async def api(srv: ServerProcess) -> AsyncIterator[httpx.AsyncClient]:
     async with api_client(srv.url) as c:
         yield c
 
 
 @pytest.fixture(scope="module")
-def secret(srv: LoggingServer) -> str:
+def secret(srv: ServerProcess) -> str:
     return (srv.data_dir / "secret_key").read_text().strip()
 
 
@@ -63,7 +62,7 @@ async def room(api: httpx.AsyncClient) -> dict[str, Any]:
 # --- the generated key ---------------------------------------------------------------------------------
 
 async def test_a_generated_secret_key_is_private_to_the_server_and_signs_its_sessions(
-        srv: LoggingServer, api: httpx.AsyncClient, secret: str) -> None:
+        srv: ServerProcess, api: httpx.AsyncClient, secret: str) -> None:
     path: Path = srv.data_dir / "secret_key"
     mode = stat.S_IMODE(path.stat().st_mode)
     assert mode == 0o600, oct(mode)
@@ -84,7 +83,7 @@ REFUSED_ORIGINS = ["null", "http://evil.example", "http://127.0.0.1:{port}.evil.
 
 
 @pytest.mark.parametrize("origin", REFUSED_ORIGINS)
-async def test_a_foreign_origin_cannot_open_a_socket_with_the_users_cookie(srv: LoggingServer, api: httpx.AsyncClient,
+async def test_a_foreign_origin_cannot_open_a_socket_with_the_users_cookie(srv: ServerProcess, api: httpx.AsyncClient,
                                                                          room: dict[str, Any], origin: str) -> None:
     victim = await guest(api, "Victim")
     with pytest.raises(InvalidStatus) as info:
@@ -95,7 +94,7 @@ async def test_a_foreign_origin_cannot_open_a_socket_with_the_users_cookie(srv: 
 
 
 @pytest.mark.parametrize("origin", [APP_ORIGIN, "HTTP://APP.EXAMPLE.COM:80", "http://127.0.0.1:{port}"])
-async def test_the_allowed_and_the_own_origin_open_sockets(srv: LoggingServer, api: httpx.AsyncClient,
+async def test_the_allowed_and_the_own_origin_open_sockets(srv: ServerProcess, api: httpx.AsyncClient,
                                                           room: dict[str, Any], origin: str) -> None:
     user = await guest(api, "Welcome")
     async with open_viewer(srv.url, room["id"], cookie=user["token"], origin=origin.format(port=srv.port)) as v:
@@ -106,7 +105,7 @@ async def test_the_allowed_and_the_own_origin_open_sockets(srv: LoggingServer, a
 
 # --- a session that expires while its socket is open -------------------------------------------------------
 
-async def test_the_socket_of_an_expiring_session_is_closed_with_4401(srv: LoggingServer, api: httpx.AsyncClient,
+async def test_the_socket_of_an_expiring_session_is_closed_with_4401(srv: ServerProcess, api: httpx.AsyncClient,
                                                                      room: dict[str, Any], secret: str) -> None:
     """The server checks open sockets' sessions every 10 s: a token signed 55 s ago (lifetime 60 s) works
     when the socket opens and gets the socket closed with 4401 soon after it expires."""
@@ -126,7 +125,7 @@ async def test_the_socket_of_an_expiring_session_is_closed_with_4401(srv: Loggin
 
 # --- tokens stay out of the log ------------------------------------------------------------------------------
 
-async def test_no_session_token_reaches_the_access_log(srv: LoggingServer, api: httpx.AsyncClient,
+async def test_no_session_token_reaches_the_access_log(srv: ServerProcess, api: httpx.AsyncClient,
                                                       room: dict[str, Any]) -> None:
     log = LogWindow(srv)
     tokens = []

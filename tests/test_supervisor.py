@@ -11,8 +11,8 @@ from pathlib import Path
 
 import redis
 
+from load.servers import free_port
 from server.backends.embedded_valkey import EmbeddedValkey
-from tests.support import free_port
 
 
 def answers(url: str) -> bool:

@@ -8,7 +8,7 @@ import pytest
 
 from load.servers import free_port
 from server.backends.embedded_valkey import EmbeddedValkey
-from tests.inventory_support import DB_POSTGRES, redis_db_url
+from tests.inventory.support import DB_POSTGRES, redis_db_url
 from tests.postgres import Postgres, running_postgres
 from tests.support import ServerProcess, cookieless_client, guest, register
 

@@ -18,7 +18,7 @@ from websockets.exceptions import InvalidStatus
 
 from server.api.responses import on_database_error
 from server.backends.sql import create_schema, make_engine
-from tests.inventory_support import (
+from tests.inventory.support import (
     DB_PG_OUTAGE,
     api_client,
     bought,
@@ -31,9 +31,9 @@ from tests.inventory_support import (
     settle_tracked,
 )
 from tests.postgres import Postgres, running_postgres
-from tests.reliability_support import backends, wait_health, wait_reconciled
+from tests.reliability.support import backends, wait_health, wait_reconciled
 from tests.support import ServerProcess
-from tests.ws_support import open_viewer
+from tests.rooms.support import open_viewer
 
 pytestmark = pytest.mark.reliability
 

@@ -1,4 +1,4 @@
-"""Helpers for the flash-sale inventory tests (tests/test_inventory_*.py).
+"""Helpers for the flash-sale inventory tests (tests/inventory/).
 
 Two ways in:
 - over HTTP, against a real `livesale serve` (the session `server`, or private ServerProcess
@@ -60,7 +60,7 @@ DB_WORKERS2 = 10
 DB_CRASH = 11
 DB_SPARE = 12
 DB_POSTGRES = 7      # the session's server on PostgreSQL (conftest's `pg_server`)
-DB_PG_OUTAGE = 6     # test_reliability_postgres: a server whose PostgreSQL goes away
+DB_PG_OUTAGE = 6     # reliability/test_postgres.py: a server whose PostgreSQL goes away
 
 PERSIST_TIMEOUT_S = 15.0
 # A restarted server claims what the killed one read but never acknowledged once it has been

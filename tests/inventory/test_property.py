@@ -7,7 +7,7 @@ either with a 1 ms payment timeout (every reservation is expirable at once: befo
 order the machine makes sure the Redis clock has passed its pay-by, so expiring always releases
 and paying always comes too late) or with an hour (expiring is never due, paying always works).
 Either way every outcome is determined, so the model predicts each one exactly; the race of
-paying against expiring at the deadline is tested in test_inventory_orders.py."""
+paying against expiring at the deadline is tested in inventory/test_orders.py."""
 
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ from server.inventory import keys
 from server.inventory.records import Change, SaleInfo, Terms
 from server.inventory.schemas import SaleProduct
 from server.inventory.stock import new_order_id
-from tests.inventory_support import (
+from tests.inventory.support import (
     World,
     hash_ints,
     idem_key,

@@ -21,8 +21,8 @@ from hypothesis import strategies as st
 from server.api import openapi
 from server.app import ROUTERS
 from server.ids import new_id
-from tests.inventory_support import Actor, Shop, bought, idem_key, launch_raw
-from tests.reliability_support import (
+from tests.inventory.support import Actor, Shop, bought, idem_key, launch_raw
+from tests.reliability.support import (
     DB_HTTP,
     LogWindow,
     api_client,
@@ -38,7 +38,7 @@ from tests.support import (
     guest,
     register,
 )
-from tests.ws_support import chat_text, open_viewer
+from tests.rooms.support import chat_text, open_viewer
 
 pytestmark = pytest.mark.reliability
 
@@ -514,7 +514,7 @@ async def test_orders_of_another_buyer_are_out_of_reach(api: httpx.AsyncClient, 
     assert r.json()["status"] == "reserved", r.text
 
 
-# --- 3. CSRF on the state-changing routes not covered by test_sessions.py ------------------------------
+# --- 3. CSRF on the state-changing routes not covered by api/test_sessions.py --------------------------
 
 CSRF_ROUTES = ["purchase", "pay", "cancel", "pin", "unpin", "lineup", "launch", "end sale", "banned words",
                "mute", "unmute", "delete chat", "edit product"]

@@ -1,6 +1,6 @@
 """server.backends.supervisor.Supervised, through the embedded engine: a killed Valkey is started again by
 its watchdog with its data (the AOF), and stop() leaves nothing running. (The jobs process, the
-other supervised child, is tests/test_jobs_process.py's.)"""
+other supervised child, is tests/reliability/test_jobs_process.py's.)"""
 
 from __future__ import annotations
 

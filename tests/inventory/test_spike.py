@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from server.inventory import keys
-from tests.inventory_support import (
+from tests.inventory.support import (
     DB_CRASH,
     DB_WORKERS2,
     RECOVERY_TIMEOUT_S,

@@ -34,7 +34,7 @@ from server.inventory.schemas import SaleIn
 from server.inventory.stock import Stock
 from server.inventory.sweeper import Sweeper
 from server.inventory.tables import LedgerEntry, Order, Sale
-from tests.inventory_support import (
+from tests.inventory.support import (
     DB_SPARE,
     Actor,
     World,

@@ -23,7 +23,7 @@ from tests.support import (
     eventually,
     guest,
 )
-from tests.ws_support import (
+from tests.rooms.support import (
     api_client,
     chat_text,
     chats_in,

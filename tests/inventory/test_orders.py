@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from server.inventory.records import OrderRecord
-from tests.inventory_support import (
+from tests.inventory.support import (
     Actor,
     Shop,
     World,

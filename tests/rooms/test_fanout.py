@@ -26,7 +26,7 @@ from tests.support import (
     guest,
     register,
 )
-from tests.ws_support import (
+from tests.rooms.support import (
     Event,
     Viewer,
     api_client,

@@ -17,7 +17,7 @@ from websockets.exceptions import InvalidStatus
 
 from server.ids import new_id
 from tests.support import ServerProcess, bearer, create_room, eventually, guest, register
-from tests.ws_support import (
+from tests.rooms.support import (
     Viewer,
     api_client,
     chat_text,

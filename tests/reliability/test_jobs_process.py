@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.inventory_support import bought, get_sale, launch, new_guest, new_shop
+from tests.inventory.support import bought, get_sale, launch, new_guest, new_shop
 from tests.support import REPO, ServerProcess, bearer, eventually
 
 

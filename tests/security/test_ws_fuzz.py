@@ -4,7 +4,7 @@ that break the WebSocket framing itself (written by hand on a TCP socket), and i
 
 Whatever comes in: the server answers the sender with an `error` event or closes it with a close
 code, stays healthy, logs no unhandled error, and a bystander in the same room notices nothing.
-test_ws_input.py has the fixed list of bad frames; this is the open-ended version.
+api/test_room_socket.py has the fixed list of bad frames; this is the open-ended version.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from websockets.exceptions import ConnectionClosed
 
 from server.rooms import protocol
 from server.text import clean
-from tests.reliability_support import (
+from tests.reliability.support import (
     OP_BINARY,
     OP_CLOSE,
     OP_CONT,
@@ -36,7 +36,7 @@ from tests.reliability_support import (
     frame,
 )
 from tests.support import ServerProcess, create_room, guest, register
-from tests.ws_support import Event, Viewer, chat_text, open_viewer, tag
+from tests.rooms.support import Event, Viewer, chat_text, open_viewer, tag
 
 pytestmark = pytest.mark.reliability
 

@@ -14,7 +14,7 @@ import httpx
 import pytest
 from websockets.exceptions import InvalidStatus
 
-from tests.reliability_support import (
+from tests.reliability.support import (
     DB_SESSIONS,
     LogWindow,
     access_lines,
@@ -26,7 +26,7 @@ from tests.reliability_support import (
     tokens_in,
 )
 from tests.support import ServerProcess, bearer, create_room, guest, register
-from tests.ws_support import chat_text, open_viewer
+from tests.rooms.support import chat_text, open_viewer
 
 pytestmark = pytest.mark.reliability
 

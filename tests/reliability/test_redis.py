@@ -13,7 +13,7 @@ import httpx
 import pytest
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from tests.inventory_support import (
+from tests.inventory.support import (
     Actor,
     Shop,
     assert_balanced,
@@ -27,7 +27,7 @@ from tests.inventory_support import (
     new_shop,
     paid,
 )
-from tests.reliability_support import (
+from tests.reliability.support import (
     Engine,
     LogWindow,
     api_client,
@@ -38,7 +38,7 @@ from tests.reliability_support import (
     wait_reconciled,
 )
 from tests.support import ServerProcess
-from tests.ws_support import Viewer, chat_text, of_type, open_viewer, pin, tag
+from tests.rooms.support import Viewer, chat_text, of_type, open_viewer, pin, tag
 
 pytestmark = pytest.mark.reliability
 

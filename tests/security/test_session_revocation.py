@@ -1,7 +1,7 @@
 """server.auth.Sessions: revoked sessions kept in memory while the sessions channel is in sync,
 Redis asked otherwise; signature checks cached per token, with expiry re-checked and bad tokens
 never cached. In-process against the session Valkey (a database index of its own); the same
-flow through a running server is tests/test_sessions.py's."""
+flow through a running server is tests/api/test_sessions.py's."""
 
 from __future__ import annotations
 
@@ -15,10 +15,10 @@ from redis.asyncio import Redis
 
 from server.auth import REVOKED_KEY, Principal, Sessions
 from server.errors import Unauthorized
-from tests.inventory_support import open_redis, redis_db_url
+from tests.inventory.support import open_redis, redis_db_url
 from tests.support import eventually
 
-DB_REVOCATION = 8  # no test server watches it (see inventory_support and reliability_support)
+DB_REVOCATION = 8  # no test server watches it (see tests/inventory/support.py and tests/reliability/support.py)
 SECRET = "revocation-secret-" + "r" * 32
 SALT = "livesale.session.v1"
 TTL_S = 3600

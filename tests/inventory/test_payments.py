@@ -30,7 +30,7 @@ from server.inventory.stock import Stock
 from server.inventory.captures import RETRY_AFTER_MS, LateCaptures
 from server.inventory.persister import Persister
 from server.inventory.reconcile import reconcile
-from tests.inventory_support import DB_IN_PROCESS, World, open_redis, redis_db_url
+from tests.inventory.support import DB_IN_PROCESS, World, open_redis, redis_db_url
 
 
 class RecordingPayments(SimulatedPayments):

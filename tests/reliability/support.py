@@ -1,4 +1,4 @@
-"""Helpers for the reliability and security suites (tests/test_reliability_*.py, tests/test_security_*.py).
+"""Helpers for the reliability and security suites (tests/reliability/, tests/security/).
 
 Everything here drives real parts: `livesale serve` subprocesses, Valkey engines, SQLite files,
 WebSocket clients and raw TCP sockets, all on 127.0.0.1. Waiting is bounded polling; nothing
@@ -6,7 +6,7 @@ asserts how fast anything is.
 
 The private servers of these suites use their own Redis database index of the session Valkey
 (DB_PAIR, DB_SESSIONS, DB_HTTP below): a server's persister and sweeper act on every sale of its
-database, so servers with different SQL files never share one (tests/inventory_support.py uses 0
+database, so servers with different SQL files never share one (tests/inventory/support.py uses 0
 and 9-12).
 """
 
@@ -33,12 +33,12 @@ from server.backends.embedded_valkey import EmbeddedValkey
 from server.inventory.reconcile import Report, reconcile
 from server.inventory.stock import Stock
 from server.backends.redis_client import make_redis
-from tests.inventory_support import api_client, redis_db_url, server_db_url
+from tests.inventory.support import api_client, redis_db_url, server_db_url
 from tests.support import ServerProcess, eventually
 
-DB_PAIR = 13       # test_reliability_processes: two processes on one data dir
-DB_SESSIONS = 14   # test_security_sessions
-DB_HTTP = 15       # test_security_http
+DB_PAIR = 13       # reliability/test_processes.py: two processes on one data dir
+DB_SESSIONS = 14   # security/test_sessions.py
+DB_HTTP = 15       # security/test_http.py
 
 SALT = "livesale.session.v1"
 PASSWORD = "correct horse battery"
@@ -163,7 +163,7 @@ async def wait_reconciled(stock: Stock, db: async_sessionmaker[AsyncSession], sa
                           timeout: float = 30.0) -> Report:
     """Poll `reconcile` until SQL has caught up with Redis and agrees with it; return that report.
 
-    Not tests/inventory_support.wait_persisted, which returns the first report with nothing left in
+    Not tests/inventory/support.wait_persisted, which returns the first report with nothing left in
     the stream, agreeing or not: here a disagreement may be SQL still catching up after an outage.
     A real loss never reconciles, so polling for agreement still fails on one."""
     async def agreed() -> Report | None:

@@ -16,7 +16,7 @@ import pytest
 from starlette.requests import Request
 
 from server.api.responses import on_unexpected
-from tests.inventory_support import (
+from tests.inventory.support import (
     api_client,
     end_sale,
     launch,
@@ -32,7 +32,7 @@ from tests.support import (
     create_room,
     register,
 )
-from tests.ws_support import open_viewer
+from tests.rooms.support import open_viewer
 
 pytestmark = pytest.mark.browser
 

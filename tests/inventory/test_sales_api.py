@@ -17,7 +17,7 @@ from server.clock import from_ms, iso
 from server.ids import new_id
 from server.inventory.tables import Sale
 from server.models import Product, Room
-from tests.inventory_support import (
+from tests.inventory.support import (
     Actor,
     Shop,
     api_client,
@@ -45,7 +45,7 @@ from tests.inventory_support import (
 )
 from tests.postgres import on_both_databases
 from tests.support import ServerProcess, assert_error, bearer
-from tests.ws_support import of_type, open_viewer
+from tests.rooms.support import of_type, open_viewer
 
 # Every test here that uses a server runs on SQLite, then on PostgreSQL.
 server = on_both_databases()

@@ -20,7 +20,7 @@ from server.inventory.keys import limit as limit_key
 from server.inventory.records import Reservation
 from server.inventory.stock import Stock, new_order_id
 from server.ratelimit import PURCHASE_PER_USER, Limit
-from tests.inventory_support import (
+from tests.inventory.support import (
     DB_IN_PROCESS,
     Actor,
     World,

@@ -23,7 +23,7 @@ from websockets.exceptions import ConnectionClosed
 
 from server.inventory.keys import limit as limit_key
 from server.ratelimit import PURCHASE_PER_IP
-from tests.inventory_support import (
+from tests.inventory.support import (
     assert_balanced,
     bought,
     buy,
@@ -36,7 +36,7 @@ from tests.inventory_support import (
     paid,
     redis_now_ms,
 )
-from tests.reliability_support import (
+from tests.reliability.support import (
     DB_PAIR,
     PASSWORD,
     LogWindow,
@@ -49,7 +49,7 @@ from tests.reliability_support import (
     wait_reconciled,
 )
 from tests.support import ServerProcess, bearer, register
-from tests.ws_support import Viewer, chat_text, open_viewer, pin, stats, tag
+from tests.rooms.support import Viewer, chat_text, open_viewer, pin, stats, tag
 
 pytestmark = pytest.mark.reliability
 

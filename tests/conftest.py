@@ -1,16 +1,15 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, AsyncIterator, Iterator
+from typing import AsyncIterator, Iterator
 
 import httpx
 import pytest
 
 from load.servers import free_port
 from server.backends.embedded_valkey import EmbeddedValkey
-from tests.inventory.support import DB_POSTGRES, redis_db_url
 from tests.postgres import Postgres, running_postgres
-from tests.support import ServerProcess, cookieless_client, guest, register
+from tests.support import DB_POSTGRES, Actor, ServerProcess, api_client, guest, redis_db_url, register
 
 
 @pytest.fixture(scope="session")
@@ -64,6 +63,7 @@ async def pg_server(tmp_path_factory: pytest.TempPathFactory, redis_url: str,
 
 @pytest.fixture
 async def client(server: ServerProcess) -> AsyncIterator[httpx.AsyncClient]:
+    """A client that keeps cookies, as a browser does (api_client keeps none)."""
     async with httpx.AsyncClient(base_url=server.url, timeout=30) as c:
         yield c
 
@@ -76,27 +76,27 @@ def data_dir(tmp_path: Path) -> Path:
 @pytest.fixture(scope="module")
 async def api(server: ServerProcess) -> AsyncIterator[httpx.AsyncClient]:
     """A cookieless client on the shared server, one per module."""
-    async with cookieless_client(server.url) as c:
+    async with api_client(server.url) as c:
         yield c
 
 
 @pytest.fixture(scope="module")
-async def hosts(server: ServerProcess) -> tuple[dict[str, Any], dict[str, Any]]:
+async def hosts(server: ServerProcess) -> tuple[Actor, Actor]:
     """Two registered hosts per module (registering hashes a password: slow on purpose)."""
-    async with httpx.AsyncClient(base_url=server.url, timeout=30) as c:
+    async with api_client(server.url) as c:
         return await register(c, "host"), await register(c, "host")
 
 
 @pytest.fixture
-def host(hosts: tuple[dict[str, Any], dict[str, Any]]) -> dict[str, Any]:
+def host(hosts: tuple[Actor, Actor]) -> Actor:
     return hosts[0]
 
 
 @pytest.fixture
-def other_host(hosts: tuple[dict[str, Any], dict[str, Any]]) -> dict[str, Any]:
+def other_host(hosts: tuple[Actor, Actor]) -> Actor:
     return hosts[1]
 
 
 @pytest.fixture
-async def viewer(api: httpx.AsyncClient) -> dict[str, Any]:
+async def viewer(api: httpx.AsyncClient) -> Actor:
     return await guest(api, "Vera")

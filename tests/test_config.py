@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from sqlalchemy import text
 
-from server.config import load_settings
 from server.backends.sql import create_schema, make_engine
+from server.config import load_settings
 from server.errors import ConfigError
 from tests.postgres import Postgres
 

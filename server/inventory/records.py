@@ -93,6 +93,7 @@ class Terms:
     ends_at_ms: int
     payment_timeout_ms: int
     info: SaleInfo
+    started: bool = False  # it opens at launch: the launch's event announces it, not the sweeper
 
 
 @dataclass(frozen=True)

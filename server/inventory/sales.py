@@ -116,7 +116,8 @@ class Sales:
         await self._stock.create(Terms(
             sale_id=sale.id, room_id=room.id, stock=body.stock, per_user_limit=body.per_user_limit,
             price_cents=body.price_cents, starts_at_ms=clock.to_ms(starts_at),
-            ends_at_ms=clock.to_ms(sale.ends_at), payment_timeout_ms=body.payment_timeout_s * 1000, info=info))
+            ends_at_ms=clock.to_ms(sale.ends_at), payment_timeout_ms=body.payment_timeout_s * 1000, info=info,
+            started=body.starts_in_s == 0))
         out = await self.get(sale.id)
         await self._rooms.tell(room.id, protocol.Sale(sale=out))
         return out

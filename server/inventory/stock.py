@@ -111,6 +111,8 @@ class Stock:
                 "limit": t.per_user_limit, "price": t.price_cents, "starts_at": t.starts_at_ms,
                 "ends_at": t.ends_at_ms, "ended_at": 0, "timeout_ms": t.payment_timeout_ms, "v": 1,
                 "info": msgspec.json.encode(t.info),
+                # mark_started.lua announces once, by HSETNX: the field is written only when set.
+                **({"started_announced": 1} if t.started else {}),
             })
             pipe.sadd(self.open_key, t.sale_id)
             await pipe.execute()

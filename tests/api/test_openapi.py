@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from typing import Any, Iterator
 
-import httpx
 import pytest
 
-from tests.support import ServerProcess
+from tests.support import ServerProcess, api_client
 
 ROUTES = {
     ("get", "/healthz"),
@@ -44,7 +43,7 @@ PUBLIC = {("get", "/healthz"), ("post", "/api/auth/register"), ("post", "/api/au
 
 @pytest.fixture(scope="module")
 async def schema(server: ServerProcess) -> dict[str, Any]:
-    async with httpx.AsyncClient(base_url=server.url, timeout=30) as c:
+    async with api_client(server.url) as c:
         r = await c.get("/openapi.json")
     assert r.status_code == 200
     assert r.headers["content-type"].startswith("application/json")
@@ -195,7 +194,7 @@ def test_patterns_are_ecma_regexes_and_the_purchase_declares_its_key(schema: dic
 
 async def test_a_method_a_path_does_not_serve_gets_405_allowing_every_one_it_does(server: ServerProcess) -> None:
     """The `Allow` of a 405 named only the first route's method for paths served by several."""
-    async with httpx.AsyncClient(base_url=server.url, timeout=30) as c:
+    async with api_client(server.url) as c:
         for method, path, allowed in (("DELETE", "/api/rooms/room_x", {"GET", "HEAD", "PATCH"}),
                                       ("PUT", "/api/rooms/room_x/pin", {"POST", "DELETE"}),
                                       ("DELETE", "/api/products", {"GET", "HEAD", "POST"})):

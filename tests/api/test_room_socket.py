@@ -4,30 +4,19 @@ handshake checks (Origin, session, room), against the shared real server."""
 from __future__ import annotations
 
 import json
-from contextlib import AsyncExitStack
 import time
+from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any, AsyncIterator
 
 import httpx
 import pytest
-from itsdangerous import TimestampSigner, URLSafeTimedSerializer
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
 from server.ids import new_id
-from tests.support import ServerProcess, bearer, create_room, eventually, guest, register
-from tests.rooms.support import (
-    Viewer,
-    api_client,
-    chat_text,
-    chats_in,
-    errors_in,
-    of_type,
-    open_viewer,
-    sync_point,
-    ws_url,
-)
+from tests.rooms.support import Viewer, chat_text, chats_in, errors_in, of_type, open_viewer, sync_point, ws_url
+from tests.support import Actor, ServerProcess, api_client, craft_token, create_room, eventually, guest, register
 
 
 @pytest.fixture(scope="module")
@@ -37,17 +26,17 @@ async def api(server: ServerProcess) -> AsyncIterator[httpx.AsyncClient]:
 
 
 @pytest.fixture(scope="module")
-async def host(api: httpx.AsyncClient) -> dict[str, Any]:
+async def host(api: httpx.AsyncClient) -> Actor:
     return await register(api, "host")
 
 
 @pytest.fixture
-async def room(api: httpx.AsyncClient, host: dict[str, Any]) -> dict[str, Any]:
-    return await create_room(api, host["token"], title="Input checks")
+async def room(api: httpx.AsyncClient, host: Actor) -> dict[str, Any]:
+    return await create_room(api, host, title="Input checks")
 
 
 @pytest.fixture
-async def user(api: httpx.AsyncClient) -> dict[str, Any]:
+async def user(api: httpx.AsyncClient) -> Actor:
     return await guest(api, "Tester")
 
 
@@ -88,9 +77,9 @@ BAD_FRAMES: list[tuple[str | bytes, str, str]] = [
 
 @pytest.mark.parametrize(("frame", "code", "word"), BAD_FRAMES, ids=[repr(f)[:40] for f, _, _ in BAD_FRAMES])
 async def test_bad_frame_gets_an_error_and_the_connection_stays_open(server: ServerProcess, room: dict[str, Any],
-                                                                      user: dict[str, Any], frame: str | bytes,
+                                                                      user: Actor, frame: str | bytes,
                                                                       code: str, word: str) -> None:
-    async with open_viewer(server.url, room["id"], user["token"]) as v:
+    async with open_viewer(server.url, room["id"], user.token) as v:
         await v.send(frame)
         error = await v.expect_error(code)
         assert set(error) == {"type", "code", "message"}, error
@@ -101,8 +90,8 @@ async def test_bad_frame_gets_an_error_and_the_connection_stays_open(server: Ser
         await v.expect(lambda e: e["type"] == "likes" and e["delta"] >= 2, what="likes")
 
 
-async def test_frame_size_limit(server: ServerProcess, room: dict[str, Any], user: dict[str, Any]) -> None:
-    async with open_viewer(server.url, room["id"], user["token"]) as v:
+async def test_frame_size_limit(server: ServerProcess, room: dict[str, Any], user: Actor) -> None:
+    async with open_viewer(server.url, room["id"], user.token) as v:
         ping = '{"type": "ping"}'
         await v.send(ping + " " * (4096 - len(ping)))  # exactly 4 KiB: fine
         await v.expect_type("pong")
@@ -112,16 +101,16 @@ async def test_frame_size_limit(server: ServerProcess, room: dict[str, Any], use
         assert close is not None and close.code == 1009, close
 
 
-async def test_frame_size_limit_counts_bytes(server: ServerProcess, room: dict[str, Any], user: dict[str, Any]) -> None:
-    async with open_viewer(server.url, room["id"], user["token"]) as v:
+async def test_frame_size_limit_counts_bytes(server: ServerProcess, room: dict[str, Any], user: Actor) -> None:
+    async with open_viewer(server.url, room["id"], user.token) as v:
         await v.send(json.dumps({"type": "chat", "text": "漢" * 1400}, ensure_ascii=False))  # 1400 chars, 4200+ bytes
         _, close = await v.expect_close()
         assert close is not None and close.code == 1009, close
 
 
 async def test_a_garbage_flood_is_closed_with_1008(server: ServerProcess, room: dict[str, Any],
-                                                   user: dict[str, Any]) -> None:
-    async with open_viewer(server.url, room["id"], user["token"]) as v:
+                                                   user: Actor) -> None:
+    async with open_viewer(server.url, room["id"], user.token) as v:
         for i in range(40):
             await v.send(f"garbage {i}")
         events, close = await v.expect_close()
@@ -133,8 +122,8 @@ async def test_a_garbage_flood_is_closed_with_1008(server: ServerProcess, room: 
 
 
 async def test_a_few_bad_frames_spread_out_are_tolerated(server: ServerProcess, room: dict[str, Any],
-                                                         user: dict[str, Any]) -> None:
-    async with open_viewer(server.url, room["id"], user["token"]) as v:
+                                                         user: Actor) -> None:
+    async with open_viewer(server.url, room["id"], user.token) as v:
         for _ in range(15):  # under the burst of 20
             await v.send("oops")
             await v.expect_error("malformed_json")
@@ -142,8 +131,8 @@ async def test_a_few_bad_frames_spread_out_are_tolerated(server: ServerProcess, 
 
 
 async def test_likes_faster_than_20_a_second_are_closed_with_1008(server: ServerProcess, room: dict[str, Any],
-                                                                   user: dict[str, Any]) -> None:
-    async with open_viewer(server.url, room["id"], user["token"]) as v:
+                                                                   user: Actor) -> None:
+    async with open_viewer(server.url, room["id"], user.token) as v:
         for _ in range(40):
             await v.like()
         events, close = await v.expect_close()
@@ -166,9 +155,9 @@ async def test_pings_are_answered_up_to_30_at_once_and_a_flood_is_closed_with_10
 
 
 async def test_anonymous_viewers_cannot_chat_or_like(server: ServerProcess, room: dict[str, Any],
-                                                    user: dict[str, Any]) -> None:
+                                                    user: Actor) -> None:
     async with open_viewer(server.url, room["id"]) as anon, \
-            open_viewer(server.url, room["id"], user["token"], label="watcher") as watcher:
+            open_viewer(server.url, room["id"], user.token, label="watcher") as watcher:
         await anon.chat("hello?")
         await anon.expect_error("login_required")
         await anon.like(3)
@@ -206,8 +195,8 @@ async def test_anonymous_chat_flood_is_closed_with_1008(server: ServerProcess, r
         assert 10 <= len(errors) < 40, len(errors)
 
 
-async def test_chat_rate_limit(server: ServerProcess, room: dict[str, Any], user: dict[str, Any]) -> None:
-    async with open_viewer(server.url, room["id"], user["token"]) as v:
+async def test_chat_rate_limit(server: ServerProcess, room: dict[str, Any], user: Actor) -> None:
+    async with open_viewer(server.url, room["id"], user.token) as v:
         for i in range(8):
             await v.chat(f"fast {i}")
         errors: list[dict[str, Any]] = []
@@ -230,9 +219,9 @@ async def test_chat_rate_limit(server: ServerProcess, room: dict[str, Any], user
 
 
 async def test_chat_rate_limit_is_per_user_across_connections(server: ServerProcess, room: dict[str, Any],
-                                                              user: dict[str, Any]) -> None:
-    async with open_viewer(server.url, room["id"], user["token"], label="tab 1") as tab1, \
-            open_viewer(server.url, room["id"], user["token"], label="tab 2") as tab2:
+                                                              user: Actor) -> None:
+    async with open_viewer(server.url, room["id"], user.token, label="tab 1") as tab1, \
+            open_viewer(server.url, room["id"], user.token, label="tab 2") as tab2:
         for i in range(5):
             await tab1.chat(f"tab1 {i}")
         await tab1.expect(chat_text("tab1 4"))
@@ -244,11 +233,11 @@ async def test_chat_rate_limit_is_per_user_across_connections(server: ServerProc
 
 
 async def test_other_viewers_notice_none_of_the_abuse(server: ServerProcess, api: httpx.AsyncClient,
-                                                      room: dict[str, Any], user: dict[str, Any]) -> None:
+                                                      room: dict[str, Any], user: Actor) -> None:
     bystander = await guest(api, "Bystander")
-    async with open_viewer(server.url, room["id"], bystander["token"], label="bystander") as b, \
+    async with open_viewer(server.url, room["id"], bystander.token, label="bystander") as b, \
             open_viewer(server.url, room["id"], label="anonymous watcher") as w:
-        async with open_viewer(server.url, room["id"], user["token"], label="abuser") as abuser, \
+        async with open_viewer(server.url, room["id"], user.token, label="abuser") as abuser, \
                 open_viewer(server.url, room["id"], label="anonymous abuser") as anon:
             for frame in ["junk", '{"type": "dance"}', b"\x01", '{"type": "like", "count": 99}']:
                 await abuser.send(frame)
@@ -289,48 +278,40 @@ async def test_foreign_origins_are_refused_before_the_socket_opens(server: Serve
 
 
 async def test_foreign_origin_is_refused_even_with_a_valid_cookie(server: ServerProcess, room: dict[str, Any],
-                                                                  user: dict[str, Any]) -> None:
-    headers = {"Origin": "http://evil.example", "Cookie": f"livesale_session={user['token']}"}
+                                                                  user: Actor) -> None:
+    headers = {"Origin": "http://evil.example", "Cookie": f"livesale_session={user.token}"}
     assert await refused_status(server, room["id"], additional_headers=headers) == 403
 
 
 @pytest.mark.parametrize("origin", ["http://127.0.0.1:{port}", "HTTP://127.0.0.1:{port}"])
-async def test_own_origin_is_accepted(server: ServerProcess, room: dict[str, Any], user: dict[str, Any],
+async def test_own_origin_is_accepted(server: ServerProcess, room: dict[str, Any], user: Actor,
                                       origin: str) -> None:
-    async with open_viewer(server.url, room["id"], user["token"], origin=origin.format(port=server.port)) as v:
-        assert v.welcome is not None and v.welcome["you"]["user_id"] == user["user_id"]
+    async with open_viewer(server.url, room["id"], user.token, origin=origin.format(port=server.port)) as v:
+        assert v.welcome is not None and v.welcome["you"]["user_id"] == user.user_id
 
 
 async def test_cookie_authenticates_like_a_bearer_token(server: ServerProcess, room: dict[str, Any],
-                                                        user: dict[str, Any]) -> None:
-    async with open_viewer(server.url, room["id"], cookie=user["token"],
+                                                        user: Actor) -> None:
+    async with open_viewer(server.url, room["id"], cookie=user.token,
                            origin=f"http://127.0.0.1:{server.port}") as v, \
             open_viewer(server.url, room["id"], label="watcher") as watcher:
         assert v.welcome is not None
-        assert v.welcome["you"] == {"user_id": user["user_id"], "name": user["name"], "role": "viewer",
+        assert v.welcome["you"] == {"user_id": user.user_id, "name": user.name, "role": "viewer",
                                     "is_host": False}
         await v.chat("via cookie")
         event = await watcher.expect(chat_text("via cookie"))
-        assert event["user"] == {"id": user["user_id"], "name": user["name"]}
+        assert event["user"] == {"id": user.user_id, "name": user.name}
 
 
 async def test_a_token_in_the_query_string_is_ignored(server: ServerProcess, room: dict[str, Any],
-                                                      user: dict[str, Any]) -> None:
-    async with connect(ws_url(server.url, room["id"]) + f"?token={user['token']}&access_token={user['token']}",
+                                                      user: Actor) -> None:
+    async with connect(ws_url(server.url, room["id"]) + f"?token={user.token}&access_token={user.token}",
                        proxy=None, open_timeout=10) as ws:
         v = Viewer(ws, "query")
         welcome = await v.expect_type("welcome")
         assert welcome["you"] is None
         await v.chat("hi")
         await v.expect_error("login_required")
-
-
-def forged_token(secret: str, payload: dict[str, Any], age_s: int = 0) -> str:
-    class Signer(TimestampSigner):
-        def get_timestamp(self) -> int:
-            return int(time.time()) - age_s
-
-    return str(URLSafeTimedSerializer(secret, salt="livesale.session.v1", signer=Signer).dumps(payload))
 
 
 async def session_refused(server: ServerProcess, room_id: str, code: str, **kwargs: Any) -> None:
@@ -342,43 +323,43 @@ async def session_refused(server: ServerProcess, room_id: str, code: str, **kwar
 
 
 async def test_invalid_sessions_get_an_error_then_4401(server: ServerProcess, api: httpx.AsyncClient,
-                                                       room: dict[str, Any], user: dict[str, Any]) -> None:
-    token = user["token"]
+                                                       room: dict[str, Any], user: Actor) -> None:
+    token = user.token
     await session_refused(server, room["id"], "invalid_token", token="not-a-token")
     tampered = token[:-3] + ("AAA" if token[-3:] != "AAA" else "BBB")
     await session_refused(server, room["id"], "invalid_token", token=tampered)
     await session_refused(server, room["id"], "invalid_token", cookie=tampered)
     await session_refused(server, room["id"], "invalid_token", headers={"Authorization": f"Basic {token}"})
     # signed with another key
-    other = forged_token("another-secret-" + "x" * 40, {"u": user["user_id"], "s": "x", "r": "viewer", "n": "X"})
+    other = craft_token("another-secret-" + "x" * 40, {"u": user.user_id, "s": "x", "r": "viewer", "n": "X"})
     await session_refused(server, room["id"], "invalid_token", token=other)
     # signed with the server's key, but older than the token lifetime (7 days)
     secret = server.env["LIVESALE_SECRET_KEY"]
-    old = forged_token(secret, {"u": user["user_id"], "s": "old", "r": "viewer", "n": "Old"}, age_s=8 * 24 * 3600)
+    old = craft_token(secret, {"u": user.user_id, "s": "old", "r": "viewer", "n": "Old"}, age_s=8 * 24 * 3600)
     await session_refused(server, room["id"], "session_expired", token=old)
     # a role the server does not know
-    odd = forged_token(secret, {"u": user["user_id"], "s": "odd", "r": "admin", "n": "Odd"})
+    odd = craft_token(secret, {"u": user.user_id, "s": "odd", "r": "admin", "n": "Odd"})
     await session_refused(server, room["id"], "invalid_token", token=odd)
 
 
 async def test_a_logged_out_session_gets_4401(server: ServerProcess, api: httpx.AsyncClient, room: dict[str, Any],
-                                              user: dict[str, Any]) -> None:
-    r = await api.post("/api/auth/logout", headers=bearer(user["token"]))
+                                              user: Actor) -> None:
+    r = await api.post("/api/auth/logout", headers=user.auth)
     assert r.status_code == 200, r.text
-    await session_refused(server, room["id"], "session_revoked", token=user["token"])
-    await session_refused(server, room["id"], "session_revoked", cookie=user["token"])
+    await session_refused(server, room["id"], "session_revoked", token=user.token)
+    await session_refused(server, room["id"], "session_revoked", cookie=user.token)
 
 
 async def test_logging_out_closes_that_sessions_open_sockets_only(server: ServerProcess, api: httpx.AsyncClient,
                                                                   room: dict[str, Any]) -> None:
     account = await register(api, "viewer", password="correct horse battery")
-    r = await api.post("/api/auth/login", json={"username": account["username"], "password": "correct horse battery"})
+    r = await api.post("/api/auth/login", json={"username": account.username, "password": "correct horse battery"})
     assert r.status_code == 200, r.text
     second_session = r.json()["token"]
-    async with open_viewer(server.url, room["id"], account["token"], label="session 1") as s1, \
-            open_viewer(server.url, room["id"], account["token"], label="session 1, tab 2") as s1b, \
+    async with open_viewer(server.url, room["id"], account.token, label="session 1") as s1, \
+            open_viewer(server.url, room["id"], account.token, label="session 1, tab 2") as s1b, \
             open_viewer(server.url, room["id"], second_session, label="session 2") as s2:
-        r = await api.post("/api/auth/logout", headers=bearer(account["token"]))
+        r = await api.post("/api/auth/logout", headers=account.auth)
         assert r.status_code == 200, r.text
         for v in (s1, s1b):
             events, close = await v.expect_close()
@@ -391,9 +372,9 @@ async def test_logging_out_closes_that_sessions_open_sockets_only(server: Server
 
 @pytest.mark.parametrize("room_id", ["{new}", "nonsense", "room_", "ROOM_" + "A" * 26, "room_" + "a" * 200,
                                      "prd_" + "a" * 26, "%20room"])
-async def test_unknown_rooms_get_an_error_then_4404(server: ServerProcess, user: dict[str, Any], room_id: str) -> None:
+async def test_unknown_rooms_get_an_error_then_4404(server: ServerProcess, user: Actor, room_id: str) -> None:
     room_id = room_id.format(new=new_id("room"))
-    for token in (None, user["token"]):
+    for token in (None, user.token):
         async with open_viewer(server.url, room_id, token, welcome=False) as v:
             events, close = await v.expect_close()
         assert [(e["type"], e["code"]) for e in events] == [("error", "room_not_found")], events
@@ -405,8 +386,8 @@ async def test_a_bad_session_is_reported_before_an_unknown_room(server: ServerPr
 
 
 async def test_only_ping_gets_a_pong_to_the_sender_only(server: ServerProcess, room: dict[str, Any],
-                                                        user: dict[str, Any]) -> None:
-    async with open_viewer(server.url, room["id"], user["token"]) as v, \
+                                                        user: Actor) -> None:
+    async with open_viewer(server.url, room["id"], user.token) as v, \
             open_viewer(server.url, room["id"], label="watcher") as watcher:
         before = int(time.time() * 1000)
         events = await v.ping()
@@ -423,7 +404,7 @@ async def test_one_address_holds_a_bounded_number_of_sockets_per_process(tmp_pat
     place. Other addresses, and the exempt ones, are not held up by it."""
     with ServerProcess(tmp_path / "server", redis_url=None, env={"LIVESALE_MAX_SOCKETS_PER_ADDRESS": "5"}) as srv:
         async with api_client(srv.url) as c:
-            room = await create_room(c, (await register(c, "host"))["token"], title="Crowded")
+            room = await create_room(c, (await register(c, "host")), title="Crowded")
         crowd = {"X-Forwarded-For": "203.0.113.50"}  # the proxy on 127.0.0.1 reports the client
         async with AsyncExitStack() as stack:
             held = [await stack.enter_async_context(open_viewer(srv.url, room["id"], label=f"s{i}", headers=crowd))

@@ -11,28 +11,13 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, AsyncIterator
 
-import httpx
 import pytest
 from starlette.requests import Request
 
 from server.api.responses import on_unexpected
-from tests.inventory.support import (
-    api_client,
-    end_sale,
-    launch,
-    new_product,
-    new_shop,
-    settle_tracked,
-)
-from tests.support import (
-    REPO,
-    ServerProcess,
-    bearer,
-    create_product,
-    create_room,
-    register,
-)
+from tests.inventory.support import end_sale, launch, new_shop, settle_tracked
 from tests.rooms.support import open_viewer
+from tests.support import REPO, Actor, ServerProcess, api_client, create_product, create_room, register
 
 pytestmark = pytest.mark.browser
 
@@ -92,13 +77,13 @@ async def send_chat(page: Page, text: str) -> None:
 async def test_a_whole_flash_sale_in_the_browser(browser: Browser, server: ServerProcess) -> None:
     base = server.url
     password = "correct horse battery"
-    async with httpx.AsyncClient(base_url=base) as client:
+    async with api_client(base) as client:
         host = await register(client, "host", password=password)
 
     # The host logs in on the console, creates a room and a product, goes live.
     console = await new_page(browser)
     await console.goto(f"{base}/console")
-    await console.fill("#login-user", host["username"])
+    await console.fill("#login-user", host.username)
     await console.fill("#login-pass", password)
     await console.click("#login-form button[type=submit]")
     await console.fill("#room-title", "Spring tea live")
@@ -178,7 +163,7 @@ async def test_a_whole_flash_sale_in_the_browser(browser: Browser, server: Serve
     await expect(console.locator("#sl-figures")).to_contain_text("1 sold of 10")
     await expect(console.locator("#earn-totals")).to_contain_text("$3.80", timeout=20_000)
 
-    async with httpx.AsyncClient(base_url=base) as client:
+    async with api_client(base) as client:
         orders = (await client.get("/api/sales/" + (await client.get(f"/api/rooms/{room_id}/sales")).json()[0]["id"]))
         assert orders.json()["paid"] == 1 and orders.json()["remaining"] == 9
 
@@ -321,10 +306,10 @@ async def test_a_viewer_logged_out_elsewhere_goes_on_watching_anonymously(
     await page.context.close()
 
 
-async def console_on(browser: Browser, server: ServerProcess, host: dict[str, Any], room_id: str) -> Page:
+async def console_on(browser: Browser, server: ServerProcess, host: Actor, room_id: str) -> Page:
     page = await new_page(browser)
     await page.goto(f"{server.url}/console#{room_id}")
-    await page.fill("#login-user", host["username"])
+    await page.fill("#login-user", host.username)
     await page.fill("#login-pass", "correct horse battery")
     await page.click("#login-form button[type=submit]")
     await expect(page.locator("#rv-status")).to_be_visible()
@@ -335,11 +320,11 @@ async def test_the_console_keeps_the_product_chosen_for_a_sale_when_its_list_is_
         browser: Browser, server: ServerProcess) -> None:
     """Pick a product for the sale, set its price, pin something: the form still holds that product
     (it went back to the first one, keeping the price: a launch of the wrong product at that price)."""
-    async with httpx.AsyncClient(base_url=server.url) as c:
+    async with api_client(server.url) as c:
         host = await register(c, "host", password="correct horse battery")
-        room = await create_room(c, host["token"])
-        cheap = await create_product(c, host["token"], name="Cheap", price_cents=800)
-        await create_product(c, host["token"], name="Pricey", price_cents=50_000)  # newest: listed first
+        room = await create_room(c, host)
+        cheap = await create_product(c, host, name="Cheap", price_cents=800)
+        await create_product(c, host, name="Pricey", price_cents=50_000)  # newest: listed first
     console = await console_on(browser, server, host, room["id"])
     await expect(console.locator("#sf-product option")).to_have_count(2)
     await console.select_option("#sf-product", cheap["id"])
@@ -381,7 +366,7 @@ async def test_an_ended_sale_gives_way_to_the_next_pinned_product(browser: Brows
         await expect(page.locator("#p-name")).to_have_text("Flash tea")
         await end_sale(c, shop, sale["id"])
         await expect(page.locator("#sale-state")).to_have_text("Sale ended")
-        other = await new_product(c, shop.host, name="Oolong")
+        other = (await create_product(c, shop.host, name="Oolong"))["id"]
         r = await c.post(f"/api/rooms/{shop.room_id}/pin", json={"product_id": other}, headers=shop.host.auth)
         assert r.status_code == 200, r.text
         await expect(page.locator("#p-name")).to_have_text("Oolong")
@@ -466,10 +451,10 @@ async def test_a_reconnect_keeps_the_viewers_paid_order_on_screen(browser: Brows
 async def test_the_console_follows_only_the_last_room_chosen(browser: Browser, server: ServerProcess) -> None:
     """Two rooms clicked in a row: one socket stays open, the second room's (the first room's socket
     was left open too, feeding its chat and sales into the other room's view)."""
-    async with httpx.AsyncClient(base_url=server.url) as c:
+    async with api_client(server.url) as c:
         host = await register(c, "host", password="correct horse battery")
-        first = await create_room(c, host["token"], title="First")
-        second = await create_room(c, host["token"], title="Second")
+        first = await create_room(c, host, title="First")
+        second = await create_room(c, host, title="Second")
     console = await console_on(browser, server, host, first["id"])
     sockets: list[Any] = []
     console.on("websocket", lambda ws: sockets.append(ws))
@@ -489,10 +474,10 @@ async def test_the_console_follows_only_the_last_room_chosen(browser: Browser, s
 
 async def lineup_console(browser: Browser, server: ServerProcess) -> tuple[Page, str, set[str]]:
     """A console on a new room of a new host with products Tea 0, Tea 1, Tea 2, none in its lineup."""
-    async with httpx.AsyncClient(base_url=server.url) as c:
+    async with api_client(server.url) as c:
         host = await register(c, "host", password="correct horse battery")
-        room = await create_room(c, host["token"])
-        products = [await create_product(c, host["token"], name=f"Tea {i}") for i in range(3)]
+        room = await create_room(c, host)
+        products = [await create_product(c, host, name=f"Tea {i}") for i in range(3)]
     console = await console_on(browser, server, host, room["id"])
     await expect(console.locator("#products tr")).to_have_count(3)
     return console, room["id"], {p["id"] for p in products}
@@ -502,7 +487,7 @@ async def saved_lineup(server: ServerProcess, room_id: str, want: set[str], done
                        ) -> set[str]:
     """The room's lineup on the server, polled until it is `want` and `done()` (at most ~15 s: the
     machine may be busy)."""
-    async with httpx.AsyncClient(base_url=server.url) as c:
+    async with api_client(server.url) as c:
         for _ in range(150):
             saved = {p["id"] for p in (await c.get(f"/api/rooms/{room_id}/lineup")).json()}
             if saved == want and done():
@@ -634,10 +619,10 @@ async def test_a_401_on_buy_asks_to_sign_in_again(browser: Browser, server: Serv
 async def test_the_console_names_the_field_the_server_refused(browser: Browser, server: ServerProcess) -> None:
     """A launch the server refuses for one field: that field is marked and named (the message was
     shown raw, ending in "- at `$.stock`", with nothing marked)."""
-    async with httpx.AsyncClient(base_url=server.url) as c:
+    async with api_client(server.url) as c:
         host = await register(c, "host", password="correct horse battery")
-        room = await create_room(c, host["token"])
-        await create_product(c, host["token"], name="Tea")
+        room = await create_room(c, host)
+        await create_product(c, host, name="Tea")
     console = await console_on(browser, server, host, room["id"])
     await expect(console.locator("#sf-product option")).to_have_count(1)
     await console.fill("#sf-price", "500")
@@ -655,18 +640,18 @@ async def test_the_console_follows_its_room_started_and_ended_elsewhere(browser:
                                                                          server: ServerProcess) -> None:
     """The room goes live and ends from another device (or the API): the console's view and its room
     list say so (the list kept "scheduled", and an end left the view live)."""
-    async with httpx.AsyncClient(base_url=server.url) as c:
+    async with api_client(server.url) as c:
         host = await register(c, "host", password="correct horse battery")
-        room = await create_room(c, host["token"], title="Elsewhere")
+        room = await create_room(c, host, title="Elsewhere")
         console = await console_on(browser, server, host, room["id"])
         badge = console.locator("#room-list button:has-text('Elsewhere') .badge")
         await expect(badge).to_have_text("scheduled")
         await console.wait_for_timeout(500)  # the room's socket is open
-        r = await c.post(f"/api/rooms/{room['id']}/start", headers=bearer(host["token"]))
+        r = await c.post(f"/api/rooms/{room['id']}/start", headers=host.auth)
         assert r.status_code == 200, r.text
         await expect(console.locator("#rv-status")).to_have_text("live")
         await expect(badge).to_have_text("live")
-        r = await c.post(f"/api/rooms/{room['id']}/end", headers=bearer(host["token"]))
+        r = await c.post(f"/api/rooms/{room['id']}/end", headers=host.auth)
         assert r.status_code == 200, r.text
         await expect(console.locator("#rv-status")).to_have_text("ended")
         await expect(badge).to_have_text("ended")
@@ -712,7 +697,7 @@ async def test_paying_after_the_sale_gave_way_to_a_pin_shows_the_result(browser:
         await page.click("#buy")
         await expect(page.locator("#res-text")).to_contain_text("Reserved for you")
         await end_sale(c, shop, sale["id"])
-        other = await new_product(c, shop.host, name="Oolong")
+        other = (await create_product(c, shop.host, name="Oolong"))["id"]
         r = await c.post(f"/api/rooms/{shop.room_id}/pin", json={"product_id": other}, headers=shop.host.auth)
         assert r.status_code == 200, r.text
         await expect(page.locator("#pay")).to_be_visible()  # a reservation to pay keeps the sale in view
@@ -745,12 +730,12 @@ async def test_a_late_snapshot_never_revives_an_ended_sale(browser: Browser, ser
 async def test_moderation_from_the_console(browser: Browser, server: ServerProcess) -> None:
     base = server.url
     password = "correct horse battery"
-    async with httpx.AsyncClient(base_url=base) as client:
+    async with api_client(base) as client:
         host = await register(client, "host", password=password)
-        room = await create_room(client, host["token"], title="Moderated")
+        room = await create_room(client, host, title="Moderated")
     console = await new_page(browser)
     await console.goto(f"{base}/console")
-    await console.fill("#login-user", host["username"])
+    await console.fill("#login-user", host.username)
     await console.fill("#login-pass", password)
     await console.click("#login-form button[type=submit]")
     await console.click("#room-list button:has-text('Moderated')")
@@ -774,7 +759,7 @@ async def test_moderation_from_the_console(browser: Browser, server: ServerProce
     await expect(console.locator("#modlog li.rejected", has_text="am I muted?")).to_have_count(1)
     # The host's session is logged out from another device: the console asks to log in again.
     token = next(c["value"] for c in await console.context.cookies() if c["name"] == "livesale_session")
-    async with httpx.AsyncClient(base_url=base) as client:
+    async with api_client(base) as client:
         r = await client.post("/api/auth/logout", headers={"Authorization": f"Bearer {token}"})
         assert r.status_code == 200, r.text
     await expect(console.locator("#auth-error")).to_have_text("Your session ended; log in again.")
@@ -785,7 +770,7 @@ async def test_moderation_from_the_console(browser: Browser, server: ServerProce
 
 
 async def test_pages_send_a_content_security_policy(server: ServerProcess) -> None:
-    async with httpx.AsyncClient(base_url=server.url) as client:
+    async with api_client(server.url) as client:
         for path in ("/", "/console", "/rooms/room_x"):
             r = await client.get(path)
             assert r.status_code == 200
@@ -797,7 +782,7 @@ async def test_pages_send_a_content_security_policy(server: ServerProcess) -> No
 @pytest.mark.parametrize("range_header", ["bytes=abc", "bytes=5-1", "bytes=999999999-"])
 async def test_pages_and_static_files_are_sent_whole_whatever_the_range(server: ServerProcess,
                                                                         range_header: str) -> None:
-    async with httpx.AsyncClient(base_url=server.url) as client:
+    async with api_client(server.url) as client:
         for path in ("/", "/console", "/static/js/live.js"):
             whole = await client.get(path)
             r = await client.get(path, headers={"Range": range_header})

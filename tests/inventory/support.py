@@ -6,13 +6,9 @@ Two ways in:
 - in-process, for the scripts and the persister: a redis.asyncio client on a Redis database
   index that no test server watches, `Stock`, and a SQLite file of the test's own.
 
-Every test server of the session shares one Valkey. A server's background jobs act on every
-sale in its Redis database (the persister acknowledges the stream entries of sales its own SQL
-does not know, and the sweeper releases their orders), so each private server and the
-in-process tests use a database index of their own (see `redis_db_url`).
-
-Waiting is always bounded polling (`wait_until`): it guards against hanging and never asserts
-anything about speed.
+Each private server and the in-process tests use a Redis database index of their own (the
+registry is in tests/support.py). Actors, the HTTP client, waiting and a server's backends are
+tests/support.py's too.
 """
 
 from __future__ import annotations
@@ -20,11 +16,10 @@ from __future__ import annotations
 import asyncio
 import random
 import secrets
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import timedelta
-from http.cookiejar import CookieJar, DefaultCookiePolicy
 from pathlib import Path
 from typing import Any, Self, cast
 
@@ -35,6 +30,7 @@ from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from server import clock
+from server.backends.redis_client import make_redis
 from server.backends.sql import create_schema, make_engine, make_sessionmaker
 from server.ids import new_id
 from server.inventory import keys
@@ -48,44 +44,25 @@ from server.inventory.schemas import SaleProduct
 from server.inventory.stock import Stock, new_order_id
 from server.inventory.tables import LedgerEntry, Order, Sale
 from server.models import Product, Room, User
-from server.backends.redis_client import make_redis
 from server.rooms.publisher import Publisher
 from server.rooms.service import BannedWords, RoomService
 from server.rooms.store import RoomStore
-from tests.support import ServerProcess, bearer, eventually
-
-# Redis database indexes (the session Valkey has the default 16). 0 is the shared `server`'s.
-DB_IN_PROCESS = 9
-DB_WORKERS2 = 10
-DB_CRASH = 11
-DB_SPARE = 12
-DB_POSTGRES = 7      # the session's server on PostgreSQL (conftest's `pg_server`)
-DB_PG_OUTAGE = 6     # reliability/test_postgres.py: a server whose PostgreSQL goes away
+from tests.support import (
+    DB_IN_PROCESS,
+    Actor,
+    api_client,
+    bearer,
+    create_product,
+    create_room,
+    eventually,
+    redis_db_url,
+    register,
+)
 
 PERSIST_TIMEOUT_S = 15.0
 # A restarted server claims what the killed one read but never acknowledged once it has been
 # idle for persister.CLAIM_IDLE_MS (30 s), on a pass every CLAIM_EVERY_S (5 s).
 RECOVERY_TIMEOUT_S = 60.0
-
-
-def redis_db_url(redis_url: str, db: int) -> str:
-    """The session Valkey's URL (redis://127.0.0.1:PORT/0) pointed at another database index."""
-    base, _, index = redis_url.rpartition("/")
-    assert base.startswith("redis://127.0.0.1:") and index.isdigit(), redis_url
-    return f"{base}/{db}"
-
-
-async def wait_until(check: Callable[[], Awaitable[Any]], *, timeout: float = PERSIST_TIMEOUT_S,
-                     interval: float = 0.1, what: str = "condition") -> Any:
-    return await eventually(check, timeout=timeout, interval=interval, what=what)
-
-
-def api_client(base_url: str, *, connections: int = 100, timeout: float = 60.0) -> httpx.AsyncClient:
-    """A loopback HTTP client that keeps no cookies: each request carries only the bearer it is given."""
-    assert base_url.startswith("http://127.0.0.1:"), base_url
-    jar = CookieJar(DefaultCookiePolicy(allowed_domains=[]))
-    limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
-    return httpx.AsyncClient(base_url=base_url, timeout=timeout, cookies=jar, trust_env=False, limits=limits)
 
 
 def idem_key(prefix: str = "k") -> str:
@@ -100,7 +77,7 @@ def error_of(r: httpx.Response) -> str | None:
     return body.get("error") if isinstance(body, dict) else None
 
 
-# --- HTTP actors ------------------------------------------------------------------------------
+# --- sales and orders over HTTP -------------------------------------------------------------
 
 # Sales and orders the tests made over HTTP, by server URL: `settle_tracked` ends the sales and
 # cancels the reservations at teardown, so that the persister closes them and the server's
@@ -138,16 +115,6 @@ async def settle_tracked(base_url: str) -> None:
         await asyncio.gather(*(post(f"/api/sales/{s}/end", t) for s, t in sales.items()))
         await asyncio.gather(*(post(f"/api/orders/{o}/cancel", t) for o, t in orders.items()))
 
-@dataclass
-class Actor:
-    user_id: str
-    token: str
-    name: str
-
-    @property
-    def auth(self) -> dict[str, str]:
-        return bearer(self.token)
-
 
 @dataclass
 class Shop:
@@ -157,51 +124,16 @@ class Shop:
     products: dict[str, str] = field(default_factory=dict)  # name -> id
 
 
-async def new_guest(client: httpx.AsyncClient, name: str = "buyer") -> Actor:
-    r = await client.post("/api/auth/guest", json={"name": name})
-    assert r.status_code == 201, r.text
-    body = r.json()
-    return Actor(body["user_id"], body["token"], body["name"])
-
-
-async def new_guests(client: httpx.AsyncClient, n: int, name: str = "buyer", concurrency: int = 32) -> list[Actor]:
-    sem = asyncio.Semaphore(concurrency)
-
-    async def one(i: int) -> Actor:
-        async with sem:
-            return await new_guest(client, f"{name}{i}")
-
-    return list(await asyncio.gather(*(one(i) for i in range(n))))
-
-
-async def new_host(client: httpx.AsyncClient) -> Actor:
-    username = f"host{secrets.token_hex(4)}"
-    r = await client.post("/api/auth/register",
-                          json={"username": username, "password": "correct horse battery", "role": "host"})
-    assert r.status_code == 201, r.text
-    body = r.json()
-    return Actor(body["user_id"], body["token"], body["name"])
-
-
-async def new_product(client: httpx.AsyncClient, host: Actor, **fields: Any) -> str:
-    body = {"name": "Flash tea", "price_cents": 1999, "commission_rate_bp": 2000, **fields}
-    r = await client.post("/api/products", json=body, headers=host.auth)
-    assert r.status_code == 201, r.text
-    return str(r.json()["id"])
-
-
 async def new_shop(client: httpx.AsyncClient, *, host: Actor | None = None, live: bool = True,
                    **product_fields: Any) -> Shop:
     """A host (registered) with a room (live unless told) and one product."""
-    host = host or await new_host(client)
-    r = await client.post("/api/rooms", json={"title": "Flash room"}, headers=host.auth)
-    assert r.status_code == 201, r.text
-    room_id = r.json()["id"]
+    host = host or await register(client, "host")
+    room_id = (await create_room(client, host, title="Flash room"))["id"]
     if live:
         r = await client.post(f"/api/rooms/{room_id}/start", headers=host.auth)
         assert r.status_code == 200, r.text
-    product_id = await new_product(client, host, **product_fields)
-    return Shop(host=host, room_id=room_id, product_id=product_id)
+    product = await create_product(client, host, **{"name": "Flash tea", **product_fields})
+    return Shop(host=host, room_id=room_id, product_id=product["id"])
 
 
 def sale_body(shop: Shop, **fields: Any) -> dict[str, Any]:
@@ -372,51 +304,7 @@ async def fire(pool: ClientPool, sale_id: str, attempts: list[Attempt], *, crash
     await asyncio.gather(*tasks)
 
 
-# --- Redis and SQL of a server -----------------------------------------------------------------
-
-async def close_redis(redis: Redis) -> None:
-    """make_redis hands the client its own pool, which aclose() leaves open: close both."""
-    await redis.aclose()
-    await redis.connection_pool.disconnect()
-
-
-@asynccontextmanager
-async def open_redis(url: str, connections: int = 64) -> AsyncIterator[Redis]:
-    redis = make_redis(url, connections)
-    try:
-        yield redis
-    finally:
-        await close_redis(redis)
-
-
-@asynccontextmanager
-async def open_sql(where: Path | str) -> AsyncIterator[async_sessionmaker[AsyncSession]]:
-    """A SQLite file by its path, or any database by its SQLAlchemy URL."""
-    engine = make_engine(where if isinstance(where, str) else f"sqlite+aiosqlite:///{where}")
-    try:
-        yield make_sessionmaker(engine)
-    finally:
-        await engine.dispose()
-
-
-def server_db_path(srv: ServerProcess) -> Path:
-    return srv.data_dir / "livesale.db"
-
-
-def server_db_url(srv: ServerProcess) -> str:
-    return srv.env.get("DATABASE_URL") or f"sqlite+aiosqlite:///{server_db_path(srv)}"
-
-
-@asynccontextmanager
-async def server_backends(srv: ServerProcess) -> AsyncIterator[tuple[Stock, async_sessionmaker[AsyncSession]]]:
-    """The Redis and the SQL database a running test server uses (read side, for checks)."""
-    async with open_redis(srv.env["REDIS_URL"], 8) as redis, open_sql(server_db_url(srv)) as db:
-        stock = Stock(redis, srv.deployment)
-        try:
-            yield stock, db
-        finally:
-            stock.disconnect()
-
+# --- what a sale left in Redis and SQL -----------------------------------------------------------
 
 async def wait_persisted(stock: Stock, db: async_sessionmaker[AsyncSession], sale_id: str, *,
                          timeout: float = PERSIST_TIMEOUT_S) -> Report:
@@ -425,7 +313,7 @@ async def wait_persisted(stock: Stock, db: async_sessionmaker[AsyncSession], sal
         report = await reconcile(stock, db, sale_id)
         return report if report.unpersisted == 0 else None
 
-    report: Report = await wait_until(caught_up, timeout=timeout, what=f"persister caught up on {sale_id}")
+    report: Report = await eventually(caught_up, timeout=timeout, what=f"persister caught up on {sale_id}")
     return report
 
 
@@ -517,7 +405,7 @@ class World:
         finally:
             if world is not None:
                 world.stock.disconnect()
-            await close_redis(redis)
+            await redis.aclose(close_connection_pool=True)
             await engine.dispose()
 
     async def room_service(self) -> RoomService:
@@ -577,5 +465,5 @@ class World:
         async def past() -> bool:
             return await redis_now_ms(self.redis) > ms
 
-        await wait_until(past, timeout=10, interval=0.01, what=f"Redis clock past {ms}")
+        await eventually(past, timeout=10, interval=0.01, what=f"Redis clock past {ms}")
 

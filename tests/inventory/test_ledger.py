@@ -35,20 +35,13 @@ from server.inventory.stock import Stock
 from server.inventory.sweeper import Sweeper
 from server.inventory.tables import LedgerEntry, Order, Sale
 from tests.inventory.support import (
-    DB_SPARE,
-    Actor,
     World,
-    api_client,
     buy,
     end_sale,
     launch,
-    new_guest,
-    new_host,
-    new_product,
     new_shop,
     paid,
     pending,
-    server_backends,
     settle_tracked,
     sql_count,
     sql_ledger,
@@ -56,7 +49,17 @@ from tests.inventory.support import (
     stream_entries,
     wait_persisted,
 )
-from tests.support import ServerProcess, eventually
+from tests.support import (
+    DB_SPARE,
+    Actor,
+    ServerProcess,
+    api_client,
+    backends,
+    create_product,
+    eventually,
+    guest,
+    register,
+)
 
 PLATFORM_FEE_BP = 500  # the server's defaults (LIVESALE_PLATFORM_FEE_BP, LIVESALE_REFERRAL_SHARE_BP)
 REFERRAL_SHARE_BP = 1000
@@ -100,10 +103,10 @@ async def watch_room(base_url: str, room_id: str, token: str) -> None:
 
 async def test_ledger_splits_earnings_and_room_stats(server: ServerProcess) -> None:
     async with api_client(server.url) as api:
-        host = await new_host(api)
+        host = await register(api, "host")
         shop = await new_shop(api, host=host, price_cents=900, commission_rate_bp=2000)
-        cheap_product = await new_product(api, host, name="Cheap", price_cents=400, commission_rate_bp=1234)
-        a, b, c, d, referrer, viewer = [await new_guest(api, n) for n in ("a", "b", "c", "d", "ref", "viewer")]
+        cheap_product = (await create_product(api, host, name="Cheap", price_cents=400, commission_rate_bp=1234))["id"]
+        a, b, c, d, referrer, viewer = [await guest(api, n) for n in ("a", "b", "c", "d", "ref", "viewer")]
         for who in (a, b, c, d, viewer):
             await watch_room(server.url, shop.room_id, who.token)
 
@@ -141,7 +144,7 @@ async def test_ledger_splits_earnings_and_room_stats(server: ServerProcess) -> N
             await paid(api, buyer, r.json()["order_id"])
             orders.append((r.json(), buyer, earner, 1234))
 
-        async with server_backends(server) as (stock, db):
+        async with backends(server) as (stock, db):
             for sale in (sale1, sale2):
                 report = await wait_persisted(stock, db, sale["id"])
                 assert report.ok, report.lines()
@@ -220,17 +223,17 @@ async def test_ledger_splits_earnings_and_room_stats(server: ServerProcess) -> N
 
 async def test_rates_and_price_are_fixed_at_launch(server: ServerProcess) -> None:
     async with api_client(server.url) as api:
-        host = await new_host(api)
+        host = await register(api, "host")
         shop = await new_shop(api, host=host, price_cents=5000, commission_rate_bp=1500)
         sale = await launch(api, shop, price_cents=777, stock=5, per_user_limit=5)
         r = await api.patch(f"/api/products/{shop.product_id}", json={"price_cents": 9999, "commission_rate_bp": 9000},
                             headers=host.auth)
         assert r.status_code == 200, r.text
-        buyer = await new_guest(api)
+        buyer = await guest(api, "buyer")
         order = (await buy(api, buyer, sale["id"], quantity=3)).json()
         assert (order["price_cents"], order["total_cents"]) == (777, 2331)
         await paid(api, buyer, order["order_id"])
-        async with server_backends(server) as (stock, db):
+        async with backends(server) as (stock, db):
             report = await wait_persisted(stock, db, sale["id"])
             assert report.ok, report.lines()
             lines = {line.kind: line.amount_cents for line in await sql_ledger(db, sale["id"])}

@@ -16,10 +16,9 @@ import pytest
 
 from server.inventory.records import OrderRecord
 from tests.inventory.support import (
-    Actor,
+    PERSIST_TIMEOUT_S,
     Shop,
     World,
-    api_client,
     assert_balanced,
     bought,
     buy,
@@ -29,20 +28,15 @@ from tests.inventory.support import (
     get_sale,
     idem_key,
     launch,
-    new_guest,
-    new_guests,
-    new_host,
     new_shop,
     pay,
     sale_state,
-    server_backends,
     settle_tracked,
     sql_orders,
     stream_records,
     wait_persisted,
-    wait_until,
 )
-from tests.support import ServerProcess
+from tests.support import Actor, ServerProcess, api_client, backends, eventually, guest, guests, register
 
 
 @pytest.fixture(autouse=True)
@@ -60,7 +54,7 @@ async def api(server: ServerProcess) -> AsyncIterator[httpx.AsyncClient]:
 @pytest.fixture(scope="module")
 async def host(server: ServerProcess) -> Actor:
     async with api_client(server.url) as c:
-        return await new_host(c)
+        return await register(c, "host")
 
 
 @pytest.fixture
@@ -83,7 +77,7 @@ def iso_ms(value: str) -> int:
 
 async def test_concurrent_retries_of_one_key_make_one_order(api: httpx.AsyncClient, shop: Shop) -> None:
     sale = await launch(api, shop, stock=10, per_user_limit=5)
-    buyer = await new_guest(api)
+    buyer = await guest(api, "buyer")
     key = idem_key("same")
     answers = await asyncio.gather(*(buy(api, buyer, sale["id"], key) for _ in range(50)))
 
@@ -129,7 +123,7 @@ async def test_keys_are_per_buyer_and_per_sale(api: httpx.AsyncClient, shop: Sho
     sale = await launch(api, shop, stock=10, per_user_limit=2)
     other_room = await new_shop(api, host=host)
     other_sale = await launch(api, other_room, stock=10, per_user_limit=2)
-    a, b = await new_guest(api), await new_guest(api)
+    a, b = await guest(api, "buyer"), await guest(api, "buyer")
     key = idem_key("shared")
     ra, rb = await asyncio.gather(buy(api, a, sale["id"], key), buy(api, b, sale["id"], key))
     assert (ra.status_code, rb.status_code) == (201, 201), (ra.text, rb.text)
@@ -142,7 +136,7 @@ async def test_keys_are_per_buyer_and_per_sale(api: httpx.AsyncClient, shop: Sho
 
 async def test_missing_key_is_400(api: httpx.AsyncClient, shop: Shop) -> None:
     sale = await launch(api, shop)
-    buyer = await new_guest(api)
+    buyer = await guest(api, "buyer")
     r = await api.post(f"/api/sales/{sale['id']}/purchase", json={"quantity": 1}, headers=buyer.auth)
     assert r.status_code == 400 and error_of(r) == "idempotency_key_required", r.text
     assert (await get_sale(api, sale["id"]))["remaining"] == sale["stock"]
@@ -150,7 +144,7 @@ async def test_missing_key_is_400(api: httpx.AsyncClient, shop: Shop) -> None:
 
 async def test_retry_after_sold_out_returns_the_order(api: httpx.AsyncClient, shop: Shop) -> None:
     sale = await launch(api, shop, stock=1, per_user_limit=1)
-    a, b = await new_guest(api), await new_guest(api)
+    a, b = await guest(api, "buyer"), await guest(api, "buyer")
     key = idem_key()
     first = await buy(api, a, sale["id"], key)
     assert first.status_code == 201, first.text
@@ -162,7 +156,7 @@ async def test_retry_after_sold_out_returns_the_order(api: httpx.AsyncClient, sh
 
 async def test_longest_key_is_kept_exactly(api: httpx.AsyncClient, server: ServerProcess, shop: Shop) -> None:
     sale = await launch(api, shop, stock=2, per_user_limit=2)
-    buyer = await new_guest(api)
+    buyer = await guest(api, "buyer")
     key = ("k:!~ " * 26)[:127] + "z"  # 128 printable characters, a colon and spaces inside
     assert len(key) == 128
     first = await buy(api, buyer, sale["id"], key)
@@ -171,7 +165,7 @@ async def test_longest_key_is_kept_exactly(api: httpx.AsyncClient, server: Serve
     assert again.status_code == 200 and again.json()["order_id"] == first.json()["order_id"], again.text
     other = await buy(api, buyer, sale["id"], key[:-1] + "y")  # one character apart: another attempt
     assert other.status_code == 201, other.text
-    async with server_backends(server) as (stock, db):
+    async with backends(server) as (stock, db):
         report = await wait_persisted(stock, db, sale["id"])
         assert report.ok, report.lines()
         rows = await sql_orders(db, sale["id"])
@@ -184,7 +178,7 @@ async def test_longest_key_is_kept_exactly(api: httpx.AsyncClient, server: Serve
 async def test_unpaid_order_expires_and_its_unit_sells_again(api: httpx.AsyncClient, server: ServerProcess,
                                                              shop: Shop) -> None:
     sale = await launch(api, shop, stock=1, per_user_limit=1, payment_timeout_s=1)
-    a, b = await new_guest(api), await new_guest(api)
+    a, b = await guest(api, "buyer"), await guest(api, "buyer")
     key = idem_key()
     r = await buy(api, a, sale["id"], key)
     assert r.status_code == 201, r.text
@@ -197,7 +191,7 @@ async def test_unpaid_order_expires_and_its_unit_sells_again(api: httpx.AsyncCli
         assert_balanced(s)
         return s if s["remaining"] == 1 else None
 
-    s = await wait_until(released, what="the sweeper releasing the unpaid order")
+    s = await eventually(released, timeout=PERSIST_TIMEOUT_S, what="the sweeper releasing the unpaid order")
     assert (s["reserved"], s["paid"]) == (0, 0)
     expired = await get_order(api, a, order["order_id"])
     assert expired["status"] == "expired" and expired["released_at"] is not None
@@ -216,7 +210,7 @@ async def test_unpaid_order_expires_and_its_unit_sells_again(api: httpx.AsyncCli
     final = await get_sale(api, sale["id"])
     assert (final["remaining"], final["reserved"], final["paid"]) == (0, 1, 0)
 
-    async with server_backends(server) as (stock, db):
+    async with backends(server) as (stock, db):
         report = await wait_persisted(stock, db, sale["id"])
         assert report.ok, report.lines()
         rows = await sql_orders(db, sale["id"])
@@ -269,7 +263,7 @@ async def test_paying_at_the_deadline_races_the_sweeper(api: httpx.AsyncClient, 
                                                         shop: Shop) -> None:
     n = 40
     sale = await launch(api, shop, stock=n, per_user_limit=1, payment_timeout_s=1)
-    buyers = await new_guests(api, n, "racer")
+    buyers = await guests(api, n, "racer")
     orders = await asyncio.gather(*(bought(api, b, sale["id"]) for b in buyers))
     rng = random.Random(1234)
 
@@ -310,14 +304,14 @@ async def test_paying_at_the_deadline_races_the_sweeper(api: httpx.AsyncClient, 
         s = await get_sale(api, sale["id"])
         return s if s["reserved"] == 0 else None
 
-    final = await wait_until(swept, what="every unpaid order released")
+    final = await eventually(swept, timeout=PERSIST_TIMEOUT_S, what="every unpaid order released")
     assert_balanced(final)
     assert (final["paid"], final["remaining"]) == (len(paid_ids), n - len(paid_ids))
     for buyer, order in zip(buyers, orders):
         status = (await get_order(api, buyer, order["order_id"]))["status"]
         assert status == ("paid" if order["order_id"] in paid_ids else "expired"), order["order_id"]
 
-    async with server_backends(server) as (stock, db):
+    async with backends(server) as (stock, db):
         records = await stream_records(stock.redis, sale["id"])
         by_order: dict[str, list[str]] = {}
         for rec in records:

@@ -10,8 +10,7 @@ import asyncio
 import secrets
 import time
 from collections import Counter
-from collections.abc import AsyncIterator
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, cast
 
 import pytest
@@ -21,16 +20,17 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from server.auth import Principal
 from server.errors import Conflict, NotFound, PaymentRequired, Unavailable
-from server.inventory.payments import Authorization, PaymentDeclined, SimulatedPayments
-from server.inventory.schemas import PurchaseIn
-from server.inventory.orders import Orders
 from server.inventory import keys
-from server.inventory.records import Change
-from server.inventory.stock import Stock
 from server.inventory.captures import RETRY_AFTER_MS, LateCaptures
+from server.inventory.orders import Orders
+from server.inventory.payments import Authorization, PaymentDeclined, SimulatedPayments
 from server.inventory.persister import Persister
 from server.inventory.reconcile import reconcile
-from tests.inventory.support import DB_IN_PROCESS, World, open_redis, redis_db_url
+from server.inventory.records import Change
+from server.inventory.schemas import PurchaseIn
+from server.inventory.stock import Stock
+from tests.inventory.support import World
+from tests.support import DB_IN_PROCESS, open_redis, redis_db_url
 
 
 class RecordingPayments(SimulatedPayments):

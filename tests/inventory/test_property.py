@@ -35,14 +35,7 @@ from server.inventory import keys
 from server.inventory.records import Change, SaleInfo, Terms
 from server.inventory.schemas import SaleProduct
 from server.inventory.stock import new_order_id
-from tests.inventory.support import (
-    World,
-    hash_ints,
-    idem_key,
-    redis_now_ms,
-    stream_records,
-    zset_members,
-)
+from tests.inventory.support import World, hash_ints, idem_key, redis_now_ms, stream_records, zset_members
 
 T = TypeVar("T")
 STEP_TIMEOUT_S = 30.0  # a guard against a hung step, not an assertion about speed

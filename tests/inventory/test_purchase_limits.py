@@ -21,25 +21,28 @@ from server.inventory.records import Reservation
 from server.inventory.stock import Stock, new_order_id
 from server.ratelimit import PURCHASE_PER_USER, Limit
 from tests.inventory.support import (
-    DB_IN_PROCESS,
-    Actor,
     World,
-    api_client,
     buy,
     get_sale,
     hash_ints,
     idem_key,
     launch,
-    new_guest,
-    new_host,
     new_shop,
-    open_redis,
-    redis_db_url,
     redis_now_ms,
     sale_state,
     settle_tracked,
 )
-from tests.support import ServerProcess, assert_error
+from tests.support import (
+    DB_IN_PROCESS,
+    Actor,
+    ServerProcess,
+    api_client,
+    assert_error,
+    guest,
+    open_redis,
+    redis_db_url,
+    register,
+)
 
 # Rates so slow that no unit comes back while a test runs: only the burst can be spent.
 FROZEN = 0.001  # per second: one unit per 1000 s
@@ -253,14 +256,14 @@ async def api(server: ServerProcess) -> AsyncIterator[httpx.AsyncClient]:
 async def host(server: ServerProcess) -> Actor:
     """Registered once per module (registering hashes a password: slow on purpose)."""
     async with api_client(server.url) as c:
-        return await new_host(c)
+        return await register(c, "host")
 
 
 async def test_the_api_answers_429_with_retry_after_when_the_buyer_bucket_is_empty(
         api: httpx.AsyncClient, host: Actor, server: ServerProcess) -> None:
     shop = await new_shop(api, host=host)
     sale = await launch(api, shop, stock=5, per_user_limit=2)
-    buyer = await new_guest(api, "limited")
+    buyer = await guest(api, "limited")
     first = await buy(api, buyer, sale["id"], key := idem_key())
     assert first.status_code == 201, first.text
 
@@ -286,7 +289,7 @@ async def test_the_api_answers_429_with_retry_after_when_the_buyer_bucket_is_emp
             assert again.json()["order_id"] == first.json()["order_id"]
 
             # Another buyer is not limited by this one's bucket.
-            other = await buy(api, await new_guest(api, "unlimited"), sale["id"])
+            other = await buy(api, await guest(api, "unlimited"), sale["id"])
             assert other.status_code == 201, other.text
         finally:
             await redis.delete(bucket_key)

@@ -15,12 +15,12 @@ from sqlalchemy import update
 
 from server.clock import from_ms, iso
 from server.ids import new_id
+from server.inventory import sweeper
 from server.inventory.tables import Sale
 from server.models import Product, Room
 from tests.inventory.support import (
-    Actor,
+    PERSIST_TIMEOUT_S,
     Shop,
-    api_client,
     assert_balanced,
     bought,
     buy,
@@ -30,22 +30,28 @@ from tests.inventory.support import (
     get_sale,
     launch,
     launch_raw,
-    new_guest,
-    new_host,
-    new_product,
     new_shop,
-    open_sql,
     paid,
     pay,
     sale_body,
-    server_backends,
-    server_db_url,
     settle_tracked,
-    wait_until,
 )
 from tests.postgres import on_both_databases
-from tests.support import ServerProcess, assert_error, bearer
 from tests.rooms.support import of_type, open_viewer
+from tests.support import (
+    Actor,
+    ServerProcess,
+    api_client,
+    assert_error,
+    backends,
+    bearer,
+    create_product,
+    eventually,
+    guest,
+    open_sql,
+    register,
+    server_db_url,
+)
 
 # Every test here that uses a server runs on SQLite, then on PostgreSQL.
 server = on_both_databases()
@@ -67,7 +73,7 @@ async def _settle(server: ServerProcess) -> AsyncIterator[None]:
 async def hosts(server: ServerProcess) -> tuple[Actor, Actor]:
     """Two registered hosts for the whole module (registering hashes a password: slow on purpose)."""
     async with api_client(server.url) as c:
-        return await new_host(c), await new_host(c)
+        return await register(c, "host"), await register(c, "host")
 
 
 @pytest.fixture
@@ -113,12 +119,26 @@ async def test_the_start_is_announced_as_a_newer_version_of_the_sale(api: httpx.
     assert launched["sale"]["v"] == sale["v"] and started["sale"]["v"] > sale["v"], (launched, started)
 
 
+async def test_a_sale_open_at_launch_is_announced_once_by_the_launch(api: httpx.AsyncClient, shop: Shop,
+                                                                      server: ServerProcess) -> None:
+    """The launch's `sale` event already says "active": the sweeper announces no start (which
+    would repeat the event as a new version, and race the launch's answer)."""
+    async with open_viewer(server.url, shop.room_id) as viewer:
+        sale = await launch(api, shop)
+        launched = await viewer.expect(of_type("sale"))
+        assert launched["sale"]["status"] == "active" and launched["sale"]["v"] == sale["v"]
+        await asyncio.sleep(4 * sweeper.EVERY_S)  # four passes of the sweeper
+        events = await viewer.ping()  # what reached the viewer before its pong
+    assert not [e for e in events if e.get("type") == "sale"], events
+    assert (await get_sale(api, sale["id"]))["v"] == sale["v"]
+
+
 async def test_an_order_answer_has_every_field_with_nulls_and_remaining_on_purchases(api: httpx.AsyncClient,
                                                                                      shop: Shop) -> None:
     """Like every other shape, an order says null for what has not happened (it left `paid_at`
     and `released_at` out); `remaining` comes with purchase answers only."""
     sale = await launch(api, shop, stock=5)
-    buyer = await new_guest(api)
+    buyer = await guest(api, "buyer")
     fields = {"order_id", "sale_id", "status", "quantity", "price_cents", "total_cents", "pay_by", "created_at",
               "paid_at", "released_at"}
     r = await buy(api, buyer, sale["id"])
@@ -134,7 +154,7 @@ async def test_an_order_answer_has_every_field_with_nulls_and_remaining_on_purch
 async def test_buying_before_the_start_is_not_started(api: httpx.AsyncClient, shop: Shop) -> None:
     sale = await launch(api, shop, starts_in_s=30)
     assert sale["status"] == "scheduled"
-    buyer = await new_guest(api)
+    buyer = await guest(api, "buyer")
     r = await buy(api, buyer, sale["id"])
     assert_error(r, 409, "not_started")
     after = await get_sale(api, sale["id"])
@@ -146,13 +166,13 @@ async def test_buying_before_the_start_is_not_started(api: httpx.AsyncClient, sh
 async def test_buying_after_the_end_by_time_is_ended(api: httpx.AsyncClient, server: ServerProcess,
                                                      shop: Shop) -> None:
     sale = await launch(api, shop, duration_s=1)
-    buyer = await new_guest(api)
+    buyer = await guest(api, "buyer")
 
     async def ended_by_the_sweeper() -> dict[str, Any] | None:
         s = await get_sale(api, sale["id"])
         return s if s["end_reason"] == "time" else None
 
-    final = await wait_until(ended_by_the_sweeper, what="the sweeper ending the sale")
+    final = await eventually(ended_by_the_sweeper, timeout=PERSIST_TIMEOUT_S, what="the sweeper ending the sale")
     assert final["status"] == "ended" and final["ended_at"] == final_ended_iso(final)
     assert_error(await buy(api, buyer, sale["id"]), 409, "ended")
     assert (await get_sale(api, sale["id"]))["remaining"] == sale["stock"]
@@ -163,7 +183,7 @@ async def test_buying_after_the_end_by_time_is_ended(api: httpx.AsyncClient, ser
                 row = await session.get(Sale, sale["id"])
             return row if row is not None and row.ended_at is not None else None
 
-        row = await wait_until(persisted, what="sales.ended_at in SQL")
+        row = await eventually(persisted, timeout=PERSIST_TIMEOUT_S, what="sales.ended_at in SQL")
         assert row.end_reason == "time"
     # The room is free again.
     await launch(api, shop)
@@ -171,7 +191,7 @@ async def test_buying_after_the_end_by_time_is_ended(api: httpx.AsyncClient, ser
 
 async def test_host_ends_the_sale_and_reserved_orders_stay_payable(api: httpx.AsyncClient, shop: Shop) -> None:
     sale = await launch(api, shop, stock=5, per_user_limit=2)
-    buyer, late = await new_guest(api), await new_guest(api)
+    buyer, late = await guest(api, "buyer"), await guest(api, "buyer")
     order = await bought(api, buyer, sale["id"], quantity=2)
 
     ended = await end_sale(api, shop, sale["id"])
@@ -193,7 +213,7 @@ async def test_host_ends_the_sale_and_reserved_orders_stay_payable(api: httpx.As
 
 async def test_ending_the_room_ends_its_sale(api: httpx.AsyncClient, shop: Shop) -> None:
     sale = await launch(api, shop, stock=3, per_user_limit=3)
-    buyer = await new_guest(api)
+    buyer = await guest(api, "buyer")
     order = await bought(api, buyer, sale["id"])
     r = await api.post(f"/api/rooms/{shop.room_id}/end", headers=shop.host.auth)
     assert r.status_code == 200, r.text
@@ -217,7 +237,7 @@ async def test_ending_the_room_again_completes_an_end_that_failed_after_its_comm
     assert r.status_code == 200 and r.json()["status"] == "ended", r.text
     s = await get_sale(api, sale["id"])
     assert (s["status"], s["end_reason"]) == ("ended", "host")
-    assert_error(await buy(api, await new_guest(api), sale["id"]), 409, "ended")
+    assert_error(await buy(api, await guest(api, "buyer"), sale["id"]), 409, "ended")
 
 
 async def test_ending_a_sale_again_tells_the_room_an_end_whose_answer_was_lost(
@@ -226,7 +246,7 @@ async def test_ending_a_sale_again_tells_the_room_an_end_whose_answer_was_lost(
     nobody told the room: the host's retry does, and answers the sale as ended."""
     sale = await launch(api, shop, stock=3)
     async with open_viewer(server.url, shop.room_id, label="watching") as viewer:
-        async with server_backends(server) as (stock, _):
+        async with backends(server) as (stock, _):
             assert await stock.end(sale["id"], "host")
         ended = await end_sale(api, shop, sale["id"])
         assert (ended["status"], ended["end_reason"]) == ("ended", "host")
@@ -238,13 +258,13 @@ async def test_a_scheduled_sale_ended_early_refuses_with_ended(api: httpx.AsyncC
     sale = await launch(api, shop, starts_in_s=30)
     ended = await end_sale(api, shop, sale["id"])
     assert ended["status"] == "ended" and ended["end_reason"] == "host"
-    buyer = await new_guest(api)
+    buyer = await guest(api, "buyer")
     assert_error(await buy(api, buyer, sale["id"]), 409, "ended")
 
 
 async def test_end_is_for_the_owner_only(api: httpx.AsyncClient, shop: Shop, other: Actor) -> None:
     sale = await launch(api, shop)
-    viewer = await new_guest(api)
+    viewer = await guest(api, "buyer")
     assert_error(await api.post(f"/api/sales/{sale['id']}/end", headers=other.auth), 403, "not_owner")
     assert_error(await api.post(f"/api/sales/{sale['id']}/end", headers=viewer.auth), 403, "host_only")
     assert_error(await api.post(f"/api/sales/{sale['id']}/end"), 401, "unauthorized")
@@ -335,8 +355,8 @@ async def test_sale_window_starts_at_launch_and_lasts_duration(api: httpx.AsyncC
 # --- who may launch ---------------------------------------------------------------------------
 
 async def test_launch_permissions_and_lookups(api: httpx.AsyncClient, shop: Shop, other: Actor) -> None:
-    viewer = await new_guest(api)
-    foreign_product = await new_product(api, other)
+    viewer = await guest(api, "buyer")
+    foreign_product = (await create_product(api, other, name="Flash tea"))["id"]
 
     assert_error(await launch_raw(api, shop, token=viewer.token), 403, "host_only")
     assert_error(await launch_raw(api, shop, token=other.token), 403, "not_owner")
@@ -392,7 +412,7 @@ async def test_sales_of_an_unknown_room_are_404(api: httpx.AsyncClient) -> None:
 
 async def test_purchase_refusals(api: httpx.AsyncClient, shop: Shop) -> None:
     sale = await launch(api, shop, stock=3, per_user_limit=2)
-    a, b = await new_guest(api), await new_guest(api)
+    a, b = await guest(api, "buyer"), await guest(api, "buyer")
     url = f"/api/sales/{sale['id']}/purchase"
 
     assert_error(await api.post(url, json={}, headers=a.auth), 400, "idempotency_key_required", "Idempotency-Key")
@@ -426,7 +446,7 @@ async def test_purchase_refusals(api: httpx.AsyncClient, shop: Shop) -> None:
 
 async def test_order_endpoints_belong_to_the_buyer(api: httpx.AsyncClient, shop: Shop) -> None:
     sale = await launch(api, shop, stock=4, per_user_limit=4)
-    buyer, stranger = await new_guest(api), await new_guest(api)
+    buyer, stranger = await guest(api, "buyer"), await guest(api, "buyer")
     order = await bought(api, buyer, sale["id"], quantity=2)
     oid = order["order_id"]
     assert (await get_order(api, buyer, oid))["status"] == "reserved"
@@ -443,7 +463,7 @@ async def test_order_endpoints_belong_to_the_buyer(api: httpx.AsyncClient, shop:
 
 async def test_cancel_and_pay_transitions(api: httpx.AsyncClient, shop: Shop) -> None:
     sale = await launch(api, shop, stock=4, per_user_limit=4)
-    buyer = await new_guest(api)
+    buyer = await guest(api, "buyer")
     kept = await bought(api, buyer, sale["id"], quantity=1)
     dropped = await bought(api, buyer, sale["id"], quantity=2)
 
@@ -473,7 +493,7 @@ async def test_cancel_and_pay_transitions(api: httpx.AsyncClient, shop: Shop) ->
         return orders if len(orders) == 3 and {o["status"] for o in orders} == {"paid", "cancelled", "reserved"} \
             else None
 
-    orders = await wait_until(listed, what="GET /api/orders showing the persisted orders")
+    orders = await eventually(listed, timeout=PERSIST_TIMEOUT_S, what="GET /api/orders showing the persisted orders")
     by_id = {o["order_id"]: o for o in orders}
     assert by_id[kept["order_id"]]["status"] == "paid" and by_id[dropped["order_id"]]["status"] == "cancelled"
     assert [o["created_at"] for o in orders] == sorted((o["created_at"] for o in orders), reverse=True)
@@ -481,7 +501,7 @@ async def test_cancel_and_pay_transitions(api: httpx.AsyncClient, shop: Shop) ->
 
 async def test_concurrent_pays_of_one_order_pay_once(api: httpx.AsyncClient, shop: Shop) -> None:
     sale = await launch(api, shop, stock=2, per_user_limit=2)
-    buyer = await new_guest(api)
+    buyer = await guest(api, "buyer")
     order = await bought(api, buyer, sale["id"], quantity=2)
     answers = await asyncio.gather(*(pay(api, buyer, order["order_id"]) for _ in range(10)))
     assert [r.status_code for r in answers] == [200] * 10, [r.text for r in answers]
@@ -502,7 +522,7 @@ async def test_room_figures_stay_exact_past_32_bits(api: httpx.AsyncClient, host
     (PostgreSQL multiplied the two 32-bit columns in 32 bits and answered 500)."""
     shop = await new_shop(api, host=hosts[0], price_cents=100_000_000, commission_rate_bp=1000)
     sale = await launch(api, shop, price_cents=100_000_000, stock=22, per_user_limit=100)
-    buyer = await new_guest(api, "whale")
+    buyer = await guest(api, "whale")
     order = await bought(api, buyer, sale["id"], quantity=22)
     await paid(api, buyer, order["order_id"])
 
@@ -510,6 +530,6 @@ async def test_room_figures_stay_exact_past_32_bits(api: httpx.AsyncClient, host
         r = await api.get(f"/api/rooms/{shop.room_id}/stats", headers=hosts[0].auth)
         assert r.status_code == 200, r.text
         return r.json() if r.json()["paid_orders"] == 1 and r.json()["commission_cents"] else None
-    stats = await wait_until(persisted, what="the paid order in the room's figures")
+    stats = await eventually(persisted, timeout=PERSIST_TIMEOUT_S, what="the paid order in the room's figures")
     assert (stats["units_sold"], stats["gmv_cents"]) == (22, 2_200_000_000)
     assert stats["commission_cents"] == 2_200_000_000 * 1000 // 10_000

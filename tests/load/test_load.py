@@ -3,18 +3,17 @@ rate-limits this address, and the pieces the verdict rests on. No timing asserti
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import random
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
-
-import asyncio
-import time
 
 from load.buyers import BuyContext, Buyer, assign_styles
 from load.http import HttpError, Response, Target

@@ -5,9 +5,7 @@ WebSocket clients and raw TCP sockets, all on 127.0.0.1. Waiting is bounded poll
 asserts how fast anything is.
 
 The private servers of these suites use their own Redis database index of the session Valkey
-(DB_PAIR, DB_SESSIONS, DB_HTTP below): a server's persister and sweeper act on every sale of its
-database, so servers with different SQL files never share one (tests/inventory/support.py uses 0
-and 9-12).
+(DB_PAIR, DB_SESSIONS, DB_HTTP, DB_PG_OUTAGE in tests/support.py's registry).
 """
 
 from __future__ import annotations
@@ -17,69 +15,24 @@ import base64
 import re
 import secrets
 import struct
-import time
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any, AsyncIterator, Iterable
+from typing import AsyncIterator, Iterable
 
 import httpx
-from itsdangerous import TimestampSigner, URLSafeTimedSerializer
-from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from load.servers import free_port
-from server.backends.sql import make_engine, make_sessionmaker
 from server.backends.embedded_valkey import EmbeddedValkey
 from server.inventory.reconcile import Report, reconcile
 from server.inventory.stock import Stock
-from server.backends.redis_client import make_redis
-from tests.inventory.support import api_client, redis_db_url, server_db_url
-from tests.support import ServerProcess, eventually
-
-DB_PAIR = 13       # reliability/test_processes.py: two processes on one data dir
-DB_SESSIONS = 14   # security/test_sessions.py
-DB_HTTP = 15       # security/test_http.py
-
-SALT = "livesale.session.v1"
-PASSWORD = "correct horse battery"
+from tests.support import ServerProcess, api_client, eventually
 
 # What must never appear in a server's log: an unhandled error anywhere.
 LOG_ALARMS = ("Traceback", "Exception in ASGI application", "unhandled error")
 
-__all__ = ["DB_HTTP", "DB_PAIR", "DB_SESSIONS", "OP_BINARY", "OP_CLOSE", "OP_CONT", "OP_PING", "OP_PONG", "OP_TEXT",
-           "Engine", "LogWindow", "PASSWORD", "RawSocket", "access_lines", "api_client", "backends",
-           "clients", "craft_token", "frame", "open_redis", "payload_of", "poll", "redis_db_url", "tokens_in",
-           "wait_health", "wait_reconciled"]
 
-
-@asynccontextmanager
-async def open_redis(url: str, connections: int = 8) -> AsyncIterator[Redis]:
-    """A client of the server's Redis that closes its pool's connections on exit (a client made with
-    an explicit pool, as make_redis does, leaves them to the garbage collector otherwise, which
-    filterwarnings=error turns into a ResourceWarning failure of whatever test is running then)."""
-    redis = make_redis(url, connections)
-    try:
-        yield redis
-    finally:
-        await redis.aclose(close_connection_pool=True)
-
-
-@asynccontextmanager
-async def backends(srv: ServerProcess) -> AsyncIterator[tuple[Stock, async_sessionmaker[AsyncSession]]]:
-    """The Redis and the SQL database a running test server uses, for checks from the test."""
-    engine = make_engine(server_db_url(srv))
-    try:
-        async with open_redis(srv.env["REDIS_URL"]) as redis:
-            stock = Stock(redis, srv.deployment)
-            try:
-                yield stock, make_sessionmaker(engine)
-            finally:
-                stock.disconnect()
-    finally:
-        await engine.dispose()
-
-
-# --- servers --------------------------------------------------------------------------------------
+# --- server logs, and a Valkey that can fail ------------------------------------------------------
 
 class LogWindow:
     """The part of a server's log written since this object was made (the whole file, not the 5000
@@ -143,10 +96,6 @@ class Engine:
 
 # --- waiting --------------------------------------------------------------------------------------
 
-async def poll(check: Any, *, timeout: float = 15.0, interval: float = 0.1, what: str = "condition") -> Any:
-    return await eventually(check, timeout=timeout, interval=interval, what=what)
-
-
 async def wait_health(client: httpx.AsyncClient, status: int, *, timeout: float = 30.0) -> httpx.Response:
     async def check() -> httpx.Response | None:
         try:
@@ -155,7 +104,7 @@ async def wait_health(client: httpx.AsyncClient, status: int, *, timeout: float 
             return None
         return r if r.status_code == status else None
 
-    response: httpx.Response = await poll(check, timeout=timeout, interval=0.2, what=f"/healthz {status}")
+    response: httpx.Response = await eventually(check, timeout=timeout, interval=0.2, what=f"/healthz {status}")
     return response
 
 
@@ -171,26 +120,11 @@ async def wait_reconciled(stock: Stock, db: async_sessionmaker[AsyncSession], sa
         return report if report.unpersisted == 0 and report.ok else None
 
     try:
-        result: Report = await poll(agreed, timeout=timeout, interval=0.2, what=f"SQL reconciled with {sale_id}")
+        result: Report = await eventually(agreed, timeout=timeout, interval=0.2, what=f"SQL reconciled with {sale_id}")
     except AssertionError:
         last = await reconcile(stock, db, sale_id)
         raise AssertionError("SQL never agreed with Redis:\n" + "\n".join(last.lines())) from None
     return result
-
-
-# --- tokens ---------------------------------------------------------------------------------------
-
-def craft_token(secret: str, payload: dict[str, Any], age_s: float = 0) -> str:
-    """A session token as the server would sign it, `age_s` seconds old."""
-    class Signer(TimestampSigner):
-        def get_timestamp(self) -> int:
-            return int(time.time() - age_s)
-
-    return str(URLSafeTimedSerializer(secret, salt=SALT, signer=Signer).dumps(payload))
-
-
-def payload_of(user: dict[str, Any], session: str | None = None) -> dict[str, Any]:
-    return {"u": user["user_id"], "s": session or secrets.token_urlsafe(12), "r": user["role"], "n": user["name"]}
 
 
 # --- raw WebSocket frames over TCP ---------------------------------------------------------------

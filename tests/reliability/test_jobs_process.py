@@ -13,12 +13,14 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.inventory.support import bought, get_sale, launch, new_guest, new_shop
-from tests.support import REPO, ServerProcess, bearer, eventually
+from load.machine import cmdline
+from tests.inventory.support import bought, get_sale, launch, new_shop
+from tests.support import REPO, ServerProcess, api_client, bearer, eventually, guest
 
 
 def children(pid: int) -> list[int]:
-    """Every direct child (any thread's), from /proc."""
+    """Every direct child (any thread's), from /proc: load.machine.children reads the main thread's
+    children only."""
     out = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
@@ -29,13 +31,6 @@ def children(pid: int) -> list[int]:
             if int(stat[stat.rindex(")") + 2:].split()[1]) == pid:
                 out.append(int(entry.name))
     return out
-
-
-def cmdline(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-    except OSError:
-        return ""
 
 
 def jobs_pids(server: ServerProcess) -> list[int]:
@@ -54,7 +49,7 @@ def alive(pid: int) -> bool:
 @pytest.fixture
 async def served(data_dir: Path, redis_url: str) -> AsyncIterator[tuple[ServerProcess, httpx.AsyncClient]]:
     with ServerProcess(data_dir, redis_url=redis_url) as srv:
-        async with httpx.AsyncClient(base_url=srv.url, timeout=30) as api:
+        async with api_client(srv.url) as api:
             yield srv, api
 
 
@@ -69,7 +64,7 @@ async def test_serve_runs_one_jobs_process_that_persists_orders(
     assert len(jobs_pids(srv)) == 1
     shop = await new_shop(api)
     sale = await launch(api, shop, stock=5)
-    buyer = await new_guest(api)
+    buyer = await guest(api, "buyer")
     order = await bought(api, buyer, sale["id"])
     await eventually(lambda: persisted(api, buyer.token, order["order_id"]), what="the order in SQL")
 
@@ -82,7 +77,7 @@ async def test_a_killed_jobs_process_is_restarted_and_catches_up(
     sale = await launch(api, shop, stock=5)
     os.kill(first, signal.SIGKILL)
     # Purchases do not need the jobs process: they are answered from Redis meanwhile.
-    buyer = await new_guest(api)
+    buyer = await guest(api, "buyer")
     order = await bought(api, buyer, sale["id"])
     assert (await get_sale(api, sale["id"]))["reserved"] == 1
 

@@ -10,8 +10,8 @@ import httpx
 from sqlalchemy import inspect
 
 from server.app import ensure_schema
-from server.config import Settings
 from server.backends.sql import Base, make_engine
+from server.config import Settings
 from tests.support import ServerProcess, bearer
 
 PASSWORD = "correct horse battery"

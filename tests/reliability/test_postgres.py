@@ -18,22 +18,11 @@ from websockets.exceptions import InvalidStatus
 
 from server.api.responses import on_database_error
 from server.backends.sql import create_schema, make_engine
-from tests.inventory.support import (
-    DB_PG_OUTAGE,
-    api_client,
-    bought,
-    get_sale,
-    launch,
-    new_guest,
-    new_shop,
-    paid,
-    redis_db_url,
-    settle_tracked,
-)
+from tests.inventory.support import bought, get_sale, launch, new_shop, paid, settle_tracked
 from tests.postgres import Postgres, running_postgres
-from tests.reliability.support import backends, wait_health, wait_reconciled
-from tests.support import ServerProcess
+from tests.reliability.support import wait_health, wait_reconciled
 from tests.rooms.support import open_viewer
+from tests.support import DB_PG_OUTAGE, ServerProcess, api_client, backends, guest, redis_db_url
 
 pytestmark = pytest.mark.reliability
 
@@ -52,7 +41,7 @@ async def test_postgresql_away_answers_503_and_sql_catches_up(own_postgres: Post
         async with api_client(srv.url) as api:
             shop = await new_shop(api)
             sale = await launch(api, shop, stock=20, per_user_limit=4)
-            buyers = [await new_guest(api, f"pg{i}") for i in range(3)]
+            buyers = [await guest(api, f"pg{i}") for i in range(3)]
             unvisited = await new_shop(api)  # a room no viewer has joined: its details are not cached
             own_postgres.halt()
 

@@ -10,8 +10,8 @@ per-address limits are tried on B while accounts are made on A.
 from __future__ import annotations
 
 import asyncio
-import secrets
 import email.utils
+import secrets
 import sqlite3
 import time
 from collections import Counter
@@ -31,25 +31,25 @@ from tests.inventory.support import (
     idem_key,
     launch,
     launch_raw,
-    new_guest,
     new_shop,
     paid,
     redis_now_ms,
 )
-from tests.reliability.support import (
+from tests.reliability.support import LogWindow, clients, wait_reconciled
+from tests.rooms.support import Viewer, chat_text, open_viewer, pin, stats, tag
+from tests.support import (
     DB_PAIR,
     PASSWORD,
-    LogWindow,
+    ServerProcess,
     api_client,
     backends,
-    clients,
+    bearer,
+    eventually,
+    guest,
     open_redis,
-    poll,
     redis_db_url,
-    wait_reconciled,
+    register,
 )
-from tests.support import ServerProcess, bearer, register
-from tests.rooms.support import Viewer, chat_text, open_viewer, pin, stats, tag
 
 pytestmark = pytest.mark.reliability
 
@@ -82,7 +82,7 @@ async def test_a_reconnecting_viewer_gets_what_it_missed(pair: tuple[ServerProce
     a, b = pair
     api_a, api_b = apis
     shop = await new_shop(api_a)
-    away, talker_a, talker_b = [await new_guest(api_a, n) for n in ("away", "talkerA", "talkerB")]
+    away, talker_a, talker_b = [await guest(api_a, n) for n in ("away", "talkerA", "talkerB")]
     async with open_viewer(b.url, shop.room_id, away.token, label="away") as v:
         first = tag("first")
         await v.chat(first)
@@ -102,10 +102,10 @@ async def test_a_reconnecting_viewer_gets_what_it_missed(pair: tuple[ServerProce
         await tb.like(6)
 
         async def likes_counted() -> int | None:
-            n = (await stats(api_a, shop.room_id, shop.host.token))["likes"]
+            n = (await stats(api_a, shop.room_id, shop.host))["likes"]
             return n if n == likes_before + 11 else None
 
-        await poll(likes_counted, timeout=15, what="likes counted")
+        await eventually(likes_counted, timeout=15, what="likes counted")
     # Back, on the other process: the welcome holds everything it missed.
     async with open_viewer(a.url, shop.room_id, away.token, label="back") as back:
         assert back.welcome is not None
@@ -122,10 +122,10 @@ async def test_viewers_of_a_killed_process_get_the_room_back_on_the_other(
     a, b = pair
     api_a, api_b = apis
     shop = await new_shop(api_a)
-    r = await pin(api_a, shop.room_id, shop.product_id, shop.host.token)
+    r = await pin(api_a, shop.room_id, shop.product_id, shop.host)
     assert r.status_code == 200, r.text
     sale = await launch(api_a, shop, stock=30, per_user_limit=2)
-    buyer, fan, talker = [await new_guest(api_a, n) for n in ("buyer", "fan", "talker")]
+    buyer, fan, talker = [await guest(api_a, n) for n in ("buyer", "fan", "talker")]
     await bought(api_a, buyer, sale["id"], quantity=2)
     said = []
     async with open_viewer(a.url, shop.room_id, fan.token, label="fan on A") as fa, \
@@ -176,7 +176,7 @@ async def test_purchases_go_on_while_the_database_is_locked_and_sql_catches_up(
     api_a, api_b = apis
     shop = await new_shop(api_a)
     sale = await launch(api_a, shop, stock=50, per_user_limit=4)
-    buyers = [await new_guest(api_a, f"locked{i}") for i in range(6)]
+    buyers = [await guest(api_a, f"locked{i}") for i in range(6)]
     unlaunched = await new_shop(api_a)
     db_path = a.data_dir / "livesale.db"
 
@@ -242,7 +242,7 @@ async def test_per_buyer_limit_holds_for_one_person_on_many_connections_and_proc
     a, b = pair
     shop = await new_shop(apis[0])
     sale = await launch(apis[0], shop, stock=100, per_user_limit=3)
-    scalper = await new_guest(apis[0], "scalper")
+    scalper = await guest(apis[0], "scalper")
     gate = asyncio.Event()
     async with clients(a.url, 10) as on_a, clients(b.url, 10) as on_b:
         async def attempt(c: httpx.AsyncClient, i: int) -> httpx.Response:
@@ -273,7 +273,7 @@ async def test_a_purchase_before_the_start_is_refused_by_the_servers_clock(
     shop = await new_shop(apis[0])
     sale = await launch(apis[0], shop, starts_in_s=3600, duration_s=600)
     assert sale["status"] == "scheduled"
-    early = await new_guest(apis[0], "early bird")
+    early = await guest(apis[0], "early bird")
     tomorrow = email.utils.formatdate(time.time() + 2 * 3600 + 86400, usegmt=True)
     for api in apis:
         for headers in ({}, {"Date": tomorrow}, {"X-Client-Time": str(int(time.time() * 1000) + 7_200_000)}):
@@ -298,7 +298,7 @@ async def test_purchases_are_limited_per_address_where_not_exempt(
     a, b = pair
     shop = await new_shop(apis[0])
     sale = await launch(apis[0], shop, stock=10, per_user_limit=5)
-    buyer = await new_guest(apis[0], "behind a NAT")
+    buyer = await guest(apis[0], "behind a NAT")
     async with open_redis(a.env["REDIS_URL"]) as redis:
         now = await redis_now_ms(redis)
         bucket = limit_key(sale["id"], PURCHASE_PER_IP.name, "127.0.0.1")
@@ -319,7 +319,7 @@ async def test_logins_are_limited_per_address(pair: tuple[ServerProcess, ServerP
                                               apis: tuple[httpx.AsyncClient, httpx.AsyncClient]) -> None:
     """10 logins at once per address, then one every 5 s, with Retry-After; on B (no exemption)."""
     user = await register(apis[0], "viewer", password=PASSWORD)
-    body = {"username": user["username"], "password": PASSWORD}
+    body = {"username": user.username, "password": PASSWORD}
     started = time.monotonic()
     results = await asyncio.gather(*(apis[1].post("/api/auth/login", json=body) for _ in range(15)))
     elapsed = time.monotonic() - started
@@ -347,14 +347,14 @@ async def test_guessing_one_password_from_many_addresses_is_limited_per_account(
     user = await register(apis[0], "viewer", password=PASSWORD)
     started = time.monotonic()
     answers = await asyncio.gather(*(
-        apis[1].post("/api/auth/login", json={"username": user["username"], "password": f"guess {i}"},
+        apis[1].post("/api/auth/login", json={"username": user.username, "password": f"guess {i}"},
                      headers={"X-Forwarded-For": f"198.51.{100 + i // 200}.{i % 200 + 1}"}) for i in range(120)))
     elapsed = time.monotonic() - started
     codes = Counter(r.status_code for r in answers)
     assert set(codes) == {401, 429} and 30 <= codes[401] <= 30 + 1 + int(elapsed / 2), (codes, elapsed)
     assert all(int(r.headers["retry-after"]) <= 2 for r in answers if r.status_code == 429)
     right = await asyncio.gather(*(
-        apis[1].post("/api/auth/login", json={"username": user["username"], "password": PASSWORD},
+        apis[1].post("/api/auth/login", json={"username": user.username, "password": PASSWORD},
                      headers={"X-Forwarded-For": f"198.51.110.{i + 1}"}) for i in range(8)))
     assert 429 in {r.status_code for r in right}, [r.status_code for r in right]  # the right one waits too
 
@@ -368,12 +368,12 @@ async def test_guesses_from_one_or_two_addresses_never_lock_the_owner_out(
     for attacker in ("203.0.113.7", "203.0.113.8"):
         codes = Counter()
         for _ in range(11):  # the address's burst of 10, then its own limit
-            r = await apis[1].post("/api/auth/login", json={"username": user["username"], "password": "guess"},
+            r = await apis[1].post("/api/auth/login", json={"username": user.username, "password": "guess"},
                                    headers={"X-Forwarded-For": attacker})
             codes[r.status_code] += 1
         assert codes == Counter({401: 10, 429: 1}), codes
     for i in range(12):  # the owner, on twelve devices: a right password spends nothing
-        r = await apis[1].post("/api/auth/login", json={"username": user["username"], "password": PASSWORD},
+        r = await apis[1].post("/api/auth/login", json={"username": user.username, "password": PASSWORD},
                                headers={"X-Forwarded-For": f"192.0.2.{i + 1}"})
         assert r.status_code == 200, r.text
 
@@ -402,9 +402,9 @@ async def test_like_frames_per_user_hold_across_processes(pair: tuple[ServerProc
     frames over that are dropped). One user sends 15 frames of 50 taps on A and 15 on B at once."""
     a, b = pair
     shop = await new_shop(apis[0])
-    liker = await new_guest(apis[0], "liker")
+    liker = await guest(apis[0], "liker")
     for _ in range(3):
-        before = (await stats(apis[0], shop.room_id, shop.host.token))["likes"]
+        before = (await stats(apis[0], shop.room_id, shop.host))["likes"]
         async with open_viewer(a.url, shop.room_id, liker.token, label="A") as va, \
                 open_viewer(b.url, shop.room_id, liker.token, label="B") as vb:
             # Start just after a second boundary, so all the frames likely fall into one second.
@@ -420,12 +420,12 @@ async def test_like_frames_per_user_hold_across_processes(pair: tuple[ServerProc
             sent_by = time.time()
 
             async def settled(before: int = before) -> int | None:
-                first = (await stats(apis[0], shop.room_id, shop.host.token))["likes"]
+                first = (await stats(apis[0], shop.room_id, shop.host))["likes"]
                 await asyncio.sleep(0.3)
-                second = (await stats(apis[0], shop.room_id, shop.host.token))["likes"]
+                second = (await stats(apis[0], shop.room_id, shop.host))["likes"]
                 return second if first == second and second > before else None
 
-            total = await poll(settled, timeout=10, what="likes settled")
+            total = await eventually(settled, timeout=10, what="likes settled")
             ended = time.time()
         accepted = total - before
         # Flushes happen within [started, ended]; each second admits at most 20 frames of this user.
@@ -444,14 +444,14 @@ async def test_logout_closes_the_sessions_sockets_in_every_process(
     a, b = pair
     shop = await new_shop(apis[0])
     user = await register(apis[0], "viewer", password=PASSWORD)
-    r = await apis[0].post("/api/auth/login", json={"username": user["username"], "password": PASSWORD})
+    r = await apis[0].post("/api/auth/login", json={"username": user.username, "password": PASSWORD})
     assert r.status_code == 200, r.text
     other_session = r.json()["token"]
-    async with open_viewer(a.url, shop.room_id, user["token"], label="session 1 on A") as s1a, \
-            open_viewer(b.url, shop.room_id, cookie=user["token"], origin=b.url, label="session 1 on B") as s1b, \
+    async with open_viewer(a.url, shop.room_id, user.token, label="session 1 on A") as s1a, \
+            open_viewer(b.url, shop.room_id, cookie=user.token, origin=b.url, label="session 1 on B") as s1b, \
             open_viewer(a.url, shop.room_id, other_session, label="session 2 on A") as s2:
         # Logged out through B, by cookie from B's own origin (a cookie write needs it).
-        r = await apis[1].post("/api/auth/logout", headers={"Cookie": f"livesale_session={user['token']}",
+        r = await apis[1].post("/api/auth/logout", headers={"Cookie": f"livesale_session={user.token}",
                                                            "Origin": b.url})
         assert r.status_code == 200, r.text
         for v in (s1a, s1b):
@@ -459,6 +459,6 @@ async def test_logout_closes_the_sessions_sockets_in_every_process(
             assert close is not None and close.code == 4401, (v.label, close)
         await s2.ping()
         for api in apis:
-            r = await api.get("/api/me", headers=bearer(user["token"]))
+            r = await api.get("/api/me", headers=user.auth)
             assert r.status_code == 401 and r.json()["error"] == "session_revoked", r.text
             assert (await api.get("/api/me", headers=bearer(other_session))).status_code == 200

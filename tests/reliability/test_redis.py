@@ -14,7 +14,6 @@ import pytest
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from tests.inventory.support import (
-    Actor,
     Shop,
     assert_balanced,
     bought,
@@ -23,22 +22,12 @@ from tests.inventory.support import (
     get_sale,
     idem_key,
     launch,
-    new_guest,
     new_shop,
     paid,
 )
-from tests.reliability.support import (
-    Engine,
-    LogWindow,
-    api_client,
-    backends,
-    open_redis,
-    poll,
-    wait_health,
-    wait_reconciled,
-)
-from tests.support import ServerProcess
+from tests.reliability.support import Engine, LogWindow, wait_health, wait_reconciled
 from tests.rooms.support import Viewer, chat_text, of_type, open_viewer, pin, tag
+from tests.support import Actor, ServerProcess, api_client, backends, eventually, guest, open_redis
 
 pytestmark = pytest.mark.reliability
 
@@ -110,7 +99,7 @@ async def purchase_when_back(api: httpx.AsyncClient, buyer: Actor, sale_id: str)
         assert r.status_code in (201, 200, 503), r.text
         return r if r.status_code in (200, 201) else None
 
-    r: httpx.Response = await poll(attempt, timeout=20, interval=0.5, what="a purchase after the restart")
+    r: httpx.Response = await eventually(attempt, timeout=20, interval=0.5, what="a purchase after the restart")
     return dict(r.json())
 
 
@@ -119,11 +108,11 @@ async def test_redis_restart_loses_nothing_and_service_resumes(srv: ServerProces
                                                                 api: httpx.AsyncClient, fault: str) -> None:
     log = LogWindow(srv)
     shop: Shop = await new_shop(api)
-    r = await pin(api, shop.room_id, shop.product_id, shop.host.token)
+    r = await pin(api, shop.room_id, shop.product_id, shop.host)
     assert r.status_code == 200, r.text
     sale = await launch(api, shop, stock=20, per_user_limit=3, duration_s=3600)
     sale_id = sale["id"]
-    b1, b2, b3, talker, watcher = [await new_guest(api, n) for n in ("b1", "b2", "b3", "talker", "watcher")]
+    b1, b2, b3, talker, watcher = [await guest(api, n) for n in ("b1", "b2", "b3", "talker", "watcher")]
 
     # Orders of every kind, some persisted to SQL, the last ones acknowledged just before the fault.
     o1 = await bought(api, b1, sale_id, quantity=2)
@@ -205,7 +194,7 @@ async def test_redis_restart_loses_nothing_and_service_resumes(srv: ServerProces
                 except AssertionError:
                     return False
 
-            await poll(chat_arrives, timeout=20, interval=0.2, what="chat after the restart")
+            await eventually(chat_arrives, timeout=20, interval=0.2, what="chat after the restart")
         finally:
             if reconnected is not None:
                 await reconnected.__aexit__(None, None, None)
@@ -237,7 +226,7 @@ async def test_anonymous_viewer_joining_during_the_outage_is_told_to_come_back(s
                 told = any(e["type"] == "error" and e.get("code") == "unavailable" for e in events)
                 return (events, close) if told else None
 
-            events, close = await poll(join, timeout=30, interval=0.5, what="a join refused with 1013")
+            events, close = await eventually(join, timeout=30, interval=0.5, what="a join refused with 1013")
             assert [(e["type"], e.get("code")) for e in events] == [("error", "unavailable")], events
             assert close.code == 1013, close
         finally:
@@ -250,7 +239,7 @@ async def test_anonymous_viewer_joining_during_the_outage_is_told_to_come_back(s
 async def test_logged_in_viewer_joining_during_the_outage_is_told_to_come_back(srv: ServerProcess, engine: Engine,
                                                                                api: httpx.AsyncClient) -> None:
     shop = await new_shop(api)
-    viewer = await new_guest(api, "joiner")
+    viewer = await guest(api, "joiner")
     log = LogWindow(srv)
     engine.kill()
     try:
@@ -285,7 +274,7 @@ async def test_acknowledged_purchases_survive_a_redis_kill_mid_burst(srv: Server
     each exactly once; those that failed took nothing (the stock still balances)."""
     shop = await new_shop(api)
     sale = await launch(api, shop, stock=200, per_user_limit=10, duration_s=3600)
-    buyers = [await new_guest(api, f"burst{i}") for i in range(10)]
+    buyers = [await guest(api, f"burst{i}") for i in range(10)]
     gate = asyncio.Event()
 
     async def attempt(buyer: Actor, key: str) -> tuple[Actor, str, httpx.Response | None]:

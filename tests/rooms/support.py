@@ -15,7 +15,6 @@ import json
 import secrets
 from collections import deque
 from contextlib import AsyncExitStack, asynccontextmanager
-from http.cookiejar import CookieJar, DefaultCookiePolicy
 from typing import Any, AsyncIterator, Callable, Iterable
 
 import httpx
@@ -23,7 +22,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 from websockets.frames import Close
 
-from tests.support import bearer, create_room, guest, register
+from tests.support import Actor
 
 Event = dict[str, Any]
 Pred = Callable[[Event], bool]
@@ -34,12 +33,6 @@ RECV_TIMEOUT = 5.0  # a guard against hanging, never an assertion about speed
 def ws_url(base_url: str, room_id: str) -> str:
     assert base_url.startswith("http://127.0.0.1:"), base_url  # loopback only
     return "ws://" + base_url[len("http://"):] + f"/ws/rooms/{room_id}"
-
-
-def api_client(base_url: str) -> httpx.AsyncClient:
-    """An HTTP client that never stores cookies, so each request carries only what the test gives it."""
-    jar = CookieJar(DefaultCookiePolicy(allowed_domains=[]))
-    return httpx.AsyncClient(base_url=base_url, timeout=30, cookies=jar, trust_env=False)
 
 
 def of_type(kind: str, **fields: Any) -> Pred:
@@ -202,21 +195,12 @@ async def sync_point(sender: Viewer, viewers: Iterable[Viewer], timeout: float =
     return [await v.collect_until(chat_text(marker), timeout, what=f"marker {marker}") for v in viewers]
 
 
-async def guests(api: httpx.AsyncClient, n: int, prefix: str = "g") -> list[dict[str, Any]]:
-    return list(await asyncio.gather(*(guest(api, f"{prefix}{i}") for i in range(n))))
+async def pin(api: httpx.AsyncClient, room_id: str, product_id: str, who: Actor) -> httpx.Response:
+    return await api.post(f"/api/rooms/{room_id}/pin", json={"product_id": product_id}, headers=who.auth)
 
 
-async def host_with_room(api: httpx.AsyncClient, **room: Any) -> tuple[dict[str, Any], dict[str, Any]]:
-    host = await register(api, "host")
-    return host, await create_room(api, host["token"], **room)
-
-
-async def pin(api: httpx.AsyncClient, room_id: str, product_id: str, token: str) -> httpx.Response:
-    return await api.post(f"/api/rooms/{room_id}/pin", json={"product_id": product_id}, headers=bearer(token))
-
-
-async def stats(api: httpx.AsyncClient, room_id: str, token: str) -> dict[str, Any]:
-    r = await api.get(f"/api/rooms/{room_id}/stats", headers=bearer(token))
+async def stats(api: httpx.AsyncClient, room_id: str, who: Actor) -> dict[str, Any]:
+    r = await api.get(f"/api/rooms/{room_id}/stats", headers=who.auth)
     assert r.status_code == 200, r.text
     return dict(r.json())
 

@@ -20,8 +20,8 @@ from redis.asyncio.client import PubSub
 from load.servers import free_port
 from server.auth import REVOKED_KEY, Principal, Sessions
 from server.backends.embedded_valkey import EmbeddedValkey
-from server.ids import new_id
 from server.backends.redis_client import make_listener, make_redis
+from server.ids import new_id
 from server.ratelimit import CHAT, Limit
 from server.rooms import broker as broker_module
 from server.rooms import keys, protocol

@@ -17,26 +17,17 @@ import httpx
 import pytest
 from websockets.frames import Close
 
+from tests.rooms.support import Event, Viewer, chat_text, errors_in, open_viewer, pin, stats, sync_point
 from tests.support import (
+    Actor,
     ServerProcess,
-    bearer,
+    api_client,
     create_product,
     create_room,
     eventually,
     guest,
-    register,
-)
-from tests.rooms.support import (
-    Event,
-    Viewer,
-    api_client,
-    chat_text,
-    errors_in,
     guests,
-    open_viewer,
-    pin,
-    stats,
-    sync_point,
+    register,
 )
 
 # --- 11. slow consumer ------------------------------------------------------------------------------------
@@ -79,8 +70,8 @@ async def slow_run(tmp_path_factory: pytest.TempPathFactory, redis_url: str) -> 
                        env={"LIVESALE_WS_QUEUE_FRAMES": str(QUEUE_FRAMES)}) as srv:
         async with api_client(srv.url) as api:
             host = await register(api, "host")
-            room = await create_room(api, host["token"])
-            products = [await create_product(api, host["token"], name=f"Big {i} " + EMOJI * 100,
+            room = await create_room(api, host)
+            products = [await create_product(api, host, name=f"Big {i} " + EMOJI * 100,
                                              description=EMOJI * 2000,
                                              image_url="https://img.example/" + EMOJI * 2000)
                         for i in range(8)]
@@ -90,9 +81,9 @@ async def slow_run(tmp_path_factory: pytest.TempPathFactory, redis_url: str) -> 
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connect: a small window
                 sock.connect(("127.0.0.1", srv.port))
                 sock.setblocking(False)
-                async with open_viewer(srv.url, room["id"], slow_user["token"], label="slow", sock=sock,
+                async with open_viewer(srv.url, room["id"], slow_user.token, label="slow", sock=sock,
                                        max_queue=1, max_size=None, ping_interval=None) as slow, \
-                        open_viewer(srv.url, room["id"], normal_user["token"], label="normal",
+                        open_viewer(srv.url, room["id"], normal_user.token, label="normal",
                                     max_size=None, max_queue=None) as normal:
                     event_bytes = len(json.dumps({"type": "pin", "product": products[0]}, ensure_ascii=False,
                                                  separators=(",", ":")).encode())
@@ -101,7 +92,7 @@ async def slow_run(tmp_path_factory: pytest.TempPathFactory, redis_url: str) -> 
 
                     async def pin_one(i: int) -> None:
                         async with sem:
-                            r = await pin(api, room["id"], products[i % len(products)]["id"], host["token"])
+                            r = await pin(api, room["id"], products[i % len(products)]["id"], host)
                             assert r.status_code == 200, r.text
 
                     # The normal viewer reads while the host floods the room.
@@ -114,7 +105,7 @@ async def slow_run(tmp_path_factory: pytest.TempPathFactory, redis_url: str) -> 
 
                     # The server lets go of the slow viewer (its presence is removed) while it still reads nothing.
                     async def only_normal_left() -> int | None:
-                        online = (await stats(api, room["id"], host["token"]))["viewers"]
+                        online = (await stats(api, room["id"], host))["viewers"]
                         return online if online == 1 else None
 
                     viewers_after = await eventually(only_normal_left, timeout=40, interval=0.5,
@@ -182,13 +173,13 @@ async def apis(pair: tuple[ServerProcess, ServerProcess]) -> AsyncIterator[tuple
 
 
 @pytest.fixture(scope="module")
-async def pair_host(apis: tuple[httpx.AsyncClient, httpx.AsyncClient]) -> dict[str, Any]:
+async def pair_host(apis: tuple[httpx.AsyncClient, httpx.AsyncClient]) -> Actor:
     return await register(apis[0], "host")
 
 
 @pytest.fixture
-async def shared_room(apis: tuple[httpx.AsyncClient, httpx.AsyncClient], pair_host: dict[str, Any]) -> dict[str, Any]:
-    room = await create_room(apis[0], pair_host["token"], title="Two processes")
+async def shared_room(apis: tuple[httpx.AsyncClient, httpx.AsyncClient], pair_host: Actor) -> dict[str, Any]:
+    room = await create_room(apis[0], pair_host, title="Two processes")
     r = await apis[1].get(f"/api/rooms/{room['id']}")  # B reads what A wrote
     assert r.status_code == 200, r.text
     return room
@@ -201,17 +192,17 @@ async def test_chat_crosses_processes_both_ways(pair: tuple[ServerProcess, Serve
     on_a = await guest(apis[0], "OnA")  # a session from A works on B (same key) and the other way round
     on_b = await guest(apis[1], "OnB")
     rid = shared_room["id"]
-    async with open_viewer(a.url, rid, on_a["token"], label="A") as va, \
-            open_viewer(b.url, rid, on_b["token"], label="B") as vb, \
-            open_viewer(b.url, rid, on_a["token"], label="A's user on B") as va_on_b:
+    async with open_viewer(a.url, rid, on_a.token, label="A") as va, \
+            open_viewer(b.url, rid, on_b.token, label="B") as vb, \
+            open_viewer(b.url, rid, on_a.token, label="A's user on B") as va_on_b:
         await va.chat("from A")
         for v in (va, vb, va_on_b):
             event = await v.expect(chat_text("from A"))
-            assert event["user"] == {"id": on_a["user_id"], "name": "OnA"}
+            assert event["user"] == {"id": on_a.user_id, "name": "OnA"}
         await vb.chat("from B")
         for v in (va, vb, va_on_b):
             event = await v.expect(chat_text("from B"))
-            assert event["user"] == {"id": on_b["user_id"], "name": "OnB"}
+            assert event["user"] == {"id": on_b.user_id, "name": "OnB"}
     for srv in pair:
         async with open_viewer(srv.url, rid) as late:
             assert late.welcome is not None
@@ -220,12 +211,12 @@ async def test_chat_crosses_processes_both_ways(pair: tuple[ServerProcess, Serve
 
 async def test_likes_from_both_processes_agree(pair: tuple[ServerProcess, ServerProcess],
                                                apis: tuple[httpx.AsyncClient, httpx.AsyncClient],
-                                               pair_host: dict[str, Any], shared_room: dict[str, Any]) -> None:
+                                               pair_host: Actor, shared_room: dict[str, Any]) -> None:
     a, b = pair
     ua, ub = await guest(apis[0], "LA"), await guest(apis[1], "LB")
     rid = shared_room["id"]
-    async with open_viewer(a.url, rid, ua["token"], label="A") as va, \
-            open_viewer(b.url, rid, ub["token"], label="B") as vb:
+    async with open_viewer(a.url, rid, ua.token, label="A") as va, \
+            open_viewer(b.url, rid, ub.token, label="B") as vb:
         for _ in range(6):
             await va.like(4)
         for _ in range(5):
@@ -239,27 +230,27 @@ async def test_likes_from_both_processes_agree(pair: tuple[ServerProcess, Server
         async with open_viewer(srv.url, rid) as late:
             assert late.welcome is not None and late.welcome["likes"] == expected
     for api in apis:
-        assert (await stats(api, rid, pair_host["token"]))["likes"] == expected
+        assert (await stats(api, rid, pair_host))["likes"] == expected
 
 
 async def test_pins_and_room_changes_made_on_one_process_reach_the_other(
         pair: tuple[ServerProcess, ServerProcess], apis: tuple[httpx.AsyncClient, httpx.AsyncClient],
-        pair_host: dict[str, Any], shared_room: dict[str, Any]) -> None:
+        pair_host: Actor, shared_room: dict[str, Any]) -> None:
     a, b = pair
-    product = await create_product(apis[1], pair_host["token"], name="Made on B")
+    product = await create_product(apis[1], pair_host, name="Made on B")
     rid = shared_room["id"]
     async with open_viewer(a.url, rid, label="A") as va, open_viewer(b.url, rid, label="B") as vb:
-        r = await pin(apis[1], rid, product["id"], pair_host["token"])  # through B's HTTP API
+        r = await pin(apis[1], rid, product["id"], pair_host)  # through B's HTTP API
         assert r.status_code == 200, r.text
         for v in (va, vb):
             assert (await v.expect_type("pin"))["product"] == product
         r = await apis[0].patch(f"/api/rooms/{rid}", json={"title": "Renamed on A"},
-                                headers=bearer(pair_host["token"]))
+                                headers=pair_host.auth)
         assert r.status_code == 200, r.text
         for v in (va, vb):
             event = await v.expect_type("room")
             assert event["room"]["title"] == "Renamed on A"
-        r = await apis[0].delete(f"/api/rooms/{rid}/pin", headers=bearer(pair_host["token"]))
+        r = await apis[0].delete(f"/api/rooms/{rid}/pin", headers=pair_host.auth)
         assert r.status_code == 200, r.text
         for v in (va, vb):
             await v.expect_type("unpin")
@@ -267,7 +258,7 @@ async def test_pins_and_room_changes_made_on_one_process_reach_the_other(
 
 async def test_viewer_counts_span_both_processes(pair: tuple[ServerProcess, ServerProcess],
                                                  apis: tuple[httpx.AsyncClient, httpx.AsyncClient],
-                                                 pair_host: dict[str, Any], shared_room: dict[str, Any]) -> None:
+                                                 pair_host: Actor, shared_room: dict[str, Any]) -> None:
     a, b = pair
     rid = shared_room["id"]
     async with open_viewer(a.url, rid, label="A") as va:
@@ -278,7 +269,7 @@ async def test_viewer_counts_span_both_processes(pair: tuple[ServerProcess, Serv
                 assert vb2.welcome is not None and vb2.welcome["viewers"]["online"] == 3
                 await va.expect(lambda e: e["type"] == "viewers" and e["online"] == 3, timeout=10, what="3 online")
                 for api in apis:
-                    s = await stats(api, rid, pair_host["token"])
+                    s = await stats(api, rid, pair_host)
                     assert (s["viewers"], s["peak_viewers"]) == (3, 3)
         event = await va.expect(lambda e: e["type"] == "viewers" and e["online"] == 1, timeout=10,
                                 what="back to 1 online")
@@ -287,14 +278,14 @@ async def test_viewer_counts_span_both_processes(pair: tuple[ServerProcess, Serv
 
 async def test_moderation_spans_processes(pair: tuple[ServerProcess, ServerProcess],
                                           apis: tuple[httpx.AsyncClient, httpx.AsyncClient],
-                                          pair_host: dict[str, Any], shared_room: dict[str, Any]) -> None:
+                                          pair_host: Actor, shared_room: dict[str, Any]) -> None:
     a, b = pair
     rid = shared_room["id"]
     talker, other = await guest(apis[1], "Talker"), await guest(apis[0], "Other")
-    host_auth = bearer(pair_host["token"])
-    async with open_viewer(a.url, rid, pair_host["token"], label="host on A") as h, \
-            open_viewer(b.url, rid, talker["token"], label="talker on B") as t, \
-            open_viewer(a.url, rid, other["token"], label="other on A") as o:
+    host_auth = pair_host.auth
+    async with open_viewer(a.url, rid, pair_host.token, label="host on A") as h, \
+            open_viewer(b.url, rid, talker.token, label="talker on B") as t, \
+            open_viewer(a.url, rid, other.token, label="other on A") as o:
         await t.chat("warm-up")  # B now caches the (empty) banned word list
         await o.expect(chat_text("warm-up"))
         r = await apis[0].put(f"/api/rooms/{rid}/banned-words", json={"words": ["Coupon"]}, headers=host_auth)
@@ -303,15 +294,15 @@ async def test_moderation_spans_processes(pair: tuple[ServerProcess, ServerProce
         await t.chat("free COUPON here")
         await t.expect_error("banned_word")
         rejected = await h.expect_type("chat_rejected")  # from B's check to the host's socket on A
-        assert rejected["reason"] == "banned_word" and rejected["user"]["id"] == talker["user_id"]
+        assert rejected["reason"] == "banned_word" and rejected["user"]["id"] == talker.user_id
 
-        r = await apis[0].post(f"/api/rooms/{rid}/mutes", json={"user_id": talker["user_id"], "duration_s": 60},
+        r = await apis[0].post(f"/api/rooms/{rid}/mutes", json={"user_id": talker.user_id, "duration_s": 60},
                                headers=host_auth)
         assert r.status_code == 200, r.text
         await t.chat("am I muted")
         await t.expect_error("muted")
         assert (await h.expect_type("chat_rejected"))["reason"] == "muted"
-        r = await apis[1].delete(f"/api/rooms/{rid}/mutes/{talker['user_id']}", headers=host_auth)
+        r = await apis[1].delete(f"/api/rooms/{rid}/mutes/{talker.user_id}", headers=host_auth)
         assert r.status_code == 200, r.text
 
         await t.chat("delete this")
@@ -330,8 +321,8 @@ async def test_chat_rate_limit_spans_processes(pair: tuple[ServerProcess, Server
                                                shared_room: dict[str, Any]) -> None:
     a, b = pair
     user = await guest(apis[0], "Busy")
-    async with open_viewer(a.url, shared_room["id"], user["token"], label="on A") as va, \
-            open_viewer(b.url, shared_room["id"], user["token"], label="on B") as vb:
+    async with open_viewer(a.url, shared_room["id"], user.token, label="on A") as va, \
+            open_viewer(b.url, shared_room["id"], user.token, label="on B") as vb:
         for i in range(5):
             await va.chat(f"a{i}")
         await va.expect(chat_text("a4"))
@@ -343,12 +334,12 @@ async def test_chat_rate_limit_spans_processes(pair: tuple[ServerProcess, Server
 
 async def test_ending_on_one_process_closes_viewers_on_the_other(pair: tuple[ServerProcess, ServerProcess],
                                                                  apis: tuple[httpx.AsyncClient, httpx.AsyncClient],
-                                                                 pair_host: dict[str, Any],
+                                                                 pair_host: Actor,
                                                                  shared_room: dict[str, Any]) -> None:
     a, b = pair
     rid = shared_room["id"]
     async with open_viewer(a.url, rid, label="A") as va, open_viewer(b.url, rid, label="B") as vb:
-        r = await apis[0].post(f"/api/rooms/{rid}/end", headers=bearer(pair_host["token"]))
+        r = await apis[0].post(f"/api/rooms/{rid}/end", headers=pair_host.auth)
         assert r.status_code == 200, r.text
         for v in (va, vb):
             events, close = await v.expect_close()
@@ -380,12 +371,12 @@ async def test_allowed_origins_are_per_process_configuration(pair: tuple[ServerP
 
 async def test_a_room_ended_through_one_process_is_ended_on_the_other(
         pair: tuple[ServerProcess, ServerProcess], apis: tuple[httpx.AsyncClient, httpx.AsyncClient],
-        pair_host: dict[str, Any], shared_room: dict[str, Any]) -> None:
+        pair_host: Actor, shared_room: dict[str, Any]) -> None:
     a, b = pair
     rid = shared_room["id"]
     async with open_viewer(b.url, rid) as v:  # B has seen the room, then its viewer leaves
         assert v.welcome is not None and v.welcome["room"]["status"] == "scheduled"
-    r = await apis[0].post(f"/api/rooms/{rid}/end", headers=bearer(pair_host["token"]))
+    r = await apis[0].post(f"/api/rooms/{rid}/end", headers=pair_host.auth)
     assert r.status_code == 200, r.text
     async with open_viewer(b.url, rid) as late:
         assert late.welcome is not None and late.welcome["room"]["status"] == "ended"
@@ -398,10 +389,10 @@ async def test_logging_out_on_one_process_closes_sockets_on_the_other(
         shared_room: dict[str, Any]) -> None:
     a, b = pair
     user = await guest(apis[1], "Leaving")
-    async with open_viewer(b.url, shared_room["id"], user["token"], label="on B") as vb, \
-            open_viewer(a.url, shared_room["id"], user["token"], label="on A") as va, \
+    async with open_viewer(b.url, shared_room["id"], user.token, label="on B") as vb, \
+            open_viewer(a.url, shared_room["id"], user.token, label="on A") as va, \
             open_viewer(a.url, shared_room["id"], label="bystander") as bystander:
-        r = await apis[0].post("/api/auth/logout", headers=bearer(user["token"]))
+        r = await apis[0].post("/api/auth/logout", headers=user.auth)
         assert r.status_code == 200, r.text
         for v in (vb, va):
             _, close = await v.expect_close()

@@ -21,29 +21,27 @@ from hypothesis import strategies as st
 from server.api import openapi
 from server.app import ROUTERS
 from server.ids import new_id
-from tests.inventory.support import Actor, Shop, bought, idem_key, launch_raw
-from tests.reliability.support import (
-    DB_HTTP,
-    LogWindow,
-    api_client,
-    craft_token,
-    redis_db_url,
-)
+from tests.inventory.support import Shop, bought, idem_key, launch_raw
+from tests.reliability.support import LogWindow
+from tests.rooms.support import chat_text, open_viewer
 from tests.support import (
+    DB_HTTP,
+    TEST_SECRET_KEY,
+    Actor,
     ServerProcess,
+    api_client,
     bearer,
+    craft_token,
     create_product,
     create_room,
-    eventually,
     guest,
+    redis_db_url,
     register,
 )
-from tests.rooms.support import chat_text, open_viewer
 
 pytestmark = pytest.mark.reliability
 
 APP_ORIGIN = "http://app.example.com"
-SECRET = "test-secret-" + "k" * 40  # ServerProcess's default key
 
 
 @pytest.fixture(scope="module")
@@ -74,27 +72,27 @@ async def schema(api: httpx.AsyncClient) -> dict[str, Any]:
 @dataclass
 class World:
     """Accounts and resources of every kind, to aim requests at."""
-    host: dict[str, Any]
-    other_host: dict[str, Any]
-    viewer: dict[str, Any]
-    other_viewer: dict[str, Any]
+    host: Actor
+    other_host: Actor
+    viewer: Actor
+    other_viewer: Actor
     ids: dict[str, list[str]] = field(default_factory=dict)  # path parameter name -> real ids
 
     def auth_variants(self, own_origin: str) -> list[tuple[str, dict[str, str]]]:
-        cookie = {"Cookie": f"livesale_session={self.host['token']}"}
+        cookie = {"Cookie": f"livesale_session={self.host.token}"}
         return [
             ("anonymous", {}),
-            ("host", bearer(self.host["token"])),
-            ("other host", bearer(self.other_host["token"])),
-            ("viewer", bearer(self.viewer["token"])),
+            ("host", self.host.auth),
+            ("other host", self.other_host.auth),
+            ("viewer", self.viewer.auth),
             ("host cookie, own origin", {**cookie, "Origin": own_origin}),
             ("host cookie, foreign origin", {**cookie, "Origin": "http://evil.example"}),
             ("host cookie, no origin", cookie),
             ("garbage bearer", {"Authorization": "Bearer garbage.garbage.garbage"}),
             ("basic", {"Authorization": "Basic dXNlcjpwYXNz"}),
-            ("expired", bearer(craft_token(SECRET, {"u": self.viewer["user_id"], "s": "x", "r": "viewer",
+            ("expired", bearer(craft_token(TEST_SECRET_KEY, {"u": self.viewer.user_id, "s": "x", "r": "viewer",
                                                     "n": "x"}, age_s=30 * 24 * 3600))),
-            ("claims host", bearer(craft_token("another-key-" + "z" * 40, {"u": self.viewer["user_id"], "s": "x",
+            ("claims host", bearer(craft_token("another-key-" + "z" * 40, {"u": self.viewer.user_id, "s": "x",
                                                                           "r": "host", "n": "x"}))),
         ]
 
@@ -104,15 +102,15 @@ async def world(api: httpx.AsyncClient, srv: ServerProcess) -> World:
     host, other_host = await register(api, "host"), await register(api, "host")
     viewer, other_viewer = await guest(api, "Viewer"), await guest(api, "Other viewer")
     w = World(host, other_host, viewer, other_viewer)
-    h = bearer(host["token"])
-    live = await create_room(api, host["token"], title="Live")
+    h = host.auth
+    live = await create_room(api, host, title="Live")
     assert (await api.post(f"/api/rooms/{live['id']}/start", headers=h)).status_code == 200
-    scheduled = await create_room(api, host["token"], title="Scheduled")
-    ended = await create_room(api, host["token"], title="Ended")
+    scheduled = await create_room(api, host, title="Scheduled")
+    ended = await create_room(api, host, title="Ended")
     assert (await api.post(f"/api/rooms/{ended['id']}/end", headers=h)).status_code == 200
-    foreign = await create_room(api, other_host["token"], title="Someone else's")
-    p1 = await create_product(api, host["token"], name="P1")
-    p2 = await create_product(api, other_host["token"], name="P2")
+    foreign = await create_room(api, other_host, title="Someone else's")
+    p1 = await create_product(api, host, name="P1")
+    p2 = await create_product(api, other_host, name="P2")
     assert (await api.post(f"/api/rooms/{live['id']}/pin", json={"product_id": p1["id"]}, headers=h)).status_code == 200
     r = await api.post(f"/api/rooms/{live['id']}/sales", headers=h, json={
         "product_id": p1["id"], "price_cents": 500, "stock": 1000, "per_user_limit": 100, "duration_s": 3600})
@@ -123,8 +121,8 @@ async def world(api: httpx.AsyncClient, srv: ServerProcess) -> World:
         "starts_in_s": 3600})
     assert r.status_code == 201, r.text
     later = r.json()
-    order = await bought(api, Actor(viewer["user_id"], viewer["token"], viewer["name"]), sale["id"])
-    async with open_viewer(srv.url, live["id"], viewer["token"]) as v:
+    order = await bought(api, viewer, sale["id"])
+    async with open_viewer(srv.url, live["id"], viewer.token) as v:
         await v.chat("a message to aim at")
         message = await v.expect(chat_text("a message to aim at"))
     w.ids = {
@@ -133,7 +131,7 @@ async def world(api: httpx.AsyncClient, srv: ServerProcess) -> World:
         "sale_id": [sale["id"], later["id"], new_id("sale")],
         "order_id": [order["order_id"], "ord_" + sale["id"][5:] + "a" * 16, "ord_" + "a" * 42],
         "message_id": [message["id"], new_id("msg")],
-        "user_id": [viewer["user_id"], other_viewer["user_id"], host["user_id"], new_id("usr")],
+        "user_id": [viewer.user_id, other_viewer.user_id, host.user_id, new_id("usr")],
     }
     return w
 
@@ -245,7 +243,7 @@ def request_strategy(schema: dict[str, Any], world: World, method: str, path: st
         for name in path_names:
             url = url.replace("{" + name + "}", quote(draw(path_value(world.ids.get(name, ["x"]))), safe=""))
         query = {n: draw(st.text(st.characters(codec="utf-8"), max_size=20) | st.sampled_from(
-            ["1", "100", "101", "0", "-1", "live", "ended", "scheduled", world.host["user_id"], "١٢"]))
+            ["1", "100", "101", "0", "-1", "live", "ended", "scheduled", world.host.user_id, "١٢"]))
                  for n in query_names if draw(st.booleans())}
         # The legitimate callers more often than the others, so requests also get past the checks.
         label, headers = draw(st.sampled_from(auths[:5] * 2 + auths))
@@ -300,11 +298,11 @@ async def send(api: httpx.AsyncClient, world: World, op_id: str, req: Request) -
     headers = dict(req.headers)
     if op_id == "logout" and req.label not in ("anonymous", "garbage bearer", "basic", "expired", "claims host"):
         # Logging out would revoke a token the other examples need: log out a fresh guest instead.
-        fresh = (await guest(api, "Leaving"))["token"]
+        fresh = (await guest(api, "Leaving")).token
         for k in ("Authorization", "Cookie"):
             if k in headers:
-                headers[k] = headers[k].replace(world.host["token"], fresh).replace(world.other_host["token"], fresh) \
-                    .replace(world.viewer["token"], fresh)
+                headers[k] = headers[k].replace(world.host.token, fresh).replace(world.other_host.token, fresh) \
+                    .replace(world.viewer.token, fresh)
     return await api.request(req.method, req.url, headers=headers, content=req.content)
 
 
@@ -360,7 +358,7 @@ test_fuzz_the_password_operations_soak = pytest.mark.slow(make_fuzz(sorted(SLOW_
 async def test_deleting_chat_in_an_ended_room_answers_a_documented_status(api: httpx.AsyncClient, schema: dict[str, Any],
                                                                          world: World) -> None:
     ended = world.ids["room_id"][2]
-    r = await api.delete(f"/api/rooms/{ended}/chat/{new_id('msg')}", headers=bearer(world.host["token"]))
+    r = await api.delete(f"/api/rooms/{ended}/chat/{new_id('msg')}", headers=world.host.auth)
     assert (r.status_code, r.json()["error"]) == (409, "room_ended"), r.text
     assert "409" in schema["paths"]["/api/rooms/{room_id}/chat/{message_id}"]["delete"]["responses"]
 
@@ -409,28 +407,19 @@ class Owned:
     muted: str
 
 
-async def start_announced(api: httpx.AsyncClient, sale: dict[str, Any]) -> None:
-    """Wait until the jobs process announced the sale's start, a new version of it: a test that
-    compares the sale before and after something must not see that change."""
-    async def announced() -> bool:
-        return bool((await api.get(f"/api/sales/{sale['id']}")).json()["v"] > sale["v"])
-    await eventually(announced, what="the sale's start announced")
-
-
 @pytest.fixture(scope="module")
 async def owned(api: httpx.AsyncClient, srv: ServerProcess, world: World) -> Owned:
-    h = bearer(world.host["token"])
-    room = await create_room(api, world.host["token"], title="Mine")
+    h = world.host.auth
+    room = await create_room(api, world.host, title="Mine")
     assert (await api.post(f"/api/rooms/{room['id']}/start", headers=h)).status_code == 200
-    product = await create_product(api, world.host["token"], name="Mine")
+    product = await create_product(api, world.host, name="Mine")
     r = await api.post(f"/api/rooms/{room['id']}/sales", headers=h, json={
         "product_id": product["id"], "price_cents": 100, "stock": 3, "per_user_limit": 1, "duration_s": 600})
     assert r.status_code == 201, r.text
-    await start_announced(api, r.json())
-    muted = (await guest(api, "Muted"))["user_id"]
+    muted = (await guest(api, "Muted")).user_id
     assert (await api.post(f"/api/rooms/{room['id']}/mutes", json={"user_id": muted}, headers=h)).status_code == 200
     chatter = await guest(api, "Chatter")
-    async with open_viewer(srv.url, room["id"], chatter["token"]) as v:
+    async with open_viewer(srv.url, room["id"], chatter.token) as v:
         await v.chat("mine")
         message = await v.expect(chat_text("mine"))
     return Owned(room=room, product=product, sale=r.json(), message_id=message["id"], muted=muted)
@@ -446,7 +435,7 @@ def target(method: str, path: str, o: Owned, world: World) -> tuple[str, dict[st
         ("PATCH", "/api/rooms/{room_id}"): {"title": "pwned"},
         ("POST", "/api/rooms/{room_id}/pin"): {"product_id": o.product["id"]},
         ("PUT", "/api/rooms/{room_id}/lineup"): {"product_ids": [o.product["id"]]},
-        ("POST", "/api/rooms/{room_id}/mutes"): {"user_id": world.other_viewer["user_id"]},
+        ("POST", "/api/rooms/{room_id}/mutes"): {"user_id": world.other_viewer.user_id},
         ("PUT", "/api/rooms/{room_id}/banned-words"): {"words": ["pwned"]},
         ("POST", "/api/rooms/{room_id}/sales"): {"product_id": o.product["id"], "price_cents": 1, "stock": 1,
                                                  "per_user_limit": 1, "duration_s": 60},
@@ -455,7 +444,7 @@ def target(method: str, path: str, o: Owned, world: World) -> tuple[str, dict[st
 
 
 async def snapshot(api: httpx.AsyncClient, o: Owned, world: World) -> dict[str, Any]:
-    h = bearer(world.host["token"])
+    h = world.host.auth
     room = (await api.get(f"/api/rooms/{o.room['id']}")).json()
     return {
         "room": room,
@@ -474,38 +463,38 @@ async def test_host_routes_refuse_anonymous_viewers_and_other_hosts(api: httpx.A
     url, body = target(method, path, owned, world)
     before = await snapshot(api, owned, world)
     cases = [("anonymous", {}, 401, "unauthorized"),
-             ("viewer", bearer(world.viewer["token"]), 403, "host_only"),
-             ("viewer by cookie, own origin", {"Cookie": f"livesale_session={world.viewer['token']}",
+             ("viewer", world.viewer.auth, 403, "host_only"),
+             ("viewer by cookie, own origin", {"Cookie": f"livesale_session={world.viewer.token}",
                                                "Origin": APP_ORIGIN}, 403, "host_only")]
     owns_something = "{" in path  # a route on one host's room, product or sale
     if owns_something:
-        cases.append(("other host", bearer(world.other_host["token"]), 403, "not_owner"))
+        cases.append(("other host", world.other_host.auth, 403, "not_owner"))
     for who, headers, status, code in cases:
         r = await api.request(method, url, json=body, headers=headers)
         assert (r.status_code, r.json().get("error")) == (status, code), (who, r.text)
     if not owns_something:
         # A collection route: another host acts only on its own collection.
-        r = await api.request(method, url, json=body, headers=bearer(world.other_host["token"]))
+        r = await api.request(method, url, json=body, headers=world.other_host.auth)
         assert r.status_code in (200, 201), r.text
         if method == "GET":
-            assert all(p["host_id"] == world.other_host["user_id"] for p in r.json()), r.text
+            assert all(p["host_id"] == world.other_host.user_id for p in r.json()), r.text
     after = await snapshot(api, owned, world)
     assert after == before
 
 
 async def test_orders_of_another_buyer_are_out_of_reach(api: httpx.AsyncClient, world: World) -> None:
     # A sale of its own: the fuzz above may have ended the world's sales.
-    shop = Shop(Actor(world.host["user_id"], world.host["token"], "h"),
-                (await create_room(api, world.host["token"], title="Orders"))["id"],
-                (await create_product(api, world.host["token"], name="Orders"))["id"])
+    shop = Shop(world.host,
+                (await create_room(api, world.host, title="Orders"))["id"],
+                (await create_product(api, world.host, name="Orders"))["id"])
     assert (await api.post(f"/api/rooms/{shop.room_id}/start", headers=shop.host.auth)).status_code == 200
     r = await launch_raw(api, shop, stock=5, per_user_limit=5)
     assert r.status_code == 201, r.text
-    buyer = Actor(world.other_viewer["user_id"], world.other_viewer["token"], "x")
+    buyer = world.other_viewer
     order = await bought(api, buyer, r.json()["id"])
-    snooper = bearer(world.viewer["token"])
+    snooper = world.viewer.auth
     for method, suffix in (("GET", ""), ("POST", "/pay"), ("POST", "/cancel")):
-        for headers in (snooper, bearer(world.host["token"])):  # not even the seller's host
+        for headers in (snooper, world.host.auth):  # not even the seller's host
             r = await api.request(method, f"/api/orders/{order['order_id']}{suffix}", headers=headers)
             assert (r.status_code, r.json()["error"]) == (404, "order_not_found"), r.text
     r = await api.get("/api/orders", headers=snooper)
@@ -523,32 +512,31 @@ CSRF_ROUTES = ["purchase", "pay", "cancel", "pin", "unpin", "lineup", "launch", 
 @pytest.mark.parametrize("route", CSRF_ROUTES)
 async def test_cookie_writes_need_an_allowed_origin(api: httpx.AsyncClient, srv: ServerProcess, world: World,
                                                    route: str) -> None:
-    h = bearer(world.host["token"])
-    room = await create_room(api, world.host["token"], title="CSRF")
+    h = world.host.auth
+    room = await create_room(api, world.host, title="CSRF")
     assert (await api.post(f"/api/rooms/{room['id']}/start", headers=h)).status_code == 200
-    product = await create_product(api, world.host["token"], name="CSRF")
+    product = await create_product(api, world.host, name="CSRF")
     buyer = await guest(api, "Cookie buyer")
-    shop = Shop(Actor(world.host["user_id"], world.host["token"], "h"), room["id"], product["id"])
+    shop = Shop(world.host, room["id"], product["id"])
     needs_sale = route in ("purchase", "pay", "cancel", "end sale")
     sale: dict[str, Any] | None = None
     order: dict[str, Any] | None = None
     if needs_sale:
         sale = (await launch_raw(api, shop, stock=5, per_user_limit=5)).json()
         assert sale is not None
-        await start_announced(api, sale)
         if route in ("pay", "cancel"):
-            order = await bought(api, Actor(buyer["user_id"], buyer["token"], "b"), sale["id"])
+            order = await bought(api, buyer, sale["id"])
     if route == "unmute":
-        await api.post(f"/api/rooms/{room['id']}/mutes", json={"user_id": buyer["user_id"]}, headers=h)
+        await api.post(f"/api/rooms/{room['id']}/mutes", json={"user_id": buyer.user_id}, headers=h)
     if route == "unpin":
         await api.post(f"/api/rooms/{room['id']}/pin", json={"product_id": product["id"]}, headers=h)
     message_id = new_id("msg")
     if route == "delete chat":
-        async with open_viewer(srv.url, room["id"], buyer["token"]) as v:
+        async with open_viewer(srv.url, room["id"], buyer.token) as v:
             await v.chat("to delete")
             message_id = (await v.expect(chat_text("to delete")))["id"]
 
-    token = buyer["token"] if route in ("purchase", "pay", "cancel") else world.host["token"]
+    token = buyer.token if route in ("purchase", "pay", "cancel") else world.host.token
     method, url, body = {
         "purchase": ("POST", f"/api/sales/{sale['id'] if sale else ''}/purchase", {"quantity": 1}),
         "pay": ("POST", f"/api/orders/{order['order_id'] if order else ''}/pay", None),
@@ -560,8 +548,8 @@ async def test_cookie_writes_need_an_allowed_origin(api: httpx.AsyncClient, srv:
                                                               "stock": 1, "per_user_limit": 1, "duration_s": 60}),
         "end sale": ("POST", f"/api/sales/{sale['id'] if sale else ''}/end", None),
         "banned words": ("PUT", f"/api/rooms/{room['id']}/banned-words", {"words": ["csrf"]}),
-        "mute": ("POST", f"/api/rooms/{room['id']}/mutes", {"user_id": buyer["user_id"]}),
-        "unmute": ("DELETE", f"/api/rooms/{room['id']}/mutes/{buyer['user_id']}", None),
+        "mute": ("POST", f"/api/rooms/{room['id']}/mutes", {"user_id": buyer.user_id}),
+        "unmute": ("DELETE", f"/api/rooms/{room['id']}/mutes/{buyer.user_id}", None),
         "delete chat": ("DELETE", f"/api/rooms/{room['id']}/chat/{message_id}", None),
         "edit product": ("PATCH", f"/api/products/{product['id']}", {"name": "csrf"}),
     }[route]
@@ -600,14 +588,14 @@ BAD_URLS = ["javascript:alert(1)", "JaVaScRiPt:alert(1)", " javascript:alert(1)"
 async def test_markup_in_text_fields_is_stored_and_returned_as_given(api: httpx.AsyncClient, srv: ServerProcess,
                                                                      world: World, payload: str) -> None:
     g = await guest(api, payload[:32])
-    assert g["name"] == payload[:32]
-    assert (await api.get("/api/me", headers=bearer(g["token"]))).json()["name"] == payload[:32]
-    product = await create_product(api, world.host["token"], name=payload, description=payload)
+    assert g.name == payload[:32]
+    assert (await api.get("/api/me", headers=g.auth)).json()["name"] == payload[:32]
+    product = await create_product(api, world.host, name=payload, description=payload)
     got = (await api.get(f"/api/products/{product['id']}")).json()
     assert (got["name"], got["description"]) == (payload, payload)
-    room = await create_room(api, world.host["token"], title=payload)
+    room = await create_room(api, world.host, title=payload)
     assert (await api.get(f"/api/rooms/{room['id']}")).json()["title"] == payload
-    async with open_viewer(srv.url, room["id"], g["token"]) as v:
+    async with open_viewer(srv.url, room["id"], g.token) as v:
         assert v.welcome is not None and v.welcome["room"]["title"] == payload
         await v.chat(payload)
         event = await v.expect(chat_text(payload))
@@ -616,9 +604,9 @@ async def test_markup_in_text_fields_is_stored_and_returned_as_given(api: httpx.
 
 @pytest.mark.parametrize("url", BAD_URLS)
 async def test_url_fields_refuse_anything_but_http(api: httpx.AsyncClient, world: World, url: str) -> None:
-    h = bearer(world.host["token"])
-    product = await create_product(api, world.host["token"])
-    room = await create_room(api, world.host["token"])
+    h = world.host.auth
+    product = await create_product(api, world.host)
+    room = await create_room(api, world.host)
     for method, path, body, name in [
         ("POST", "/api/products", {"name": "x", "price_cents": 1, "commission_rate_bp": 0, "image_url": url},
          "image_url"),

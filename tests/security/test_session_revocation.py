@@ -15,12 +15,9 @@ from redis.asyncio import Redis
 
 from server.auth import REVOKED_KEY, Principal, Sessions
 from server.errors import Unauthorized
-from tests.inventory.support import open_redis, redis_db_url
-from tests.support import eventually
+from tests.support import DB_REVOCATION, SALT, eventually, open_redis, redis_db_url
 
-DB_REVOCATION = 8  # no test server watches it (see tests/inventory/support.py and tests/reliability/support.py)
 SECRET = "revocation-secret-" + "r" * 32
-SALT = "livesale.session.v1"
 TTL_S = 3600
 
 

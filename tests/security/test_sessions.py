@@ -14,19 +14,22 @@ import httpx
 import pytest
 from websockets.exceptions import InvalidStatus
 
-from tests.reliability.support import (
-    DB_SESSIONS,
-    LogWindow,
-    access_lines,
-    api_client,
-    craft_token,
-    payload_of,
-    poll,
-    redis_db_url,
-    tokens_in,
-)
-from tests.support import ServerProcess, bearer, create_room, guest, register
+from tests.reliability.support import LogWindow, access_lines, tokens_in
 from tests.rooms.support import chat_text, open_viewer
+from tests.support import (
+    DB_SESSIONS,
+    TEST_SECRET_KEY,
+    ServerProcess,
+    api_client,
+    bearer,
+    craft_token,
+    create_room,
+    eventually,
+    guest,
+    payload_of,
+    redis_db_url,
+    register,
+)
 
 pytestmark = pytest.mark.reliability
 
@@ -56,7 +59,7 @@ def secret(srv: ServerProcess) -> str:
 @pytest.fixture(scope="module")
 async def room(api: httpx.AsyncClient) -> dict[str, Any]:
     host = await register(api, "host")
-    return await create_room(api, host["token"], title="Handshakes")
+    return await create_room(api, host, title="Handshakes")
 
 
 # --- the generated key ---------------------------------------------------------------------------------
@@ -69,8 +72,8 @@ async def test_a_generated_secret_key_is_private_to_the_server_and_signs_its_ses
     assert len(secret) >= 32
     user = await guest(api, "Keyed")
     r = await api.get("/api/me", headers=bearer(craft_token(secret, payload_of(user))))
-    assert r.status_code == 200 and r.json()["user_id"] == user["user_id"], r.text
-    forged = craft_token("test-secret-" + "k" * 40, payload_of(user))  # a well-known test key
+    assert r.status_code == 200 and r.json()["user_id"] == user.user_id, r.text
+    forged = craft_token(TEST_SECRET_KEY, payload_of(user))  # a well-known test key
     r = await api.get("/api/me", headers=bearer(forged))
     assert (r.status_code, r.json()["error"]) == (401, "invalid_token"), r.text
 
@@ -87,7 +90,7 @@ async def test_a_foreign_origin_cannot_open_a_socket_with_the_users_cookie(srv: 
                                                                          room: dict[str, Any], origin: str) -> None:
     victim = await guest(api, "Victim")
     with pytest.raises(InvalidStatus) as info:
-        async with open_viewer(srv.url, room["id"], cookie=victim["token"], origin=origin.format(port=srv.port),
+        async with open_viewer(srv.url, room["id"], cookie=victim.token, origin=origin.format(port=srv.port),
                                welcome=False):
             pass
     assert info.value.response.status_code == 403  # refused in the handshake: the socket never opened
@@ -97,8 +100,8 @@ async def test_a_foreign_origin_cannot_open_a_socket_with_the_users_cookie(srv: 
 async def test_the_allowed_and_the_own_origin_open_sockets(srv: ServerProcess, api: httpx.AsyncClient,
                                                           room: dict[str, Any], origin: str) -> None:
     user = await guest(api, "Welcome")
-    async with open_viewer(srv.url, room["id"], cookie=user["token"], origin=origin.format(port=srv.port)) as v:
-        assert v.welcome is not None and v.welcome["you"]["user_id"] == user["user_id"]
+    async with open_viewer(srv.url, room["id"], cookie=user.token, origin=origin.format(port=srv.port)) as v:
+        assert v.welcome is not None and v.welcome["you"]["user_id"] == user.user_id
         await v.chat("hello from the app")
         await v.expect(chat_text("hello from the app"))
 
@@ -112,7 +115,7 @@ async def test_the_socket_of_an_expiring_session_is_closed_with_4401(srv: Server
     user = await guest(api, "Expiring")
     token = craft_token(secret, payload_of(user), age_s=TTL_S - 5)
     async with open_viewer(srv.url, room["id"], token, label="expiring") as v:
-        assert v.welcome is not None and v.welcome["you"]["user_id"] == user["user_id"]
+        assert v.welcome is not None and v.welcome["you"]["user_id"] == user.user_id
         _, close = await v.expect_close(timeout=40)
         assert close is not None and close.code == 4401, close
     r = await api.get("/api/me", headers=bearer(token))
@@ -120,7 +123,7 @@ async def test_the_socket_of_an_expiring_session_is_closed_with_4401(srv: Server
     # A fresh session of the same user is not affected.
     fresh = craft_token(secret, payload_of(user))
     async with open_viewer(srv.url, room["id"], fresh) as v:
-        assert v.welcome is not None and v.welcome["you"]["user_id"] == user["user_id"]
+        assert v.welcome is not None and v.welcome["you"]["user_id"] == user.user_id
 
 
 # --- tokens stay out of the log ------------------------------------------------------------------------------
@@ -130,20 +133,20 @@ async def test_no_session_token_reaches_the_access_log(srv: ServerProcess, api: 
     log = LogWindow(srv)
     tokens = []
     host = await register(api, "host")
-    tokens.append(host["token"])
-    r = await api.post("/api/auth/login", json={"username": host["username"], "password": "correct horse battery"})
+    tokens.append(host.token)
+    r = await api.post("/api/auth/login", json={"username": host.username, "password": "correct horse battery"})
     tokens.append(r.json()["token"])
     viewer = await guest(api, "Logged")
-    tokens.append(viewer["token"])
-    cookie = {"Cookie": f"livesale_session={viewer['token']}"}
-    await api.get("/api/me", headers=bearer(host["token"]))
+    tokens.append(viewer.token)
+    cookie = {"Cookie": f"livesale_session={viewer.token}"}
+    await api.get("/api/me", headers=host.auth)
     await api.get("/api/me", headers=cookie)
     await api.post("/api/products", json={"name": "x", "price_cents": 1, "commission_rate_bp": 0},
-                   headers={"Cookie": f"livesale_session={host['token']}", "Origin": srv.url})
-    await api.get("/api/me", headers=bearer(host["token"][:-4] + "AAAA"))  # a refused token is not logged either
-    async with open_viewer(srv.url, room["id"], viewer["token"]) as v:
+                   headers={"Cookie": f"livesale_session={host.token}", "Origin": srv.url})
+    await api.get("/api/me", headers=bearer(host.token[:-4] + "AAAA"))  # a refused token is not logged either
+    async with open_viewer(srv.url, room["id"], viewer.token) as v:
         await v.ping()
-    async with open_viewer(srv.url, room["id"], cookie=host["token"], origin=srv.url) as v:
+    async with open_viewer(srv.url, room["id"], cookie=host.token, origin=srv.url) as v:
         await v.ping()
     await api.post("/api/auth/logout", headers=bearer(tokens[1]))
 
@@ -151,11 +154,11 @@ async def test_no_session_token_reaches_the_access_log(srv: ServerProcess, api: 
         text = log.text()
         return text if '"POST /api/auth/logout HTTP/1.1" 200' in text else None
 
-    text = await poll(logged, timeout=10, what="the access log lines")
+    text = await eventually(logged, timeout=10, what="the access log lines")
     lines = access_lines(text)
     assert any('"GET /api/me HTTP/1.1" 200' in line for line in lines), lines  # the access log is on
     assert any(f"/ws/rooms/{room['id']}" in line for line in text.splitlines()), text[-2000:]
-    assert tokens_in(text, tokens + [host["token"][:-4] + "AAAA"]) == []
+    assert tokens_in(text, tokens + [host.token[:-4] + "AAAA"]) == []
 
 
 # --- the session cookie --------------------------------------------------------------------------------------

@@ -15,7 +15,6 @@ import struct
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
 
-import httpx
 import msgspec
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -24,19 +23,9 @@ from websockets.exceptions import ConnectionClosed
 
 from server.rooms import protocol
 from server.text import clean
-from tests.reliability.support import (
-    OP_BINARY,
-    OP_CLOSE,
-    OP_CONT,
-    OP_PING,
-    OP_TEXT,
-    LogWindow,
-    RawSocket,
-    api_client,
-    frame,
-)
-from tests.support import ServerProcess, create_room, guest, register
+from tests.reliability.support import OP_BINARY, OP_CLOSE, OP_CONT, OP_PING, OP_TEXT, LogWindow, RawSocket, frame
 from tests.rooms.support import Event, Viewer, chat_text, open_viewer, tag
+from tests.support import ServerProcess, api_client, create_room, guest, register
 
 pytestmark = pytest.mark.reliability
 
@@ -129,14 +118,14 @@ def classify(data: str | bytes) -> str:
 async def fuzz(server: ServerProcess) -> AsyncIterator[Fuzz]:
     async with api_client(server.url) as api:
         host = await register(api, "host")
-        room = await create_room(api, host["token"], title="Fuzzed")
+        room = await create_room(api, host, title="Fuzzed")
         sender = await guest(api, "Fuzzer")
         watcher = await guest(api, "Bystander")
     log = LogWindow(server)
-    async with open_viewer(server.url, room["id"], watcher["token"], label="bystander") as bv:
+    async with open_viewer(server.url, room["id"], watcher.token, label="bystander") as bv:
         bystander = Bystander(bv)
         bystander.task = asyncio.create_task(bystander.drain())
-        f = Fuzz(server, room["id"], sender["token"], bystander, log)
+        f = Fuzz(server, room["id"], sender.token, bystander, log)
         try:
             yield f
         finally:
@@ -242,7 +231,7 @@ async def test_the_bystander_noticed_nothing_and_the_server_is_healthy(fuzz: Fuz
         assert await bystander_got_it(), "the bystander did not get the chat sent after the fuzz"
     assert [e for e in b.events if e["type"] == "error"] == []
     assert {e["type"] for e in b.events} <= {"chat", "likes", "viewers"}, {e["type"] for e in b.events}
-    async with httpx.AsyncClient(base_url=server.url, timeout=10) as c:
+    async with api_client(server.url, timeout=10) as c:
         r = await c.get("/healthz")
         assert r.status_code == 200, r.text
     fuzz.log.assert_clean()
@@ -277,7 +266,7 @@ BROKEN_FRAMING: list[tuple[str, bytes, set[int | None]]] = [
 async def framing_room(server: ServerProcess) -> dict[str, Any]:
     async with api_client(server.url) as api:
         host = await register(api, "host")
-        room = await create_room(api, host["token"], title="Framing")
+        room = await create_room(api, host, title="Framing")
         return {"room": room, "user": await guest(api, "Framer")}
 
 
@@ -285,7 +274,7 @@ async def framing_room(server: ServerProcess) -> dict[str, Any]:
 async def watcher_token(server: ServerProcess) -> str:
     """A fresh account per test, so its chat never meets the per-user rate limit."""
     async with api_client(server.url) as api:
-        return str((await guest(api, "Watcher"))["token"])
+        return str((await guest(api, "Watcher")).token)
 
 
 @pytest.mark.parametrize(("name", "wire", "codes"), BROKEN_FRAMING, ids=[n for n, _, _ in BROKEN_FRAMING])
@@ -295,7 +284,7 @@ async def test_broken_framing_is_closed_and_harms_nobody_else(server: ServerProc
     log = LogWindow(server)
     room_id = framing_room["room"]["id"]
     async with open_viewer(server.url, room_id, watcher_token, label="watcher") as watcher:
-        raw = await RawSocket.open(server.port, room_id, {"Authorization": f"Bearer {framing_room['user']['token']}"})
+        raw = await RawSocket.open(server.port, room_id, {"Authorization": f"Bearer {framing_room['user'].token}"})
         try:
             opcode, payload = await raw.read_frame() or (None, b"")
             assert opcode == OP_TEXT and json.loads(payload)[0]["type"] == "welcome", payload
@@ -309,7 +298,7 @@ async def test_broken_framing_is_closed_and_harms_nobody_else(server: ServerProc
         await watcher.chat(f"after {name}")
         await watcher.expect(chat_text(f"after {name}"))
         assert [e for e in watcher.seen if e["type"] == "error"] == []
-    async with httpx.AsyncClient(base_url=server.url, timeout=10) as c:
+    async with api_client(server.url, timeout=10) as c:
         assert (await c.get("/healthz")).status_code == 200
     log.assert_clean()
 
@@ -318,7 +307,7 @@ async def test_a_message_split_into_fragments_is_put_back_together(server: Serve
                                                                    framing_room: dict[str, Any]) -> None:
     """Fragmentation is legal (RFC 6455 5.4), also with a multi-byte character cut between fragments."""
     room_id = framing_room["room"]["id"]
-    raw = await RawSocket.open(server.port, room_id, {"Authorization": f"Bearer {framing_room['user']['token']}"})
+    raw = await RawSocket.open(server.port, room_id, {"Authorization": f"Bearer {framing_room['user'].token}"})
     try:
         await raw.read_frame()  # welcome
         body = json.dumps({"type": "chat", "text": "split 漢字 " + tag()}, ensure_ascii=False).encode()
@@ -349,20 +338,20 @@ async def test_invalid_utf8_in_a_text_frame_is_closed_with_1007(server: ServerPr
     lists only the application's close codes; 1002 and 1007 come from the WebSocket layer.)"""
     room_id = framing_room["room"]["id"]
     async with open_viewer(server.url, room_id, watcher_token, label="watcher") as watcher, \
-            open_viewer(server.url, room_id, framing_room["user"]["token"], label="sender") as sender:
+            open_viewer(server.url, room_id, framing_room["user"].token, label="sender") as sender:
         await sender.ws.send(payload, text=True)  # websockets sends bytes as a text frame unchecked
         events, close = await sender.expect_close()
         assert [e for e in events if e["type"] == "error"] == [], events
         assert close is not None and close.code == 1007, close
         await watcher.chat("still fine")
         await watcher.expect(chat_text("still fine"))
-    async with httpx.AsyncClient(base_url=server.url, timeout=10) as c:
+    async with api_client(server.url, timeout=10) as c:
         assert (await c.get("/healthz")).status_code == 200
 
 
 async def test_invalid_utf8_leaves_no_traceback_in_the_log(server: ServerProcess, framing_room: dict[str, Any]) -> None:
     log = LogWindow(server)
-    async with open_viewer(server.url, framing_room["room"]["id"], framing_room["user"]["token"]) as sender:
+    async with open_viewer(server.url, framing_room["room"]["id"], framing_room["user"].token) as sender:
         await sender.ws.send(b"\xff", text=True)
         await sender.expect_close()
     for _ in range(50):  # the log line may trail the close a little

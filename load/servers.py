@@ -57,12 +57,14 @@ def healthy(url: str) -> bool:
 class Served:
     """A server subprocess in its own process group."""
 
-    def __init__(self, name: str, argv: list[str], env: dict[str, str], port: int, workdir: Path) -> None:
+    def __init__(self, name: str, argv: list[str], env: dict[str, str], port: int, workdir: Path,
+                 cwd: Path = REPO) -> None:
         self.name = name
         self.argv = argv
         self.env = env
         self.port = port
         self.workdir = workdir
+        self.cwd = cwd  # `python -m` imports from here first
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = workdir / f"{name}.log"
 
@@ -74,7 +76,7 @@ class Served:
         """Start it and wait until /healthz answers 200 (its log tail in the error if it never does)."""
         self.workdir.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(self.argv, cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+            self.proc = subprocess.Popen(self.argv, cwd=self.cwd, env=self.env, stdout=log, stderr=subprocess.STDOUT,
                                          start_new_session=True)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -147,11 +149,13 @@ class Livesale(Served):
     """`livesale serve` on 127.0.0.1 with `data_dir` as its data dir (and its log file there), loopback
     exempt from per-IP limits. Settings come from `env`, over this process's environment without
     REDIS_URL, DATABASE_URL and LIVESALE_HOST: the embedded Valkey and SQLite unless `redis_url` or
-    `env` names others. `secret_key` None: the server's own (generated and kept in the data dir)."""
+    `env` names others. `secret_key` None: the server's own (generated and kept in the data dir).
+    `python` and `cwd`: another interpreter's installed livesale (this checkout's by default)."""
 
     def __init__(self, data_dir: Path, *, redis_url: str | None = None, env: Mapping[str, str] | None = None,
                  workers: int = 1, port: int | None = None, secret_key: str | None = None,
-                 log_level: str = "warning", name: str | None = None) -> None:
+                 log_level: str = "warning", name: str | None = None, python: str = sys.executable,
+                 cwd: Path = REPO) -> None:
         port = port or free_port()
         full = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "DATABASE_URL", "LIVESALE_HOST")}
         full.update({"LIVESALE_DATA_DIR": str(data_dir), "LIVESALE_RATE_LIMIT_EXEMPT_IPS": "127.0.0.1",
@@ -161,9 +165,9 @@ class Livesale(Served):
         full.update(env or {})
         if redis_url is not None:
             full["REDIS_URL"] = redis_url
-        argv = [sys.executable, "-m", "server", "serve", "--host", "127.0.0.1", "--port", str(port),
+        argv = [python, "-m", "server", "serve", "--host", "127.0.0.1", "--port", str(port),
                 "--workers", str(workers), "--log-level", log_level]
-        super().__init__(name or f"server-{port}", argv, full, port, data_dir)
+        super().__init__(name or f"server-{port}", argv, full, port, data_dir, cwd)
         self.data_dir = data_dir
         self.workers = workers
         self.log_level = log_level

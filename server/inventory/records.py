@@ -52,7 +52,7 @@ class SaleState(Struct, kw_only=True):
     v: int
     info: SaleInfo
     end_reason: EndReason | None = None
-    started_announced: int = 0  # 1 once one process announced the start
+    started_announced: int = 0  # 1 once the start was announced: by the launch, or by one sweeper
     archived_at: int = 0  # 0: its orders are still in Redis
 
     @property

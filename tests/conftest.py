@@ -6,19 +6,15 @@ from typing import AsyncIterator, Iterator
 import httpx
 import pytest
 
-from load.servers import free_port
-from server.backends.embedded_valkey import EmbeddedValkey
 from tests.postgres import Postgres, running_postgres
-from tests.support import DB_POSTGRES, Actor, ServerProcess, api_client, guest, redis_db_url, register
+from tests.support import DB_POSTGRES, Actor, ServerProcess, api_client, guest, redis_db_url, register, valkey
 
 
 @pytest.fixture(scope="session")
 def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """One real Valkey for the session, on a loopback TCP port."""
-    engine = EmbeddedValkey(tmp_path_factory.mktemp("valkey"), port=free_port())
-    url = engine.start()
-    yield url
-    engine.stop()
+    with valkey(tmp_path_factory.mktemp("valkey")) as url:
+        yield url
 
 
 @pytest.fixture(scope="session")

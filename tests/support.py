@@ -12,8 +12,8 @@ import asyncio
 import hashlib
 import secrets
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from http.cookiejar import CookieJar, DefaultCookiePolicy
 from pathlib import Path
@@ -24,7 +24,8 @@ from itsdangerous import TimestampSigner, URLSafeTimedSerializer
 from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from load.servers import Livesale
+from load.servers import Livesale, free_port
+from server.backends.embedded_valkey import EmbeddedValkey
 from server.backends.redis_client import make_redis
 from server.backends.sql import make_engine, make_sessionmaker
 from server.inventory.stock import Stock
@@ -203,6 +204,17 @@ async def eventually(check: Callable[[], Awaitable[Any]], *, timeout: float = 10
 
 
 # --- the Redis and SQL of a server -----------------------------------------------------------------
+
+@contextmanager
+def valkey(data_dir: Path) -> Iterator[str]:
+    """A real Valkey of its own on a free loopback port (its URL), stopped on exit."""
+    engine = EmbeddedValkey(data_dir, port=free_port())
+    url = engine.start()
+    try:
+        yield url
+    finally:
+        engine.stop()
+
 
 @asynccontextmanager
 async def open_redis(url: str, connections: int = 8) -> AsyncIterator[Redis]:

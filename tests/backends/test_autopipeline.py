@@ -20,8 +20,8 @@ from redis.exceptions import ResponseError
 
 from load.servers import free_port
 from server.backends.autopipeline import CLIENT_NAME, AutoPipeline
-from server.backends.embedded_valkey import EmbeddedValkey
 from server.backends.redis_client import make_redis
+from tests.support import valkey
 
 # Counts one call (INCR of KEYS[1]) and answers with its own tag and the count it saw.
 TAGGED_INCR = "local n = redis.call('INCR', KEYS[1]) return {ARGV[1], n}"
@@ -33,10 +33,8 @@ CALL_TIMEOUT_S = 10.0
 
 @pytest.fixture(scope="module")
 def engine_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    engine = EmbeddedValkey(tmp_path_factory.mktemp("valkey-autopipeline"), port=free_port())
-    url = engine.start()
-    yield url
-    engine.stop()
+    with valkey(tmp_path_factory.mktemp("valkey-autopipeline")) as url:
+        yield url
 
 
 @pytest.fixture

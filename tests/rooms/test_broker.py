@@ -17,9 +17,7 @@ import pytest
 from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
 
-from load.servers import free_port
 from server.auth import REVOKED_KEY, Principal, Sessions
-from server.backends.embedded_valkey import EmbeddedValkey
 from server.backends.redis_client import make_listener, make_redis
 from server.ids import new_id
 from server.ratelimit import CHAT, Limit
@@ -33,17 +31,13 @@ from server.rooms.service import BannedWords
 from server.rooms.store import Counts, RoomStore
 from server.rooms.welcome import Welcomes
 from server.schemas import HostOut, RoomOut
-from tests.support import eventually
+from tests.support import eventually, valkey
 
 
 @pytest.fixture(scope="module")
 def engine_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    engine = EmbeddedValkey(tmp_path_factory.mktemp("valkey-broker"), port=free_port())
-    url = engine.start()
-    try:
+    with valkey(tmp_path_factory.mktemp("valkey-broker")) as url:
         yield url
-    finally:
-        engine.stop()
 
 
 def room_of(room_id: str) -> RoomOut:

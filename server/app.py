@@ -18,7 +18,9 @@ from server.api.endpoint import Router
 from server.api.endpoint import routes as endpoint_routes
 from server.api.responses import EXCEPTION_HANDLERS, json_response
 from server.api.room_socket import room_socket
+from server.backends import open_files, uvicorn_protocols
 from server.backends.loops import stop as stop_loops
+from server.backends.sql import POOL_MAX
 from server.config import Settings, load_settings
 from server.metrics import metrics
 from server.wiring import build_web, ensure_schema, redis_url
@@ -34,6 +36,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
     """A web worker. Its Redis is REDIS_URL, or the embedded engine `livesale serve` started; the
     background jobs run in a process of their own (server/jobs.py)."""
     settings = settings or load_settings()
+    uvicorn_protocols.configure(edge_limits(settings)[0])
     schema = openapi.build(ROUTERS)
 
     @contextlib.asynccontextmanager
@@ -62,3 +65,13 @@ def create_app(settings: Settings | None = None) -> Starlette:
     routes += pages.routes(settings.static_dir)
     return Starlette(routes=routes, lifespan=lifespan, exception_handlers=EXCEPTION_HANDLERS,
                      middleware=[Middleware(pages.SecurityHeaders)])
+
+
+def edge_limits(settings: Settings) -> tuple[uvicorn_protocols.Limits, str | None]:
+    """The connection caps of a web worker, fitted under its open-file limit (and the warning,
+    when they had to be lowered)."""
+    per_process, warning = open_files.fit_connections(settings.max_connections,
+                                                      settings.redis_max_connections + POOL_MAX,
+                                                      open_files.current_limit())
+    return uvicorn_protocols.Limits(per_address=settings.max_connections_per_address, per_process=per_process,
+                                    exempt=frozenset(settings.rate_limit_exempt_ips)), warning

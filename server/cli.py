@@ -12,6 +12,8 @@ import click
 import uvicorn
 
 from server.backends.embedded_valkey import EmbeddedValkey
+from server.backends.open_files import raise_limit
+from server.backends.uvicorn_protocols import KEEP_ALIVE_S, HttpProtocol, WebSocketProtocol
 from server.config import Settings, load_settings
 from server.errors import ConfigError
 from server.jobs import JobsProcess
@@ -45,6 +47,7 @@ def main() -> None:
 def serve(host: str, port: int, workers: int, log_level: str) -> None:
     """Run the HTTP and WebSocket server, and its background jobs in a process of their own."""
     settings = load_settings()  # also creates the data dir and the secret key before workers race for them
+    _open_files(settings)
     embedded: EmbeddedValkey | None = None
     jobs: JobsProcess | None = None
     # SIGTERM as SystemExit: the `finally` below then stops the jobs and the engine in order,
@@ -66,6 +69,8 @@ def serve(host: str, port: int, workers: int, log_level: str) -> None:
         uvicorn.run("server.app:create_app", factory=True, host=host, port=port, workers=workers,
                     log_level=log_level, log_config=log_config(), proxy_headers=True, server_header=False,
                     lifespan="on",
+                    # httptools and websockets with the limits uvicorn lacks (uvicorn_protocols.py).
+                    http=HttpProtocol, ws=WebSocketProtocol, timeout_keep_alive=KEEP_ALIVE_S,
                     # Frames over 4 KiB are closed with 1009; no per-message deflate, whose
                     # zlib state would cost more memory per viewer than everything else.
                     ws_max_size=MAX_FRAME_BYTES, ws_per_message_deflate=False,
@@ -75,6 +80,19 @@ def serve(host: str, port: int, workers: int, log_level: str) -> None:
             jobs.stop()
         if embedded is not None:
             embedded.stop()
+
+
+def _open_files(settings: Settings) -> None:
+    """Raise the open-file limit (the workers and the jobs process inherit it) and say whether
+    it holds the connection caps."""
+    from server.app import edge_limits
+
+    limit = raise_limit()
+    limits, warning = edge_limits(settings)
+    click.echo(f"livesale: open-file limit {limit}; at most {limits.per_process} connections per process, "
+               f"{limits.per_address} per address")
+    if warning:
+        click.echo(f"livesale: warning: {warning}", err=True)
 
 
 def _exit_on_sigterm(signum: int, frame: object) -> None:
@@ -98,6 +116,7 @@ def jobs_command(log_level: str, parent: int | None) -> None:
 
     logging.basicConfig(level=log_level.upper(), format="%(levelname)s:     %(name)s: %(message)s")
     settings = load_settings()
+    raise_limit()
     try:
         url = redis_url(settings)
     except ConfigError as exc:

@@ -108,6 +108,12 @@ class Settings:
     # Room sockets one address may hold open in one process: file descriptors and memory one
     # script cannot exhaust. High, as a carrier's NAT puts many viewers behind one address.
     max_sockets_per_address: int = 1000
+    # Connections (HTTP and WebSocket) one address may hold open in one process, and all of them:
+    # refused with 429 and 503 past these (server/backends/uvicorn_protocols.py).
+    max_connections_per_address: int = 1000
+    max_connections: int = 10_000
+    # Host header values served (empty: any); others get 400, against DNS rebinding.
+    allowed_hosts: tuple[str, ...] = ()
     # Frames a room socket may have queued before its viewer counts as too slow (closed with 1013).
     ws_queue_frames: int = 64
     # An empty directory all the processes share, so that /metrics adds up all their figures.
@@ -142,6 +148,9 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         background_jobs=_bool(env, "LIVESALE_BACKGROUND_JOBS", True),
         rate_limit_exempt_ips=_list(env, "LIVESALE_RATE_LIMIT_EXEMPT_IPS"),
         max_sockets_per_address=_int(env, "LIVESALE_MAX_SOCKETS_PER_ADDRESS", 1000, 1, 1_000_000),
+        max_connections_per_address=_int(env, "LIVESALE_MAX_CONNECTIONS_PER_ADDRESS", 1000, 1, 1_000_000),
+        max_connections=_int(env, "LIVESALE_MAX_CONNECTIONS", 10_000, 1, 1_000_000),
+        allowed_hosts=tuple(h.lower() for h in _list(env, "LIVESALE_ALLOWED_HOSTS")),
         ws_queue_frames=_int(env, "LIVESALE_WS_QUEUE_FRAMES", 64, 4, 4096),
         prometheus_multiproc_dir=env.get("PROMETHEUS_MULTIPROC_DIR") or None,
         deployment=env.get("LIVESALE_DEPLOYMENT") or hashlib.sha256(database_url.encode()).hexdigest()[:12],

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import os
 import secrets
+import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
@@ -252,3 +254,23 @@ async def backends(srv: ServerProcess) -> AsyncIterator[tuple[Stock, async_sessi
             yield stock, db
         finally:
             stock.disconnect()
+
+
+# --- processes -------------------------------------------------------------------------------------
+
+def server_holds(pid: int, server_port: int, client: socket.socket) -> bool:
+    """Whether process `pid` has a descriptor on the server side of `client`'s TCP connection."""
+    client_port = client.getsockname()[1]
+    inodes = set()
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        local, remote = fields[1], fields[2]
+        if int(local.split(":")[1], 16) == server_port and int(remote.split(":")[1], 16) == client_port:
+            inodes.add(fields[9])
+    fds = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            fds.add(os.readlink(f"/proc/{pid}/fd/{fd}"))
+        except OSError:
+            continue
+    return any(f"socket:[{inode}]" in fds for inode in inodes)

@@ -42,6 +42,7 @@ ID = String(40)  # an opaque id: a short prefix and 26 base32 characters (server
 
 
 CONNECT_TIMEOUT_S = 10.0
+POOL_MAX = 20  # SQL connections a process may open (pool and overflow)
 LIBPQ_OPTIONS = {"sslmode": "ssl", "connect_timeout": "timeout"}  # libpq's name -> asyncpg's
 
 
@@ -59,10 +60,11 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
 def make_engine(url: str) -> AsyncEngine:
     if url.startswith("sqlite"):
         _create_private(make_url(url).database)
-        engine = create_async_engine(url, pool_size=5, max_overflow=5, pool_timeout=30)
+        engine = create_async_engine(url, pool_size=POOL_MAX // 4, max_overflow=POOL_MAX // 4, pool_timeout=30)
         event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
         return engine
-    engine = create_async_engine(url, pool_size=10, max_overflow=10, pool_pre_ping=True, pool_timeout=30)
+    engine = create_async_engine(url, pool_size=POOL_MAX // 2, max_overflow=POOL_MAX // 2, pool_pre_ping=True,
+                                 pool_timeout=30)
     if make_url(url).get_driver_name() == "asyncpg":
         event.listen(engine.sync_engine, "do_connect", _use_asyncpg_connect)
     return engine

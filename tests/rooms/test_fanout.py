@@ -28,6 +28,7 @@ from tests.support import (
     guest,
     guests,
     register,
+    server_holds,
 )
 
 # --- 11. slow consumer ------------------------------------------------------------------------------------
@@ -110,6 +111,13 @@ async def slow_run(tmp_path_factory: pytest.TempPathFactory, redis_url: str) -> 
 
                     viewers_after = await eventually(only_normal_left, timeout=40, interval=0.5,
                                                      what="the slow viewer dropped")
+                    # ... and lets go of its socket too, its unsent megabytes with it, though the peer
+                    # keeps its window shut: the descriptor is gone within seconds, not held at its will.
+                    app = srv.app_pids()[0]
+
+                    async def socket_freed() -> bool:
+                        return not server_holds(app, srv.port, sock)
+                    await eventually(socket_freed, timeout=20, interval=0.5, what="the slow viewer's socket freed")
                     slow_events, slow_close = await slow.expect_close(timeout=60)
             finally:
                 sock.close()

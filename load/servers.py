@@ -12,6 +12,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Mapping
 from pathlib import Path
@@ -44,14 +45,21 @@ def stop_group(proc: subprocess.Popen[bytes] | None, sig: int = signal.SIGTERM, 
         proc.wait()
 
 
-def healthy(url: str) -> bool:
-    """GET /healthz answered 200 (stdlib only, no proxies: this runs before any event loop)."""
+def health(url: str) -> int | None:
+    """GET /healthz's status, None if it did not answer (stdlib only, no proxies: this runs
+    before any event loop)."""
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     try:
         with opener.open(url + "/healthz", timeout=1) as r:
-            return bool(r.status == 200)
+            return int(r.status)
+    except urllib.error.HTTPError as exc:
+        return int(exc.code)
     except (OSError, ValueError):
-        return False
+        return None
+
+
+def healthy(url: str) -> bool:
+    return health(url) == 200
 
 
 class Served:
@@ -72,8 +80,8 @@ class Served:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self, timeout: float = START_TIMEOUT_S) -> Self:
-        """Start it and wait until /healthz answers 200 (its log tail in the error if it never does)."""
+    def start(self, timeout: float = START_TIMEOUT_S, ready: int = 200) -> Self:
+        """Start it and wait until /healthz answers `ready` (its log tail in the error if it never does)."""
         self.workdir.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(self.argv, cwd=self.cwd, env=self.env, stdout=log, stderr=subprocess.STDOUT,
@@ -82,7 +90,7 @@ class Served:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"{self.name} exited with {self.proc.returncode}:\n{self.log()}")
-            if healthy(self.url):
+            if health(self.url) == ready:
                 return self
             time.sleep(0.1)
         self.stop()

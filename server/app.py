@@ -16,6 +16,7 @@ from starlette.routing import BaseRoute, Route, WebSocketRoute
 from server.api import accounts, health, live, openapi, pages, products, rooms, sales
 from server.api.endpoint import Router
 from server.api.endpoint import routes as endpoint_routes
+from server.api.hosts import AllowedHosts, relative_slash_redirects
 from server.api.responses import EXCEPTION_HANDLERS, json_response
 from server.api.room_socket import room_socket
 from server.backends import open_files, uvicorn_protocols
@@ -63,8 +64,11 @@ def create_app(settings: Settings | None = None) -> Starlette:
                WebSocketRoute("/ws/rooms/{room_id}", room_socket)]
     routes += [r for r in api if r.name not in HOT_ROUTES]
     routes += pages.routes(settings.static_dir)
-    return Starlette(routes=routes, lifespan=lifespan, exception_handlers=EXCEPTION_HANDLERS,
-                     middleware=[Middleware(pages.SecurityHeaders)])
+    app = Starlette(routes=routes, lifespan=lifespan, exception_handlers=EXCEPTION_HANDLERS,
+                    middleware=[Middleware(pages.SecurityHeaders),
+                                Middleware(AllowedHosts, allowed=settings.allowed_hosts)])
+    relative_slash_redirects(app.router)
+    return app
 
 
 def edge_limits(settings: Settings) -> tuple[uvicorn_protocols.Limits, str | None]:

@@ -65,7 +65,6 @@ class JobsProcess(Supervised):
     """`python -m server jobs` as a child of `serve`: dies with it, restarted if it fails."""
 
     name = "background jobs"
-    restart_clean_exit = False  # exit 0: stopped by SIGTERM/SIGINT, e.g. a service manager stopping us all
     stop_timeout_s = STOP_TIMEOUT_S
 
     def __init__(self, log_level: str) -> None:

@@ -30,10 +30,14 @@ class Limit:
 CHAT = Limit("chat", per_second=2, burst=5)  # per user and room (chat_post.lua)
 LOGIN_PER_IP = Limit("login-ip", per_second=0.2, burst=10)  # slow brute force: 12 a minute after a burst
 # Failed logins per account, whatever the addresses: guesses at one password from many machines
-# stay slow. It refills faster than one address may try (and holds more than two addresses' bursts),
-# so nobody can keep an owner out from one or two addresses. Every try spends (so tries at once
-# cannot all pass one check), and a right password gets its unit back.
+# stay slow. It refills faster than one address may try (and holds more than two addresses' bursts).
+# In front of it, one bucket per account and address; an address with no failures there may try
+# even when the account's bucket is empty (login_guard.lua), so a crowd of addresses cannot keep
+# the owner out either. Every try spends (so tries at once cannot all pass one check), and a
+# right password gets its units back.
 LOGIN_FAILS_PER_ACCOUNT = Limit("login-account", per_second=0.5, burst=30)
+LOGIN_FAILS_PER_ACCOUNT_AND_ADDRESS = Limit("login-pair", per_second=0.1, burst=10)
+LOGIN_CLEAN_AFTER_S = 900  # an address that tried an account this long ago counts as new to it
 REGISTER_PER_IP = Limit("register-ip", per_second=0.5, burst=20)
 PURCHASE_PER_USER = Limit("buy-user", per_second=5, burst=10)
 PURCHASE_PER_IP = Limit("buy-ip", per_second=200, burst=400)  # many buyers may share one NAT
@@ -117,3 +121,39 @@ class RateLimiter:
     async def refund(self, limit: Limit, subject: str, cost: int = 1) -> None:
         """Give back units spent by an attempt that turned out not to count."""
         await self._run(limit, subject, cost, "refund")
+
+
+class LoginGuard:
+    """The login limits of one account (login_guard.lua): spent before the password is checked,
+    given back when it was right."""
+
+    def __init__(self, redis: Redis) -> None:
+        self._redis = redis
+        self._script = load_script(redis, "server", "login_guard.lua", NOW_MS, GCRA)
+        self._refund = load_script(redis, "server", "ratelimit.lua", NOW_MS, GCRA)
+
+    @staticmethod
+    def _keys(username: str, address: str) -> list[str]:
+        tag = "{login:" + username + "}"
+        return [f"rl:{tag}:account", f"rl:{tag}:from:{address}", f"rl:{tag}:tried:{address}"]
+
+    async def attempt(self, username: str, address: str) -> bool:
+        """Spend one try or raise 429; True if the account's own bucket was spent."""
+        account, pair = LOGIN_FAILS_PER_ACCOUNT, LOGIN_FAILS_PER_ACCOUNT_AND_ADDRESS
+        allowed, retry_ms, spent = await self._script(
+            keys=self._keys(username, address),
+            args=[account.interval_ms, account.burst, pair.interval_ms, pair.burst, LOGIN_CLEAN_AFTER_S * 1000])
+        if not int(allowed):
+            wait = int(retry_ms) / 1000.0
+            raise TooManyRequests(f"too many failed logins; retry in {wait:.1f}s", retry_after_s=wait)
+        return bool(int(spent))
+
+    async def succeeded(self, username: str, address: str, account_spent: bool) -> None:
+        """A right password: the owner's own logins never use up the buckets."""
+        account_key, pair_key, mark = self._keys(username, address)
+        pair = LOGIN_FAILS_PER_ACCOUNT_AND_ADDRESS
+        await self._refund(keys=[pair_key], args=[pair.interval_ms, pair.burst, 1, "refund"])
+        await self._redis.delete(mark)
+        if account_spent:
+            account = LOGIN_FAILS_PER_ACCOUNT
+            await self._refund(keys=[account_key], args=[account.interval_ms, account.burst, 1, "refund"])

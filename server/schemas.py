@@ -159,6 +159,7 @@ class Health(Struct, kw_only=True):
     redis: str
     database: str
     pubsub: Literal["ok", "down"]
+    jobs: Literal["ok", "down"]  # a jobs process beat lately (server/heartbeat.py)
 
 
 class ErrorOut(Struct, kw_only=True):

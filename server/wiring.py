@@ -21,6 +21,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 import server.inventory.tables  # noqa: F401  (the tables ensure_schema creates)
 import server.models  # noqa: F401
+from server import heartbeat
 from server.auth import Sessions
 from server.backends.embedded_valkey import EmbeddedValkey
 from server.backends.redis_client import make_listener, make_redis
@@ -37,7 +38,7 @@ from server.inventory.room_sales import RoomSales
 from server.inventory.sales import Sales
 from server.inventory.stock import Stock
 from server.inventory.sweeper import Sweeper
-from server.ratelimit import PerAddress, RateLimiter
+from server.ratelimit import LoginGuard, PerAddress, RateLimiter
 from server.rooms.broker import Broker
 from server.rooms.hub import Hub
 from server.rooms.publisher import Publisher
@@ -121,6 +122,7 @@ class Services:
     db: async_sessionmaker[AsyncSession]
     sessions: Sessions
     limiter: RateLimiter
+    logins: LoginGuard
     sockets: PerAddress  # this process's room sockets per address
     hub: Hub             # this process's connections
     broker: Broker       # this process's pub/sub link
@@ -147,8 +149,8 @@ async def build_web(settings: Settings, url: str) -> Services:
     welcomes = Welcomes(core.store, functools.partial(find_room, core.db), core.sales.in_room)
     hub = Hub(core.store, broker, core.publisher, core.banned, welcomes)
     return Services(settings=settings, redis=core.redis, db_engine=core.db_engine, db=core.db, sessions=sessions,
-                    limiter=RateLimiter(core.redis), sockets=PerAddress(settings.max_sockets_per_address), hub=hub,
-                    broker=broker, rooms=core.rooms, sales=core.sales, orders=core.orders, _core=core,
+                    limiter=RateLimiter(core.redis), logins=LoginGuard(core.redis),
+                    sockets=PerAddress(settings.max_sockets_per_address), hub=hub, broker=broker, rooms=core.rooms, sales=core.sales, orders=core.orders, _core=core,
                     _listener=listener)
 
 
@@ -159,11 +161,13 @@ class Jobs:
     persister: Persister
     sweeper: Sweeper
     captures: LateCaptures
+    deployment: str
     _core: _Core
 
     def loops(self) -> dict[str, Loop]:
         return {"persister": self.persister.run(), "sweeper": self.sweeper.run(), "captures": self.captures.run(),
-                "notifier": self._core.notifier.run()}
+                "notifier": self._core.notifier.run(),
+                "heartbeat": heartbeat.beat(self._core.redis, self.deployment)}
 
     async def close(self) -> None:
         await self._core.close()
@@ -173,4 +177,4 @@ async def build_jobs(settings: Settings, url: str) -> Jobs:
     core = await _core(settings, url)
     return Jobs(persister=Persister(core.redis, core.stock, core.db),
                 sweeper=Sweeper(core.stock, core.rooms, core.notifier),
-                captures=LateCaptures(core.stock, core.orders), _core=core)
+                captures=LateCaptures(core.stock, core.orders), deployment=settings.deployment, _core=core)

@@ -19,7 +19,7 @@ from server.auth import COOKIE_NAME, DROP_COOKIE, hash_password, verify_password
 from server.errors import Conflict, NotFound, Unauthorized
 from server.ids import new_id
 from server.models import User
-from server.ratelimit import LOGIN_FAILS_PER_ACCOUNT, LOGIN_PER_IP, REGISTER_PER_IP, Limit, address_key
+from server.ratelimit import LOGIN_PER_IP, REGISTER_PER_IP, Limit, address_key
 from server.schemas import AuthOut, GuestIn, LoginIn, RegisterIn, UserOut
 
 router = Router("accounts")
@@ -72,14 +72,14 @@ async def login(call: Call[LoginIn]) -> Response:
     """Log in with username and password (slowed per address and per account against brute force)."""
     await _limit_ip(call, LOGIN_PER_IP)
     username = call.body.username.lower()
-    await call.services.limiter.check(LOGIN_FAILS_PER_ACCOUNT, username)
+    address = address_key(call.request.client.host if call.request.client else "unknown")
+    account_spent = await call.services.logins.attempt(username, address)
     async with call.services.db() as db:
         user = await db.scalar(select(User).where(User.username == username))
     ok = await verify_password(user.password_hash if user else None, call.body.password)
     if user is None or not ok:
         raise Unauthorized("wrong username or password", code="bad_credentials")
-    # Only failures count against the account: the owner's own logins never use up its bucket.
-    await call.services.limiter.refund(LOGIN_FAILS_PER_ACCOUNT, username)
+    await call.services.logins.succeeded(username, address, account_spent)
     return _session_response(call, user, 200)
 
 

@@ -1,12 +1,15 @@
-"""GET /healthz: 200 when Redis and the database answer and room events flow, 503 otherwise."""
+"""GET /healthz: 200 when Redis and the database answer, room events flow and a jobs process
+beats, 503 otherwise."""
 
 from __future__ import annotations
 
 import asyncio
 from typing import Literal
 
+from redis.asyncio import Redis
 from starlette.responses import Response
 
+from server import heartbeat
 from server.api.endpoint import Call, Router
 from server.api.responses import json_response
 from server.backends.sql import ping
@@ -26,11 +29,21 @@ async def _check(coro: object) -> str:
 
 @router.endpoint("GET", "/healthz", response=Health, also_ok=(503,))
 async def healthz(call: Call[None]) -> Response:
-    """Readiness: both backends answer, and this process's pub/sub link is up (without it,
-    viewers who join wait for it and the room's events do not reach them)."""
-    redis_state, db_state = await asyncio.gather(_check(call.services.redis.ping()),
-                                                 _check(ping(call.services.db_engine)))
-    pubsub_state: Literal["ok", "down"] = "ok" if call.services.broker.is_connected() else "down"
-    ok = redis_state == db_state == pubsub_state == "ok"
+    """Readiness: both backends answer, this process's pub/sub link is up (without it, viewers
+    who join wait for it and the room's events do not reach them), and some jobs process of the
+    deployment beat within heartbeat.STALE_S (without one, unpaid orders never expire and
+    orders never reach SQL)."""
+    services = call.services
+    redis_state, db_state, jobs_up = await asyncio.gather(
+        _check(services.redis.ping()), _check(ping(services.db_engine)),
+        _check(_jobs_alive(services.redis, services.settings.deployment)))
+    pubsub_state: Literal["ok", "down"] = "ok" if services.broker.is_connected() else "down"
+    jobs_state: Literal["ok", "down"] = "ok" if jobs_up == "ok" else "down"
+    ok = redis_state == db_state == pubsub_state == jobs_state == "ok"
     return json_response(Health(status="ok" if ok else "unavailable", redis=redis_state, database=db_state,
-                                pubsub=pubsub_state), 200 if ok else 503)
+                                pubsub=pubsub_state, jobs=jobs_state), 200 if ok else 503)
+
+
+async def _jobs_alive(redis: Redis, deployment: str) -> None:
+    if not await heartbeat.alive(redis, deployment):
+        raise LookupError("no jobs process beat lately")

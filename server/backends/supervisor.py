@@ -33,7 +33,6 @@ class Supervised:
     so a parent-death signal (bound to the forking thread) still means "dies with the app"."""
 
     name = "child"
-    restart_clean_exit = True  # False: exit status 0 means it was stopped on purpose
     stop_timeout_s = 15.0
 
     def __init__(self) -> None:
@@ -58,9 +57,7 @@ class Supervised:
             if proc is None or proc.poll() is None:
                 continue
             self._stopped(proc)
-            if proc.returncode == 0 and not self.restart_clean_exit:
-                log.warning("%s stopped by a signal; not restarting it", self.name)
-                return
+            # Whatever the exit, a signal sent to the child alone included: only stop() stops it.
             if time.monotonic() - launched > STABLE_S:
                 backoff = 0.5
             log.error("%s exited with %s; restarting in %.1fs", self.name, proc.returncode, backoff)

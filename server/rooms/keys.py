@@ -66,9 +66,9 @@ def done(room_id: str, call_id: str) -> str:
     return tag(room_id) + ":done:" + call_id
 
 
-def like_frames(room_id: str, user_id: str, second: int) -> str:
-    """Counter: a user's like frames in one second, across processes."""
-    return f"{tag(room_id)}:lf:{user_id}:{second}"
+def like_bucket(room_id: str, user_id: str) -> str:
+    """GCRA bucket (gcra.lua): a user's like frames in a room, across processes."""
+    return f"{tag(room_id)}:lb:{user_id}"
 
 
 def chat_limit(room_id: str, user_id: str) -> str:

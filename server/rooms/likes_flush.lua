@@ -1,16 +1,19 @@
 -- Add one tick's likes from this process to a room's total and publish it.
--- Each user may send at most ARGV[2] like frames per second across all processes;
--- taps in frames over that are dropped.
+-- Each user's like frames spend from a GCRA bucket (the gcra.lua prelude's arithmetic) shared
+-- by all processes: a frame rate and a burst, with no window edge to double it; taps in the
+-- frames over it are dropped. Loaded after the now_ms.lua and gcra.lua preludes.
 -- KEYS[1]    like total
 -- KEYS[2]    the room's pub/sub channel
 -- KEYS[3]    this call's done marker: a retry of a call that ran answers what it answered
--- KEYS[4..]  per-user frame counters for the current second, one per user
+-- KEYS[4..]  per-user like buckets, one per user
 -- ARGV[1]    publish command: SPUBLISH or PUBLISH
--- ARGV[2]    max like frames per user per second
--- ARGV[3..]  for each user, in KEYS order: frames, taps
+-- ARGV[2]    ms per like frame (1000 / frames per second)
+-- ARGV[3]    burst: frames that may come at once
+-- ARGV[4..]  for each user, in KEYS order: frames, taps
 -- Returns {total, accepted}
 local total_key, channel, done = KEYS[1], KEYS[2], KEYS[3]
-local publish, max_frames = ARGV[1], tonumber(ARGV[2])
+local publish, interval, burst = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+local now = now_ms()
 
 local answered = redis.call('HMGET', done, 'total', 'accepted')
 if answered[1] then
@@ -19,13 +22,15 @@ end
 
 local accepted = 0
 for i = 4, #KEYS do
-  local frames = tonumber(ARGV[2 * (i - 4) + 3])
-  local taps = tonumber(ARGV[2 * (i - 4) + 4])
-  local used = redis.call('INCRBY', KEYS[i], frames)
-  if used == frames then
-    redis.call('EXPIRE', KEYS[i], 2)
+  local frames = tonumber(ARGV[2 * (i - 4) + 4])
+  local taps = tonumber(ARGV[2 * (i - 4) + 5])
+  -- As many of the frames as the bucket holds (gcra() answers for one cost; this is its inverse).
+  local tat = tonumber(redis.call('GET', KEYS[i])) or now
+  if tat < now then tat = now end
+  local allowed_frames = math.max(0, math.min(frames, math.floor((now + interval * burst - tat) / interval)))
+  if allowed_frames > 0 then
+    gcra_spend(KEYS[i], tat + interval * allowed_frames, now)
   end
-  local allowed_frames = math.max(0, math.min(frames, max_frames - (used - frames)))
   accepted = accepted + math.floor(taps * allowed_frames / frames)
 end
 

@@ -47,7 +47,7 @@ class RoomStore:
         self._count = load_script(redis, "server.rooms", "presence_count.lua", NOW_MS, PRESENCE)
         self._post = load_script(redis, "server.rooms", "chat_post.lua", NOW_MS, GCRA)
         self._delete = load_script(redis, "server.rooms", "chat_delete.lua")
-        self._likes = load_script(redis, "server.rooms", "likes_flush.lua")
+        self._likes = load_script(redis, "server.rooms", "likes_flush.lua", NOW_MS, GCRA)
         self._refresh_pin = load_script(redis, "server.rooms", "pin_refresh.lua")
         self._mute = load_script(redis, "server.rooms", "mute.lua", NOW_MS)
 
@@ -106,15 +106,14 @@ class RoomStore:
 
     # --- likes ------------------------------------------------------------------
     async def flush_likes(self, room_id: str, per_user: dict[str, list[int]]) -> tuple[int, int]:
-        second = int(time.time())
         users = list(per_user)
         flat: list[int] = []
         for u in users:
             flat += per_user[u]
         total, accepted = await self._likes(
             keys=[keys.likes(room_id), keys.channel(room_id), keys.done(room_id, "likes:" + secrets.token_hex(8))]
-            + [keys.like_frames(room_id, u, second) for u in users],
-            args=[self.publish, protocol.MAX_LIKE_FRAMES_PER_S, *flat])
+            + [keys.like_bucket(room_id, u) for u in users],
+            args=[self.publish, 1000 / protocol.MAX_LIKE_FRAMES_PER_S, protocol.MAX_LIKE_FRAMES_PER_S, *flat])
         return int(total), int(accepted)
 
     # --- moderation -------------------------------------------------------------

@@ -16,7 +16,7 @@ async def test_healthz_reports_both_backends(client: httpx.AsyncClient) -> None:
     r = await client.get("/healthz")
     assert r.status_code == 200
     assert r.headers["content-type"].startswith("application/json")
-    assert r.json() == {"status": "ok", "redis": "ok", "database": "ok", "pubsub": "ok"}
+    assert r.json() == {"status": "ok", "redis": "ok", "database": "ok", "pubsub": "ok", "jobs": "ok"}
 
 
 def wait_for_health(url: str, status: int, attempts: int = 100) -> httpx.Response:
@@ -60,7 +60,7 @@ def test_redis_down_gives_503_and_recovery_gives_200_with_room_events_back(tmp_p
             engine.start()
             r = wait_for_health(srv.url, 200)
             assert r.status_code == 200, r.text
-            assert r.json() == {"status": "ok", "redis": "ok", "database": "ok", "pubsub": "ok"}
+            assert r.json() == {"status": "ok", "redis": "ok", "database": "ok", "pubsub": "ok", "jobs": "ok"}
             assert httpx.get(srv.url + "/api/me", headers=bearer(token), timeout=10).status_code == 200
     finally:
         engine.stop()

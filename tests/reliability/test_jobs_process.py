@@ -14,6 +14,7 @@ import httpx
 import pytest
 
 from load.machine import cmdline
+from server.heartbeat import STALE_S
 from tests.inventory.support import bought, get_sale, launch, new_shop
 from tests.support import REPO, ServerProcess, api_client, bearer, eventually, guest
 
@@ -69,13 +70,16 @@ async def test_serve_runs_one_jobs_process_that_persists_orders(
     await eventually(lambda: persisted(api, buyer.token, order["order_id"]), what="the order in SQL")
 
 
-async def test_a_killed_jobs_process_is_restarted_and_catches_up(
-        served: tuple[ServerProcess, httpx.AsyncClient]) -> None:
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM, signal.SIGINT], ids=["KILL", "TERM", "INT"])
+async def test_a_jobs_process_ended_by_any_signal_of_its_own_is_restarted_and_catches_up(
+        served: tuple[ServerProcess, httpx.AsyncClient], sig: signal.Signals) -> None:
+    """Only serve's own shutdown stops its jobs process: a SIGTERM or SIGINT sent to the jobs
+    alone (a stray `kill`, an operator's mistake) is a crash like any other."""
     srv, api = served
     [first] = jobs_pids(srv)
     shop = await new_shop(api)
     sale = await launch(api, shop, stock=5)
-    os.kill(first, signal.SIGKILL)
+    os.kill(first, sig)
     # Purchases do not need the jobs process: they are answered from Redis meanwhile.
     buyer = await guest(api, "buyer")
     order = await bought(api, buyer, sale["id"])
@@ -117,9 +121,33 @@ async def test_a_killed_serve_takes_its_jobs_process_along(data_dir: Path, redis
             os.kill(jobs, signal.SIGKILL)
 
 
-async def test_no_jobs_process_when_background_jobs_are_off(data_dir: Path, redis_url: str) -> None:
-    with ServerProcess(data_dir, redis_url=redis_url, env={"LIVESALE_BACKGROUND_JOBS": "0"}) as srv:
+async def test_healthz_says_whether_a_jobs_process_runs_wherever_it_runs(data_dir: Path, redis_url: str) -> None:
+    """With the jobs off in serve, /healthz answers 503 naming `jobs` until a `livesale jobs`
+    elsewhere (same settings) beats, and again within heartbeat.STALE_S after it stops."""
+    srv = ServerProcess(data_dir, redis_url=redis_url, env={"LIVESALE_BACKGROUND_JOBS": "0"}).start(ready=503)
+    jobs: subprocess.Popen[bytes] | None = None
+    try:
         assert jobs_pids(srv) == []
+        async with api_client(srv.url) as api:
+            r = await api.get("/healthz")
+            assert r.status_code == 503
+            assert r.json() == {"status": "unavailable", "redis": "ok", "database": "ok", "pubsub": "ok",
+                                "jobs": "down"}
+            jobs = subprocess.Popen([sys.executable, "-m", "server", "jobs", "--log-level", "warning"], cwd=REPO,
+                                    env=srv.env, stdin=subprocess.DEVNULL)
+
+            async def health(status: int) -> bool:
+                return (await api.get("/healthz")).status_code == status
+
+            await eventually(lambda: health(200), timeout=30, what="healthz 200 once `livesale jobs` runs")
+            jobs.terminate()
+            assert jobs.wait(20) == 0
+            await eventually(lambda: health(503), timeout=STALE_S + 10, what="healthz 503 once it stopped")
+    finally:
+        if jobs is not None and jobs.poll() is None:
+            jobs.kill()
+            jobs.wait()
+        srv.stop()
 
 
 def test_jobs_command_needs_the_servers_redis(data_dir: Path) -> None:

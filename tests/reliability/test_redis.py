@@ -61,7 +61,7 @@ async def api(srv: ServerProcess, engine: Engine) -> AsyncIterator[httpx.AsyncCl
 async def healthy_again(srv: ServerProcess) -> None:
     async with api_client(srv.url) as c:
         r = await wait_health(c, 200, timeout=30)
-        assert r.json() == {"status": "ok", "redis": "ok", "database": "ok", "pubsub": "ok"}
+        assert r.json() == {"status": "ok", "redis": "ok", "database": "ok", "pubsub": "ok", "jobs": "ok"}
 
 
 async def sale_figures(api: httpx.AsyncClient, sale_id: str) -> tuple[int, int, int, int]:

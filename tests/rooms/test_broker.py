@@ -312,6 +312,22 @@ async def test_a_chat_post_and_a_likes_flush_run_again_by_a_retry_count_once(lay
     assert int(await layer.redis.get(keys.likes(room_id))) == 15
 
 
+async def test_like_frames_spend_from_a_bucket_with_no_window_edge(layer: Layer) -> None:
+    """A fixed one-second window let a user send its quota just before a second's end and again
+    just after (34 frames in 0.21 s were seen against 20 a second): the GCRA bucket admits the
+    burst, then only what the rate refilled, wherever the seconds fall."""
+    store, room_id = layer.store, new_id("room")
+    cap = protocol.MAX_LIKE_FRAMES_PER_S
+    started = time.monotonic()
+    _, accepted = await store.flush_likes(room_id, {"usr_a": [cap + 10, (cap + 10) * 2]})
+    assert accepted == cap * 2  # the burst, two taps a frame
+    _, again = await store.flush_likes(room_id, {"usr_a": [cap, cap]})
+    elapsed = time.monotonic() - started
+    assert again <= cap * elapsed + 1, (again, elapsed)
+    _, other = await store.flush_likes(room_id, {"usr_b": [cap, cap]})
+    assert other == cap  # one user's bucket is theirs alone
+
+
 async def test_an_edit_of_a_product_no_longer_pinned_never_pins_it_again(layer: Layer) -> None:
     """The edit read the room's pin from SQL; another product was pinned since: the refresh does
     nothing (it would have brought the old product back, over the newer pin)."""

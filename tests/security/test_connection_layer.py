@@ -41,7 +41,8 @@ MB = 1024 * 1024
 @pytest.fixture(scope="module")
 def srv(tmp_path_factory: pytest.TempPathFactory, redis_url: str) -> Iterator[ServerProcess]:
     """Loopback is not exempt here: the per-address cap applies to this test's connections."""
-    env = {"LIVESALE_RATE_LIMIT_EXEMPT_IPS": "", "LIVESALE_MAX_CONNECTIONS_PER_ADDRESS": str(PER_ADDRESS)}
+    env = {"LIVESALE_RATE_LIMIT_EXEMPT_IPS": "", "LIVESALE_MAX_CONNECTIONS_PER_ADDRESS": str(PER_ADDRESS),
+           "LIVESALE_ALLOWED_HOSTS": "127.0.0.1,LiveSale.Example"}
     with ServerProcess(tmp_path_factory.mktemp("edge"), redis_url=redis_url, env=env) as s:
         yield s
 
@@ -258,6 +259,36 @@ def test_a_websocket_handshake_the_library_refuses_is_answered_in_json(srv: Serv
         sock.sendall(request(f"/ws/rooms/{room_id}", "Upgrade: websocket", "Connection: Upgrade",
                              "Sec-WebSocket-Version: 13"))  # no Sec-WebSocket-Key
         assert_json_error(*read_response(sock), 400, "bad_request")
+
+
+# --- 10. the Host header -----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "livesale.example:8443", "LIVESALE.EXAMPLE"])
+def test_allowed_hosts_are_served_and_slash_redirects_are_relative(srv: ServerProcess, host: str) -> None:
+    with connect(srv.port) as sock:
+        sock.sendall(b"GET /api/rooms/?limit=5 HTTP/1.1\r\nHost: " + host.encode() + b"\r\n\r\n")
+        status, headers, _ = read_response(sock)
+    assert status == 307 and headers["location"] == "/api/rooms?limit=5", headers
+
+
+@pytest.mark.parametrize("host", ["evil.example", "127.0.0.1.evil.example", "", "livesale.example.evil.io"])
+def test_other_hosts_get_400_on_http_and_sockets(srv: ServerProcess, room_id: str, host: str) -> None:
+    with connect(srv.port) as sock:
+        sock.sendall(b"GET /api/rooms/ HTTP/1.1\r\nHost: " + host.encode() + b"\r\n\r\n")
+        assert_json_error(*read_response(sock), 400, "bad_host")
+    with connect(srv.port) as sock:
+        key = base64.b64encode(secrets.token_bytes(16)).decode()
+        sock.sendall(f"GET /ws/rooms/{room_id} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\n"
+                     f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+                     .encode())
+        assert read_response(sock)[0] == 403
+
+
+def test_a_path_that_would_redirect_off_site_is_not_redirected(srv: ServerProcess) -> None:
+    with connect(srv.port) as sock:
+        sock.sendall(request("//evil.example/"))
+        status, headers, _ = read_response(sock)
+    assert status == 404 and "location" not in headers
 
 
 # --- 2. connections per address and per process ----------------------------------------------------------------

@@ -11,6 +11,7 @@ Run: python -m load.baseline_app --port 8100 [--workers N]
 from __future__ import annotations
 
 import argparse
+import asyncio
 import time
 
 import msgspec
@@ -19,6 +20,8 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
+
+from server.backends.uvicorn_protocols import KEEP_ALIVE_S, HttpProtocol
 
 _encode = msgspec.json.Encoder().encode
 
@@ -47,10 +50,14 @@ def main() -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8100)
     parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--http", choices=["livesale", "httptools", "h11"], default="livesale",
+                        help="livesale's protocol (as `serve` runs), or one of uvicorn's own, to compare")
     args = parser.parse_args()
     # The same uvicorn settings as server/cli.py `serve` (the WebSocket ones do not apply here).
+    http: type[asyncio.Protocol] | str = HttpProtocol if args.http == "livesale" else args.http
     uvicorn.run("load.baseline_app:app", host=args.host, port=args.port, workers=args.workers, log_level="warning",
-                proxy_headers=True, server_header=False, lifespan="on", timeout_graceful_shutdown=5)
+                proxy_headers=True, server_header=False, lifespan="on", timeout_graceful_shutdown=5,
+                http=http, timeout_keep_alive=KEEP_ALIVE_S)
 
 
 if __name__ == "__main__":

@@ -112,6 +112,8 @@ class Settings:
     # refused with 429 and 503 past these (server/backends/uvicorn_protocols.py).
     max_connections_per_address: int = 1000
     max_connections: int = 10_000
+    # Sales one host may have open (not ended) at once: each costs the jobs process a watch.
+    max_open_sales_per_host: int = 20
     # Host header values served (empty: any); others get 400, against DNS rebinding.
     allowed_hosts: tuple[str, ...] = ()
     # Frames a room socket may have queued before its viewer counts as too slow (closed with 1013).
@@ -150,6 +152,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         max_sockets_per_address=_int(env, "LIVESALE_MAX_SOCKETS_PER_ADDRESS", 1000, 1, 1_000_000),
         max_connections_per_address=_int(env, "LIVESALE_MAX_CONNECTIONS_PER_ADDRESS", 1000, 1, 1_000_000),
         max_connections=_int(env, "LIVESALE_MAX_CONNECTIONS", 10_000, 1, 1_000_000),
+        max_open_sales_per_host=_int(env, "LIVESALE_MAX_OPEN_SALES_PER_HOST", 20, 1, 10_000),
         allowed_hosts=tuple(h.lower() for h in _list(env, "LIVESALE_ALLOWED_HOSTS")),
         ws_queue_frames=_int(env, "LIVESALE_WS_QUEUE_FRAMES", 64, 4, 4096),
         prometheus_multiproc_dir=env.get("PROMETHEUS_MULTIPROC_DIR") or None,

@@ -38,6 +38,7 @@ from server.inventory.room_sales import RoomSales
 from server.inventory.sales import Sales
 from server.inventory.stock import Stock
 from server.inventory.sweeper import Sweeper
+from server.inventory.watch import SaleWatch
 from server.ratelimit import LoginGuard, PerAddress, RateLimiter
 from server.rooms.broker import Broker
 from server.rooms.hub import Hub
@@ -161,12 +162,13 @@ class Jobs:
     persister: Persister
     sweeper: Sweeper
     captures: LateCaptures
+    watch: SaleWatch
     deployment: str
     _core: _Core
 
     def loops(self) -> dict[str, Loop]:
         return {"persister": self.persister.run(), "sweeper": self.sweeper.run(), "captures": self.captures.run(),
-                "notifier": self._core.notifier.run(),
+                "notifier": self._core.notifier.run(), "wakes": self.watch.listen(),
                 "heartbeat": heartbeat.beat(self._core.redis, self.deployment)}
 
     async def close(self) -> None:
@@ -175,6 +177,8 @@ class Jobs:
 
 async def build_jobs(settings: Settings, url: str) -> Jobs:
     core = await _core(settings, url)
-    return Jobs(persister=Persister(core.redis, core.stock, core.db),
-                sweeper=Sweeper(core.stock, core.rooms, core.notifier),
-                captures=LateCaptures(core.stock, core.orders), deployment=settings.deployment, _core=core)
+    watch = SaleWatch(core.stock)  # the three loops visit the sales it says, when it says
+    return Jobs(persister=Persister(core.redis, core.stock, core.db, watch=watch),
+                sweeper=Sweeper(core.stock, core.rooms, core.notifier, watch),
+                captures=LateCaptures(core.stock, core.orders, watch), watch=watch, deployment=settings.deployment,
+                _core=core)

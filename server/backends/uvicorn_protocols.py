@@ -19,9 +19,9 @@ import json
 import logging
 import socket
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from http import HTTPStatus
-from collections.abc import Callable
 from typing import Any
 
 import httptools

@@ -19,6 +19,7 @@ from server.backends.loops import repeat
 from server.inventory.orders import Orders
 from server.inventory.payments import TIMEOUT_S
 from server.inventory.stock import Stock
+from server.inventory.watch import SaleWatch
 
 log = logging.getLogger("livesale.inventory.captures")
 
@@ -27,9 +28,10 @@ RETRY_AFTER_MS = 60_000
 
 
 class LateCaptures:
-    def __init__(self, stock: Stock, orders: Orders) -> None:
+    def __init__(self, stock: Stock, orders: Orders, watch: SaleWatch | None = None) -> None:
         self.stock = stock
         self._orders = orders
+        self.watch = watch or SaleWatch(stock)
 
     async def pass_sale(self, sale_id: str, now_ms: int) -> int:
         """Capture what is due in one sale; returns how many were captured."""
@@ -51,8 +53,9 @@ class LateCaptures:
 
     async def _step(self) -> None:
         now_ms = int(time.time() * 1000)
-        for sale_id in await self.stock.open_sales():
+        for sale_id in await self.watch.visit("captures"):
             await self.pass_sale(sale_id, now_ms)
+            self.watch.next_visit("captures", sale_id, await self.stock.first_capture(sale_id))
 
     async def run(self) -> None:
         await repeat(self._step, every_s=EVERY_S, what="capture pass", logger=log)

@@ -10,6 +10,12 @@ def open_sales(deployment: str) -> str:
     return f"sales:open:{deployment}"
 
 
+def wakes(deployment: str) -> str:
+    """Stream: ids of sales that changed (a purchase, a payment, a launch, an end), for the
+    deployment's jobs processes to visit them at once instead of polling every open sale."""
+    return f"sales:wakes:{deployment}"
+
+
 def tag(sale_id: str) -> str:
     return "{sale:" + sale_id + "}"
 

@@ -1,5 +1,6 @@
 """Throttled `sale_update` events: at most one per sale per tick and process,
-carrying the numbers read from Redis at send time (never a stale copy)."""
+carrying the numbers read from Redis at send time (never a stale copy); and, for the same
+sales, one wake per tick for the jobs processes (server/inventory/watch.py)."""
 
 from __future__ import annotations
 
@@ -24,6 +25,11 @@ class SaleNotifier:
 
     async def flush(self) -> None:
         dirty, self._dirty = self._dirty, set()
+        try:
+            await self._stock.wake(dirty)
+        except Exception:
+            self._dirty |= dirty  # a wake is worth a retry: without it the jobs wait up to watch.IDLE_S
+            raise
         for sale_id in dirty:
             figures = await self._stock.figures(sale_id)
             room_id = await self._stock.room_of(sale_id)

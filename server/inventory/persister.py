@@ -32,6 +32,7 @@ from server.inventory import keys, ledger
 from server.inventory.records import EndReason, OrderRecord
 from server.inventory.stock import Stock, decode_order
 from server.inventory.tables import LedgerEntry, Order, Sale
+from server.inventory.watch import IDLE_S, SaleWatch
 from server.metrics import PERSISTED
 from server.models import User
 
@@ -80,7 +81,8 @@ def _ms(value: int | None) -> Any:
 
 class Persister:
     def __init__(self, redis: Redis, stock: Stock, db: async_sessionmaker[AsyncSession], *,
-                 consumer: str | None = None, claim_idle_ms: int = CLAIM_IDLE_MS) -> None:
+                 consumer: str | None = None, claim_idle_ms: int = CLAIM_IDLE_MS,
+                 watch: SaleWatch | None = None) -> None:
         self.redis = redis
         self.stock = stock
         self.db = db
@@ -89,6 +91,9 @@ class Persister:
         self._failed: set[str] = set()  # sales whose last write failed
         self._missing: set[str] = set()  # sales not in SQL, already logged
         self._claimed_at = 0.0  # the last look for entries a crashed persister left
+        self._all_claimed_at = 0.0  # ... in every open sale
+        self._active: set[str] = set()  # sales with entries since that look
+        self.watch = watch or SaleWatch(stock)
 
     # --- reading -----------------------------------------------------------------
     async def read(self, sale_id: str, count: int = BATCH, *, mine: bool = False) -> list[Entry]:
@@ -219,7 +224,9 @@ class Persister:
         no change can follow. Read in one transaction: between separate reads the last reserved
         order could be paid, its capture left owed and its entry persisted by another jobs
         process, and a sale closed with a capture owed would never get it (late captures visit
-        open sales only)."""
+        open sales only). A sale still on is told by one field first, without the transaction."""
+        if await self.redis.hget(keys.sale(sale_id), "ended_at") in (b"0", "0"):
+            return False
         books = await self.stock.books(sale_id)
         if books.captures_owed:
             return False  # also when the sale's hash is gone: the late captures still need the sale open
@@ -232,14 +239,24 @@ class Persister:
         return group is not None and group["pending"] == 0 and group.get("lag") == 0
 
     async def step(self) -> float:
-        """One pass over the open sales; the pause before the next (0: a backlog, go on at once)."""
+        """One pass over the sales the watch says to visit; the pause before the next (0: a
+        backlog, go on at once). Recovery and settling run every CLAIM_EVERY_S for the sales
+        that had entries since, and for every open sale each watch.IDLE_S."""
         backlog = False  # a full batch was read: more is waiting
-        sales = await self.stock.open_sales()
-        for sale_id in sales:
-            backlog |= await self.drain(sale_id) >= BATCH
-        if time.monotonic() - self._claimed_at >= CLAIM_EVERY_S:
-            self._claimed_at = time.monotonic()
-            for sale_id in sales:
+        for sale_id in await self.watch.visit("persister"):
+            drained = await self.drain(sale_id)
+            backlog |= drained >= BATCH
+            if drained:
+                self._active.add(sale_id)
+            self.watch.next_visit("persister", sale_id, 0 if drained >= BATCH else None)
+        now = time.monotonic()
+        if now - self._claimed_at >= CLAIM_EVERY_S:
+            self._claimed_at = now
+            every = now - self._all_claimed_at >= IDLE_S
+            if every:
+                self._all_claimed_at = now
+            targets, self._active = (self.watch.known if every else self._active & self.watch.known), set()
+            for sale_id in sorted(targets):
                 backlog |= await self.recover(sale_id) >= BATCH
                 if await self.settled(sale_id):
                     await self.stock.archive(sale_id)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 from datetime import timedelta
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from server import clock
@@ -23,6 +23,7 @@ from server.inventory.schemas import SaleIn, SaleOut, SaleProduct
 from server.inventory.stock import Stock
 from server.inventory.tables import Sale
 from server.inventory.views import sale_out
+from server.models import User
 from server.rooms import protocol
 from server.rooms.service import RoomService
 
@@ -90,6 +91,7 @@ class Sales:
                 raise Conflict(f"this product's commission ({product.commission_rate_bp} bp) and the platform's "
                                f"fee ({fee_bp} bp) add up to more than the sale; lower the commission first",
                                code="commission_too_high")
+            await self._check_open_sales(db, me)
             current = await self._room_sales.current(room.id)
             if current is not None:
                 state = await self._stock.state(current)
@@ -121,6 +123,18 @@ class Sales:
         out = await self.get(sale.id)
         await self._rooms.tell(room.id, protocol.Sale(sale=out))
         return out
+
+    async def _check_open_sales(self, db: AsyncSession, me: Principal) -> None:
+        """At most LIVESALE_MAX_OPEN_SALES_PER_HOST sales of one host not yet ended: each is
+        watched by the jobs until it settles. The host's row is locked (on PostgreSQL) so that
+        launches in several rooms at once cannot all pass the count."""
+        await db.execute(select(User.id).where(User.id == me.user_id).with_for_update())
+        open_now = await db.scalar(select(func.count()).select_from(Sale).where(
+            Sale.host_id == me.user_id, Sale.ended_at.is_(None), Sale.ends_at > clock.utcnow()))
+        limit = self._settings.max_open_sales_per_host
+        if (open_now or 0) >= limit:
+            raise Conflict(f"you have {open_now} sales open, the most one host may; end one first",
+                           code="too_many_open_sales")
 
     async def end_room_sale(self, room_id: str) -> None:
         """The room ended: so does its sale (reserved orders may still be paid)."""

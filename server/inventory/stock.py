@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -82,12 +82,16 @@ def parse_orders(raw: Mapping[bytes | str, bytes | str]) -> dict[str, OrderRecor
     return {text(k): _order.decode(v) for k, v in raw.items()}
 
 
+WAKES_KEPT = 10_000  # entries of the wake stream; a jobs process further behind polls instead
+
+
 class Stock:
     def __init__(self, redis: Redis, deployment: str) -> None:
         self.redis = redis
         # One deployment = one SQL database. Its open-sales set and its persister group are its
         # own, so deployments sharing a Redis never take each other's orders.
         self.open_key = keys.open_sales(deployment)
+        self.wakes_key = keys.wakes(deployment)
         self.group = f"persister:{deployment}"
         self._reserve = load_script(redis, "server.inventory", "reserve.lua", NOW_MS, GCRA)
         self._pay = load_script(redis, "server.inventory", "pay.lua", NOW_MS)
@@ -117,6 +121,7 @@ class Stock:
             pipe.sadd(self.open_key, t.sale_id)
             await pipe.execute()
         await self.ensure_group(t.sale_id)
+        await self.wake([t.sale_id])
 
     def persister_group(self, groups: list[dict[str, Any]]) -> dict[str, Any] | None:
         """This deployment's persister group among a sale stream's XINFO GROUPS, if there."""
@@ -203,7 +208,17 @@ class Stock:
         return Change(cast(ReleaseStatus, text(status)), _order_or_none(order), int(remaining))
 
     async def end(self, sale_id: str, reason: str) -> bool:
-        return bool(await self._end(keys=[keys.sale(sale_id), keys.log(sale_id)], args=[reason]))
+        ended = bool(await self._end(keys=[keys.sale(sale_id), keys.log(sale_id)], args=[reason]))
+        if ended:
+            await self.wake([sale_id])
+        return ended
+
+    async def wake(self, sale_ids: Iterable[str]) -> None:
+        """Tell the jobs processes these sales changed (server/inventory/watch.py). Best effort:
+        a wake that is lost costs a delay of at most watch.IDLE_S, never a change."""
+        ids = ",".join(sale_ids)
+        if ids:
+            await self.redis.xadd(self.wakes_key, {"sales": ids}, maxlen=WAKES_KEPT, approximate=True)
 
     async def state(self, sale_id: str) -> SaleState | None:
         return parse_state(await self.redis.hgetall(keys.sale(sale_id)))
@@ -235,6 +250,18 @@ class Stock:
     async def due(self, sale_id: str, now_ms: int, limit: int = 500) -> list[str]:
         """Reserved orders past their pay-by time."""
         return await self._due(keys.expiry(sale_id), now_ms, limit)
+
+    async def first_due(self, sale_id: str) -> int | None:
+        """The earliest pay-by time of the reserved orders (ms), if any."""
+        return await self._first(keys.expiry(sale_id))
+
+    async def first_capture(self, sale_id: str) -> int | None:
+        """When the earliest capture owed is due (ms), if any."""
+        return await self._first(keys.captures(sale_id))
+
+    async def _first(self, zset: str) -> int | None:
+        first = await self.redis.zrange(zset, 0, 0, withscores=True)
+        return int(first[0][1]) if first else None
 
     async def _due(self, zset: str, now_ms: int, limit: int) -> list[str]:
         ids = await self.redis.zrangebyscore(zset, "-inf", now_ms, start=0, num=limit)

@@ -476,7 +476,8 @@ async def test_the_persister_loop_archives_a_sale_once_it_settles(world: World,
     (buyer,) = await world.add_users(1)
     reserved = await world.reserve(sale.sale_id, buyer)
     assert reserved.order is not None
-    loop = asyncio.create_task(world.persister("looping").run())
+    persister = world.persister("looping")
+    loop = asyncio.gather(persister.run(), persister.watch.listen())  # the loop and the wakes it visits on
     try:
         async def archived() -> bool:
             state = await world.stock.state(sale.sale_id)
@@ -487,6 +488,7 @@ async def test_the_persister_loop_archives_a_sale_once_it_settles(world: World,
         await asyncio.sleep(0.5)
         assert not await archived()
         await world.stock.release(sale.sale_id, reserved.order.id, "cancelled", buyer)
+        await world.stock.wake([sale.sale_id])  # as the cancel's notifier does, on its next tick
         await eventually(archived, timeout=10, what="the sale archived")
     finally:
         loop.cancel()

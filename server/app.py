@@ -23,6 +23,7 @@ from server.backends import open_files, uvicorn_protocols
 from server.backends.loops import stop as stop_loops
 from server.backends.sql import POOL_MAX
 from server.config import Settings, load_settings
+from server.inventory.ledger import max_commission_bp
 from server.metrics import metrics
 from server.wiring import build_web, ensure_schema, redis_url
 
@@ -38,7 +39,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
     background jobs run in a process of their own (server/jobs.py)."""
     settings = settings or load_settings()
     uvicorn_protocols.configure(edge_limits(settings)[0])
-    schema = openapi.build(ROUTERS)
+    schema = openapi.build(ROUTERS, max_commission_bp=max_commission_bp(settings.platform_fee_bp))
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:

@@ -16,18 +16,28 @@ from server.text import clean, visible
 Username = Annotated[str, Meta(min_length=3, max_length=32, pattern=r"^[A-Za-z0-9_.-]+\Z",
                                description="3-32 letters, digits, '_', '.' or '-'")]
 Password = Annotated[str, Meta(min_length=8, max_length=128)]
-DisplayName = Annotated[str, Meta(min_length=1, max_length=32)]
-Title = Annotated[str, Meta(min_length=1, max_length=120)]
+# The schema says what the server's cleaning (server/text.py) checks as far as a regex can: at least
+# one character of scripts that always print (ASCII, Latin, Greek, Cyrillic, kana, CJK, Hangul).
+# The server takes more (an emoji alone, other scripts): the schema is the narrower promise.
+VISIBLE = ("[!-~\u00a1-\u00ac\u00ae-\u02ff\u0370-\u0377\u037a-\u037f\u0384-\u03ff\u0400-\u0482"
+           "\u048a-\u052f\u3041-\u3096\u30a1-\u30fa\u4e00-\u9fff\uac00-\ud7a3]")
+_NAMED = {"pattern": VISIBLE, "description": "shown trimmed, without control characters; not blank"}
+DisplayName = Annotated[str, Meta(min_length=1, max_length=32, extra_json_schema=_NAMED)]
+Title = Annotated[str, Meta(min_length=1, max_length=120, extra_json_schema=_NAMED)]
 # Text kept as sent (line breaks and all) but never a NUL, which PostgreSQL cannot store.
 Description = Annotated[str, Meta(max_length=2000, pattern=r"^[^\x00]*\Z")]
 PriceCents = Annotated[int, Meta(ge=1, le=100_000_000, description="integer cents")]
 BasisPoints = Annotated[int, Meta(ge=0, le=10_000, description="basis points: 2000 = 20%")]
+# A character of a URL: no control character and no space of any kind. Spelled out, not `\s`,
+# which means other characters in Python's regexes than in JSON Schema's (ECMA 262).
+_SPACES = r"\x00-\x20\x7f-\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000\ufeff"
+_URL_CHAR = rf"[^{_SPACES}]"
 # http(s) URLs only, so a `javascript:` URL can never reach an href or src.
-WebUrl = Annotated[str, Meta(max_length=2048, pattern=r"^https?://[^\s\x00-\x1f\x7f]+\Z")]
+WebUrl = Annotated[str, Meta(max_length=2048, pattern=rf"^https?://{_URL_CHAR}+\Z")]
 # Images may also be served by this app (a path starting with one slash, and no backslash after it:
 # browsers read `/\host` as another host).
 ImageUrl = Annotated[str, Meta(max_length=2048,
-                                pattern=r"^(https?://[^\s\x00-\x1f\x7f]+|/[^/\\\s\x00-\x1f\x7f][^\s\x00-\x1f\x7f]*)\Z")]
+                                pattern=rf"^(https?://{_URL_CHAR}+|/[^/\\{_SPACES}]{_URL_CHAR}*)\Z")]
 Timestamp = Annotated[str, Meta(description="ISO 8601, UTC")]
 
 

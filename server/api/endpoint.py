@@ -70,7 +70,7 @@ class Spec:
     response: Any
     status: int
     errors: tuple[int, ...]
-    query: tuple[tuple[str, str], ...] = ()  # (name, description)
+    query: tuple[tuple[str, str, dict[str, Any]], ...] = ()  # (name, description, JSON schema)
     also_ok: tuple[int, ...] = ()  # other statuses with the same body (a replayed purchase: 200; /healthz: 503)
     headers: tuple[tuple[str, str, dict[str, Any]], ...] = ()  # required request headers: name, description, schema
 
@@ -82,7 +82,7 @@ class Router:
 
     def endpoint(self, method: str, path: str, *, auth: Auth = "none", body: Any = None,
                  response: Any = None, status: int = 200, errors: tuple[int, ...] = (),
-                 query: tuple[tuple[str, str], ...] = (), also_ok: tuple[int, ...] = (),
+                 query: tuple[tuple[str, str, dict[str, Any]], ...] = (), also_ok: tuple[int, ...] = (),
                  headers: tuple[tuple[str, str, dict[str, Any]], ...] = ()) -> Callable[[Handler], Handler]:
         def register(fn: Handler) -> Handler:
             summary = (fn.__doc__ or fn.__name__).strip().splitlines()[0]
@@ -140,9 +140,25 @@ async def read_body(request: Request, body_type: Any) -> Any:
         return msgspec.json.decode(raw, type=body_type)
     except msgspec.ValidationError as exc:
         msg = str(exc)
+        if "Expected `int`, got `float`" in msg:  # 25.0 is an integer to JSON Schema, and so to us
+            try:
+                return msgspec.convert(_integral(msgspec.json.decode(raw)), body_type)
+            except msgspec.ValidationError as again:
+                msg = str(again)
         raise Unprocessable(msg, field=field_of(msg)) from None
     except (msgspec.DecodeError, UnicodeDecodeError) as exc:
         raise BadRequest(f"malformed JSON: {exc}", code="malformed_json") from None
+
+
+def _integral(value: Any) -> Any:
+    """A decoded body with its whole-number floats (25.0) as ints, within int64."""
+    if isinstance(value, float) and value.is_integer() and abs(value) < 2**63:
+        return int(value)
+    if isinstance(value, dict):
+        return {k: _integral(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_integral(v) for v in value]
+    return value
 
 
 class _Methods:

@@ -40,11 +40,25 @@ def _ecma_patterns(node: Any) -> Any:
     return node
 
 
-def build(routers: list[Router]) -> dict[str, Any]:
+def _limit_property(node: Any, name: str, maximum: int) -> None:
+    """Set the maximum of every property `name` in the schema (a limit that depends on settings)."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key == "properties" and isinstance(value, dict) and isinstance(value.get(name), dict):
+                value[name]["maximum"] = maximum
+            _limit_property(value, name, maximum)
+    elif isinstance(node, list):
+        for value in node:
+            _limit_property(value, name, maximum)
+
+
+def build(routers: list[Router], *, max_commission_bp: int = 10_000) -> dict[str, Any]:
     specs = [spec for r in routers for spec, _ in r.specs]
     types: list[Any] = [ErrorOut] + [t for s in specs for t in (s.body, s.response) if t not in (None, dict)]
     schemas, components = msgspec.json.schema_components(types, ref_template="#/components/schemas/{name}")
     schemas, components = _ecma_patterns(schemas), _ecma_patterns(components)
+    # The server refuses a commission that, with the platform's fee, pays out more than a sale.
+    _limit_property(components, "commission_rate_bp", max_commission_bp)
     by_type = dict(zip(types, schemas, strict=True))
     paths: dict[str, dict[str, Any]] = {}
     tags = {spec.name: r.tag for r in routers for spec, _ in r.specs}
@@ -52,8 +66,8 @@ def build(routers: list[Router]) -> dict[str, Any]:
         op: dict[str, Any] = {"operationId": spec.name, "summary": spec.summary, "tags": [tags[spec.name]]}
         params = [{"name": n, "in": "path", "required": True, "schema": {"type": "string"}}
                   for n in re.findall(r"{(\w+)}", spec.path)]
-        params += [{"name": n, "in": "query", "required": False, "description": d, "schema": {"type": "string"}}
-                   for n, d in spec.query]
+        params += [{"name": n, "in": "query", "required": False, "description": d, "schema": schema}
+                   for n, d, schema in spec.query]
         params += [{"name": n, "in": "header", "required": True, "description": d, "schema": schema}
                    for n, d, schema in spec.headers]
         if params:

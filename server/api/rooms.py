@@ -31,8 +31,9 @@ async def create_room(call: Call[RoomIn]) -> RoomOut:
 
 
 @router.endpoint("GET", "/api/rooms", response=list[RoomOut],
-                 query=(("status", "scheduled | live | ended"), ("host_id", "only this host's rooms"),
-                        ("limit", "1-100, default 50")))
+                 query=(("status", "only rooms in this state", {"type": "string", "enum": list(_STATUSES)}),
+                        ("host_id", "only this host's rooms", {"type": "string"}),
+                        ("limit", "how many", {"type": "integer", "minimum": 1, "maximum": 100, "default": 50})))
 async def list_rooms(call: Call[None]) -> list[RoomOut]:
     """Rooms, live ones first, then scheduled, then ended; newest first within each."""
     q = call.request.query_params

@@ -40,6 +40,8 @@ STATE_REFUSALS = {"key_reused"}
 
 @pytest.fixture(scope="module")
 def srv(tmp_path_factory: pytest.TempPathFactory, redis_url: str) -> Iterator[ServerProcess]:
+    """A server of its own, not the session's (conftest's `server`): the generated requests create,
+    edit, start and end rooms, products and sales by the hundred, as test_http.py's fuzz does."""
     with ServerProcess(tmp_path_factory.mktemp("schema"), redis_url=redis_url) as s:
         yield s
 

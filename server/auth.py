@@ -24,8 +24,8 @@ from typing import Literal, Mapping, cast
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
 from itsdangerous import BadSignature, SignatureExpired, URLSafeTimedSerializer
-from redis.asyncio import Redis
 
+from server.backends.redis_client import RedisClient
 from server.errors import Forbidden, Unauthorized
 from server.origins import origin_allowed, own_origin
 
@@ -72,7 +72,7 @@ DECODED_CACHE = 16_384  # tokens whose signature was checked, per process
 
 
 class Sessions:
-    def __init__(self, secret_key: str, ttl_s: int, redis: Redis) -> None:
+    def __init__(self, secret_key: str, ttl_s: int, redis: RedisClient) -> None:
         self._serializer = URLSafeTimedSerializer(secret_key, salt="livesale.session.v1")
         self.ttl_s = ttl_s
         self._redis = redis

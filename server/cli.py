@@ -60,9 +60,13 @@ def serve(host: str, port: int, workers: int, log_level: str) -> None:
             # find it by the data dir (server.wiring.redis_url).
             embedded = EmbeddedValkey(settings.data_dir, binary=settings.redis_server_bin)
             click.echo(f"livesale: embedded Valkey at {embedded.start(supervise=True)} (data in {embedded.dir})")
-        from server.wiring import ensure_schema
+        from server.wiring import check_redis, ensure_schema
 
         asyncio.run(ensure_schema(settings))
+        try:
+            asyncio.run(check_redis(settings))
+        except ConfigError as exc:
+            raise click.ClickException(str(exc)) from None
         if settings.background_jobs:
             jobs = JobsProcess(log_level)
             jobs.start()
@@ -162,7 +166,7 @@ def reconcile(sale_id: str) -> None:
 
 
 async def _reconcile(settings: Settings, sale_id: str) -> Report:
-    from server.backends.redis_client import make_redis
+    from server.backends.redis_client import close, make_redis
     from server.backends.sql import make_engine, make_sessionmaker
     from server.inventory.reconcile import reconcile
     from server.inventory.stock import Stock
@@ -175,7 +179,7 @@ async def _reconcile(settings: Settings, sale_id: str) -> Report:
         return await reconcile(stock, make_sessionmaker(db_engine), sale_id)
     finally:
         stock.disconnect()
-        await redis.aclose(close_connection_pool=True)
+        await close(redis)
         await db_engine.dispose()
 
 

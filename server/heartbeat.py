@@ -8,9 +8,8 @@ from __future__ import annotations
 import logging
 import time
 
-from redis.asyncio import Redis
-
 from server.backends.loops import repeat
+from server.backends.redis_client import RedisClient
 
 log = logging.getLogger("livesale.jobs")
 
@@ -23,7 +22,7 @@ def key(deployment: str) -> str:
     return f"jobs:alive:{deployment}"
 
 
-async def beat(redis: Redis, deployment: str) -> None:
+async def beat(redis: RedisClient, deployment: str) -> None:
     """Renew the key every BEAT_S, until cancelled. It runs beside the jobs' loops, and the
     process exits (to be restarted) as soon as any of them ends, so a beat means all run."""
     async def once() -> None:
@@ -31,5 +30,5 @@ async def beat(redis: Redis, deployment: str) -> None:
     await repeat(once, every_s=BEAT_S, what="jobs heartbeat", logger=log)
 
 
-async def alive(redis: Redis, deployment: str) -> bool:
+async def alive(redis: RedisClient, deployment: str) -> bool:
     return bool(await redis.exists(key(deployment)))

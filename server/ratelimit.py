@@ -5,9 +5,8 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass
 
-from redis.asyncio import Redis
-
 from server.backends.lua import NOW_MS, Prelude, load_script
+from server.backends.redis_client import RedisClient
 from server.errors import TooManyRequests, Unavailable
 
 # The GCRA functions (gcra.lua): a prelude of every script that rate-limits, so that every limit
@@ -99,7 +98,7 @@ class PerAddress:
 
 
 class RateLimiter:
-    def __init__(self, redis: Redis) -> None:
+    def __init__(self, redis: RedisClient) -> None:
         self._script = load_script(redis, "server", "ratelimit.lua", NOW_MS, GCRA)
 
     async def _run(self, limit: Limit, subject: str, cost: int, mode: str) -> tuple[int, int]:
@@ -127,7 +126,7 @@ class LoginGuard:
     """The login limits of one account (login_guard.lua): spent before the password is checked,
     given back when it was right."""
 
-    def __init__(self, redis: Redis) -> None:
+    def __init__(self, redis: RedisClient) -> None:
         self._redis = redis
         self._script = load_script(redis, "server", "login_guard.lua", NOW_MS, GCRA)
         self._refund = load_script(redis, "server", "ratelimit.lua", NOW_MS, GCRA)

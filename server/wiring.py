@@ -15,7 +15,6 @@ from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import Any
 
-from redis.asyncio import Redis
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
@@ -23,8 +22,10 @@ import server.inventory.tables  # noqa: F401  (the tables ensure_schema creates)
 import server.models  # noqa: F401
 from server import heartbeat
 from server.auth import Sessions
+from server.backends import redis_client
 from server.backends.embedded_valkey import EmbeddedValkey
-from server.backends.redis_client import make_listener, make_redis
+from server.backends.redis_client import RedisClient, make_redis
+from server.backends.redis_nodes import Nodes
 from server.backends.sql import create_schema, make_engine, make_sessionmaker
 from server.catalog import find_room
 from server.config import Settings
@@ -61,6 +62,15 @@ def redis_url(settings: Settings) -> str:
     return engine.url
 
 
+async def check_redis(settings: Settings) -> None:
+    """Before any worker starts: a REDIS_URL that cannot work is said at once (ConfigError)."""
+    redis = make_redis(redis_url(settings), 2)
+    try:
+        await redis_client.check_topology(redis)
+    finally:
+        await redis_client.close(redis)
+
+
 async def ensure_schema(settings: Settings) -> None:
     """Create the tables that are missing."""
     engine = make_engine(settings.database_url)
@@ -81,7 +91,7 @@ async def ensure_schema(settings: Settings) -> None:
 
 @dataclass
 class _Core:
-    redis: Redis
+    redis: RedisClient
     db_engine: AsyncEngine
     db: async_sessionmaker[AsyncSession]
     publisher: Publisher
@@ -95,7 +105,7 @@ class _Core:
 
     async def close(self) -> None:
         self.stock.disconnect()
-        await self.redis.aclose(close_connection_pool=True)
+        await redis_client.close(self.redis)
         await self.db_engine.dispose()
 
 
@@ -103,6 +113,7 @@ async def _core(settings: Settings, url: str) -> _Core:
     redis = make_redis(url, settings.redis_max_connections)
     engine = make_engine(settings.database_url)
     db = make_sessionmaker(engine)
+    await redis_client.check_topology(redis)
     publisher = await Publisher.detect(redis)
     store = RoomStore(redis, publisher)
     banned = BannedWords(store)
@@ -118,7 +129,7 @@ async def _core(settings: Settings, url: str) -> _Core:
 class Services:
     """A web worker's long-lived objects: what a request handler or a socket may use."""
     settings: Settings
-    redis: Redis
+    redis: RedisClient
     db_engine: AsyncEngine
     db: async_sessionmaker[AsyncSession]
     sessions: Sessions
@@ -131,28 +142,24 @@ class Services:
     sales: Sales
     orders: Orders
     _core: _Core
-    _listener: Redis
 
     def loops(self) -> dict[str, Loop]:
         """What serves viewers: the pub/sub listener, the hub's tick, sale updates."""
         return {"broker": self.broker.run(self.hub), "hub": self.hub.run(), "notifier": self._core.notifier.run()}
 
     async def close(self) -> None:
-        await self._listener.aclose(close_connection_pool=True)
         await self._core.close()
 
 
 async def build_web(settings: Settings, url: str) -> Services:
     core = await _core(settings, url)
     sessions = Sessions(settings.secret_key, settings.token_ttl_s, core.redis)
-    listener = make_listener(url)  # connects when the broker runs
-    broker = Broker(listener, sessions, sharded=core.publisher.sharded)
+    broker = Broker(Nodes(core.redis), sessions, sharded=core.publisher.sharded)  # connects when it runs
     welcomes = Welcomes(core.store, functools.partial(find_room, core.db), core.sales.in_room)
     hub = Hub(core.store, broker, core.publisher, core.banned, welcomes)
     return Services(settings=settings, redis=core.redis, db_engine=core.db_engine, db=core.db, sessions=sessions,
                     limiter=RateLimiter(core.redis), logins=LoginGuard(core.redis),
-                    sockets=PerAddress(settings.max_sockets_per_address), hub=hub, broker=broker, rooms=core.rooms, sales=core.sales, orders=core.orders, _core=core,
-                    _listener=listener)
+                    sockets=PerAddress(settings.max_sockets_per_address), hub=hub, broker=broker, rooms=core.rooms, sales=core.sales, orders=core.orders, _core=core)
 
 
 @dataclass

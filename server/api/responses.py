@@ -6,6 +6,7 @@ import logging
 from typing import Any
 
 import msgspec
+from redis.exceptions import AskError, ClusterError, RedisClusterException, TryAgainError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from sqlalchemy.exc import DataError, DBAPIError, InterfaceError, OperationalError
@@ -105,6 +106,12 @@ EXCEPTION_HANDLERS: dict[Any, Any] = {
     HTTPException: on_http_exception,
     RedisConnectionError: on_unavailable,
     RedisTimeoutError: on_unavailable,
+    # A cluster that is resharding or failing over, after the client's own retries: no node
+    # serves the slot, the slot is half-moved (TRYAGAIN), or it keeps moving.
+    RedisClusterException: on_unavailable,
+    ClusterError: on_unavailable,
+    TryAgainError: on_unavailable,
+    AskError: on_unavailable,
     SATimeoutError: on_unavailable,
     OperationalError: on_unavailable,
     DataError: on_data_error,

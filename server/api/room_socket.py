@@ -9,11 +9,11 @@ import logging
 import time
 
 import msgspec
-from redis.exceptions import RedisError
 from sqlalchemy.exc import SQLAlchemyError
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from server.auth import authenticate
+from server.backends.redis_client import REDIS_ERRORS
 from server.errors import ApiError
 from server.metrics import REFUSED
 from server.origins import origin_allowed, own_origin
@@ -64,7 +64,7 @@ async def _join(ws: WebSocket, services: Services, room_id: str) -> None:
     except ApiError as exc:
         await _refuse(ws, protocol.SESSION_ENDED, exc.code, exc.message)
         return
-    except (RedisError, SQLAlchemyError):
+    except (*REDIS_ERRORS, SQLAlchemyError):
         await _refuse(ws, protocol.TRY_AGAIN_LATER, protocol.UNAVAILABLE, UNAVAILABLE)
         return
     if meta is None:
@@ -82,7 +82,7 @@ async def _join(ws: WebSocket, services: Services, room_id: str) -> None:
                 await ws.close(protocol.SESSION_ENDED, "logged out")
                 return
             meta = await hub.welcome(conn)
-        except (asyncio.TimeoutError, OSError, ConnectionError, RedisError, SQLAlchemyError) as exc:
+        except (asyncio.TimeoutError, OSError, ConnectionError, *REDIS_ERRORS, SQLAlchemyError) as exc:
             log.warning("join failed for room %s: %r", room_id, exc)
             await ws.send_text(protocol.error_frame(protocol.UNAVAILABLE, UNAVAILABLE))
             await ws.close(protocol.TRY_AGAIN_LATER)
@@ -153,7 +153,7 @@ async def _read(ws: WebSocket, conn: Connection, services: Services) -> None:
         else:
             try:
                 refusal = await services.rooms.post_chat(conn.room_id, conn.principal, conn.is_host, msg.text)
-            except RedisError:
+            except REDIS_ERRORS:
                 _error(conn, protocol.UNAVAILABLE, "chat is unavailable for a moment; try again")
                 continue
             if refusal is not None:

@@ -13,8 +13,8 @@ Redis answers a connection's commands in order, so batches need not wait for eac
 other either: they queue on the link and each takes the next replies.
 
 Every call still gets its own answer or its own error. A batch cut off by a dropped
-connection or a timeout is sent again on a new connection (with redis-py's retry
-policy), which is safe because every script we send is idempotent on stock and
+connection or a timeout is sent again on a new connection (twice at most, after a
+short pause), which is safe because every script we send is idempotent on stock and
 orders (a re-sent reserve that is refused again spends once more from the buyer's
 rate limits).
 """
@@ -28,16 +28,15 @@ from typing import Any, cast
 
 import hiredis
 from redis._parsers import BaseParser
-from redis.asyncio import Redis
-from redis.asyncio.connection import AbstractConnection
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
+from redis.asyncio.cluster import RedisCluster
+from redis.backoff import ExponentialWithJitterBackoff
 from redis.commands.core import AsyncScript
+from redis.exceptions import AskError, ClusterDownError, InvalidResponse, MovedError, NoScriptError, TryAgainError
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import InvalidResponse, NoScriptError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from server.backends.redis_client import SOCKET_TIMEOUT_S, make_retry
+from server.backends.redis_client import SOCKET_TIMEOUT_S, RedisClient
+from server.backends.redis_nodes import Nodes
 
 # redis-py's internals this module relies on, checked against each new major before the range in
 # pyproject.toml admits it (tests/backends/test_redis_version.py): a pool's make_connection(), a
@@ -45,7 +44,6 @@ from server.backends.redis_client import SOCKET_TIMEOUT_S, make_retry
 # this module takes over; BaseParser.parse_error, which makes an error reply redis-py's exception.
 REDIS_MAJOR = 8
 
-Call = tuple[AsyncScript, bytes, "asyncio.Future[Any]"]  # the script, its EVALSHA packed, the answer
 CLIENT_NAME = "livesale-autopipeline"
 _SETNAME = hiredis.pack_command(("CLIENT", "SETNAME", CLIENT_NAME))  # type: ignore[arg-type]  # the stub's tuple type is too narrow
 
@@ -103,91 +101,177 @@ class _Link(asyncio.Protocol):
                 done.set_exception(self.error)
 
 
+class _Call:
+    """One script call on its way: where it goes (its first key's node), and how often it was
+    sent again."""
+    __slots__ = ("script", "packed", "fut", "key", "failures", "redirects")
+
+    def __init__(self, script: AsyncScript, packed: bytes, fut: asyncio.Future[Any], key: bytes | str | None) -> None:
+        self.script, self.packed, self.fut, self.key = script, packed, fut, key
+        self.failures = 0   # whole batches lost with it (a dropped connection, a timeout)
+        self.redirects = 0  # MOVED, ASK, TRYAGAIN, CLUSTERDOWN, NOSCRIPT: it ran nowhere
+
+
+# Sent again after that many lost batches (as the shared client's retry policy does), or that many
+# redirections: a slot that keeps moving or stays half-migrated fails the call (503), never hangs it.
+MAX_FAILURES = 2
+MAX_REDIRECTS = 6
+_backoff = ExponentialWithJitterBackoff(base=0.05, cap=0.5)
+_ASKING = hiredis.pack_command(("ASKING",))
+
+
 class AutoPipeline:
+    """Batches per node: on a cluster each master gets its own connection and its own batches, and
+    a call goes to the master of its first key's slot (every key of one of our scripts shares a
+    hash tag). A MOVED reply re-reads the slots and sends the call to the new owner; ASK sends it
+    once to the importing node; TRYAGAIN (the slot is half-migrated) and CLUSTERDOWN send it again
+    after a pause. None of these ran the script, so sending again is safe."""
+
     # A batch runs in Redis as one block of work (a reserve is ~40 µs of engine time), during
     # which its other clients wait: 64 keeps that under ~3 ms.
-    def __init__(self, redis: Redis, max_batch: int = 64) -> None:
+    def __init__(self, redis: RedisClient, max_batch: int = 64) -> None:
         self._redis = redis
+        self._nodes = Nodes(redis)
         self._max_batch = max_batch
-        self._pending: list[Call] = []
+        self._pending: dict[str, list[_Call]] = {}  # node -> calls of this turn
+        self._flush_due = False
         self._sending: set[asyncio.Task[None]] = set()  # strong references until done
-        self._link: _Link | None = None
-        self._connecting: asyncio.Future[_Link] | None = None  # one attempt, shared by every batch waiting
+        self._links: dict[str, _Link] = {}
+        self._connecting: dict[str, asyncio.Future[_Link]] = {}  # one attempt per node, shared by its batches
         self._closed = False
-        self._retry = make_retry()
 
     async def script(self, script: AsyncScript, keys: Sequence[Any], args: Sequence[Any]) -> Any:
         """Run a registered script (by SHA; loaded again if Redis forgot it, after a restart)."""
         packed = hiredis.pack_command(("EVALSHA", script.sha, len(keys), *keys, *args))  # bad args fail here
-        loop = asyncio.get_running_loop()
-        fut: asyncio.Future[Any] = loop.create_future()
-        if not self._pending:
-            loop.call_soon(self._flush)
-        self._pending.append((script, packed, fut))
-        if len(self._pending) >= self._max_batch:
-            self._flush()
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._queue(_Call(script, packed, fut, keys[0] if keys else None))
         return await fut
 
     def close(self) -> None:
-        """Close the connection: calls in flight are cancelled, later ones fail."""
+        """Close the connections: calls in flight are cancelled, later ones fail."""
         self._closed = True
         for task in self._sending:
             task.cancel()
-        link, self._link = self._link, None
-        if link is not None:
+        pending, self._pending = self._pending, {}
+        for calls in pending.values():
+            _fail(calls, asyncio.CancelledError())
+        links, self._links = self._links, {}
+        for link in links.values():
             link.close(RedisConnectionError("the auto-pipeline is closed"))
 
-    def _flush(self) -> None:
-        batch, self._pending = self._pending, []
-        if batch:
-            task = asyncio.create_task(self._send(batch), name="redis-autopipeline")
-            self._sending.add(task)
-            task.add_done_callback(self._sending.discard)
-            # A task cancelled before its first step never runs its own handlers.
-            task.add_done_callback(lambda _: _fail(batch, asyncio.CancelledError()))
-
-    async def _send(self, batch: list[Call]) -> None:
-        if not await self._attempt(batch):
+    def _queue(self, call: _Call) -> None:
+        if self._closed:
+            _fail([call], RedisConnectionError("the auto-pipeline is closed"))
             return
-        missing = [call for call in batch if not call[2].done()]
-        if missing:
-            # A restarted Redis has no scripts: load them and send again what it refused (a
-            # refused EVALSHA ran nothing). The others already have their answers.
-            try:
-                for script in {id(c[0]): c[0] for c in missing}.values():
-                    await self._redis.script_load(script.script)
-            except BaseException as exc:
-                _fail(missing, exc)
-                if not isinstance(exc, Exception):
-                    raise
-                return
-            await self._attempt(missing, reload=False)
-
-    async def _attempt(self, batch: list[Call], reload: bool = True) -> bool:
-        """Send a batch and settle each call with its answer; NOSCRIPT refusals are left
-        pending when `reload`. False if the batch failed as a whole (every call told)."""
-        packed = b"".join(command for _, command, _ in batch)
         try:
-            results: list[Any] = await self._retry.call_with_retry(
-                lambda: self._round_trip(packed, len(batch)), self._drop, lambda _: not self._closed)
+            node = self._nodes.of(call.key) if call.key is not None else self._nodes.masters()[0]
+        except Exception as exc:  # no node serves the slot now
+            _fail([call], exc)
+            return
+        if not self._flush_due:
+            self._flush_due = True
+            asyncio.get_running_loop().call_soon(self._flush)
+        batch = self._pending.setdefault(node, [])
+        batch.append(call)
+        if len(batch) >= self._max_batch:
+            self._start(node, self._pending.pop(node))
+
+    def _flush(self) -> None:
+        self._flush_due = False
+        pending, self._pending = self._pending, {}
+        for node, batch in pending.items():
+            self._start(node, batch)
+
+    def _start(self, node: str, batch: list[_Call], *, asking: bool = False) -> None:
+        task = asyncio.create_task(self._send(node, batch, asking), name="redis-autopipeline")
+        self._sending.add(task)
+        task.add_done_callback(self._sending.discard)
+        # A task cancelled before its first step never runs its own handlers.
+        task.add_done_callback(lambda t: _fail(batch, asyncio.CancelledError()) if t.cancelled() else None)
+
+    async def _send(self, node: str, batch: list[_Call], asking: bool) -> None:
+        """Send a batch to a node and settle each call with its answer; what must go again (a
+        lost batch, a redirection, an unknown script) goes again, up to its limits."""
+        packed = b"".join(_ASKING + c.packed for c in batch) if asking else b"".join(c.packed for c in batch)
+        try:
+            replies = await self._round_trip(node, packed, len(batch) * (2 if asking else 1))
+        except (RedisConnectionError, RedisTimeoutError) as exc:
+            await self._lost(batch, exc)
+            return
         except BaseException as exc:  # every caller must hear of it, even on cancellation
             _fail(batch, exc)
             if not isinstance(exc, Exception):
                 raise
-            return False
-        for (_, _, fut), result in zip(batch, results):
-            if fut.done():  # the caller was cancelled; the script ran all the same
+            return
+        again: list[_Call] = []
+        unknown: list[_Call] = []
+        moved = False
+        for call, result in zip(batch, replies[1::2] if asking else replies):
+            if call.fut.done():  # the caller was cancelled; the script ran all the same
                 continue
-            if isinstance(result, NoScriptError) and reload:
-                continue
-            if isinstance(result, Exception):
-                fut.set_exception(result)
+            if not isinstance(result, Exception):
+                call.fut.set_result(result)
+            elif call.redirects >= MAX_REDIRECTS or not isinstance(result, _REDIRECTIONS):
+                call.fut.set_exception(result)
+            elif isinstance(result, NoScriptError):
+                unknown.append(call)
+            elif isinstance(result, AskError) and not isinstance(result, MovedError):
+                call.redirects += 1  # this call only, to the importing node, and only once
+                self._start(f"{result.host}:{result.port}", [call], asking=True)
             else:
-                fut.set_result(result)
-        return True
+                moved = moved or isinstance(result, MovedError)
+                again.append(call)
+        if unknown:
+            await self._load(node, unknown)
+            again += unknown
+        if again:
+            await self._requeue(again, refresh=moved, pause=not moved)
 
-    async def _round_trip(self, packed: bytes, n: int) -> list[Any]:
-        link = await self._connect()
+    async def _load(self, node: str, calls: list[_Call]) -> None:
+        """A restarted Redis (a failed-over master) has no scripts: load them on that node (a
+        refused EVALSHA ran nothing)."""
+        try:
+            for script in {id(c.script): c.script for c in calls}.values():
+                if isinstance(self._redis, RedisCluster):
+                    target = self._redis.get_node(node_name=node)
+                    await self._redis.execute_command("SCRIPT LOAD", script.script, target_nodes=target)
+                else:
+                    await self._redis.script_load(script.script)
+        except BaseException as exc:
+            _fail(calls, exc)
+            calls.clear()
+            if not isinstance(exc, Exception):
+                raise
+
+    async def _lost(self, batch: list[_Call], exc: Exception) -> None:
+        """The batch's connection failed or timed out: send again on a new connection, after a
+        pause and, on a cluster, a fresh look at the slots (the master may have failed over)."""
+        live = [c for c in batch if not c.fut.done()]
+        for call in live:
+            call.failures += 1
+        _fail([c for c in live if c.failures > MAX_FAILURES or self._closed], exc)
+        live = [c for c in live if not c.fut.done()]
+        if live:
+            await asyncio.sleep(_backoff.compute(max(c.failures for c in live)))
+            await self._requeue(live, refresh=self._nodes.cluster, pause=False)
+
+    async def _requeue(self, calls: list[_Call], *, refresh: bool, pause: bool) -> None:
+        for call in calls:
+            call.redirects += 1
+        if pause:  # a half-migrated slot, a cluster electing a master: give it a moment
+            await asyncio.sleep(_backoff.compute(max(c.redirects for c in calls)))
+        if refresh:
+            try:
+                await self._nodes.refresh()
+            except Exception as exc:  # the cluster cannot be read now: the calls fail (503)
+                _fail(calls, exc)
+                return
+        for call in calls:
+            if not call.fut.done():
+                self._queue(call)
+
+    async def _round_trip(self, node: str, packed: bytes, n: int) -> list[Any]:
+        link = await self._connect(node)
         answer = link.round_trip(packed, n)
         try:
             async with asyncio.timeout(SOCKET_TIMEOUT_S):
@@ -198,32 +282,29 @@ class AutoPipeline:
             link.close(error)
             raise error from None
 
-    async def _drop(self, error: Exception) -> None:
-        if self._link is not None and self._link.error is not None:
-            self._link = None
-
-    async def _connect(self) -> _Link:
-        """The link, connecting if needed. Batches that find a connection attempt under way wait
-        for that one (and share its failure): a dead Redis costs one attempt, not one per batch."""
+    async def _connect(self, node: str) -> _Link:
+        """The node's link, connecting if needed. Batches that find a connection attempt under way
+        wait for that one (and share its failure): a dead node costs one attempt, not one per batch."""
         if self._closed:
             raise RedisConnectionError("the auto-pipeline is closed")
-        if self._link is not None and self._link.error is None:
-            return self._link
-        if self._connecting is None:
-            self._connecting = asyncio.ensure_future(self._open())
-            self._connecting.add_done_callback(self._connected)
-        return await asyncio.shield(self._connecting)  # a cancelled batch leaves it to the others
+        link = self._links.get(node)
+        if link is not None and link.error is None:
+            return link
+        attempt = self._connecting.get(node)
+        if attempt is None:
+            attempt = self._connecting[node] = asyncio.ensure_future(self._open(node))
+            attempt.add_done_callback(lambda done: self._connected(node, done))
+        return await asyncio.shield(attempt)  # a cancelled batch leaves it to the others
 
-    def _connected(self, attempt: asyncio.Future[_Link]) -> None:
-        self._connecting = None
+    def _connected(self, node: str, attempt: asyncio.Future[_Link]) -> None:
+        self._connecting.pop(node, None)
         if not attempt.cancelled() and attempt.exception() is None:
-            self._link = attempt.result()
+            self._links[node] = attempt.result()
 
-    async def _open(self) -> _Link:
+    async def _open(self, node: str) -> _Link:
         """A new connection, set up by redis-py (address, TLS, AUTH, SELECT, as for the pool's
         connections), then handed to a link: its replies are read by the link only."""
-        conn: AbstractConnection = self._redis.connection_pool.make_connection()  # type: ignore[no-untyped-call]
-        conn.retry = Retry(NoBackoff(), 0)  # one try: the batches' own retry policy is the only one
+        conn = self._nodes.connection(node)  # one try: the batches' own retry policy is the only one
         await conn.connect()  # type: ignore[no-untyped-call]
         writer: asyncio.StreamWriter | None = getattr(conn, "_writer", None)
         if writer is None:
@@ -246,8 +327,13 @@ class AutoPipeline:
         return link
 
 
-def _fail(calls: list[Call], exc: BaseException) -> None:
-    for _, _, fut in calls:
+# Replies that mean "not run here, send it again" (MovedError is an AskError).
+_REDIRECTIONS = (NoScriptError, AskError, TryAgainError, ClusterDownError)
+
+
+def _fail(calls: list[_Call], exc: BaseException) -> None:
+    for call in calls:
+        fut = call.fut
         if fut.done():
             continue
         if isinstance(exc, asyncio.CancelledError):

@@ -12,14 +12,15 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 
-from redis.exceptions import RedisError
 from sqlalchemy.exc import SQLAlchemyError
+
+from server.backends.redis_client import REDIS_ERRORS
 
 log = logging.getLogger("livesale.loops")
 
 # What a pass may meet when a backend is away or slow: logged in one line, then retried. Anything
 # else is a bug and is logged with its traceback (and retried too: one bad pass must not stop a loop).
-BACKEND_ERRORS = (RedisError, SQLAlchemyError, OSError)
+BACKEND_ERRORS = (*REDIS_ERRORS, SQLAlchemyError, OSError)
 
 
 def running() -> bool:

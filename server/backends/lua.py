@@ -8,15 +8,16 @@ from __future__ import annotations
 
 from importlib import resources
 
-from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
+
+from server.backends.redis_client import RedisClient
 
 Prelude = tuple[str, str]  # package, file name
 
 NOW_MS: Prelude = ("server.backends", "now_ms.lua")  # now_ms(): the Redis server's clock
 
 
-def load_script(redis: Redis, package: str, filename: str, *preludes: Prelude) -> AsyncScript:
+def load_script(redis: RedisClient, package: str, filename: str, *preludes: Prelude) -> AsyncScript:
     """Register a script; redis-py runs it by SHA and loads it again if Redis forgot it (a restart)."""
     parts = [resources.files(p).joinpath(f).read_text() for p, f in (*preludes, (package, filename))]
     return redis.register_script("\n".join(parts))

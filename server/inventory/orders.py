@@ -11,11 +11,11 @@ import asyncio
 import logging
 import time
 
-from redis.exceptions import RedisError
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from server.auth import Principal
+from server.backends.redis_client import REDIS_ERRORS
 from server.errors import Conflict, NotFound, PaymentRequired, TooManyRequests, Unavailable, Unprocessable
 from server.ids import looks_like_id
 from server.inventory.notifier import SaleNotifier
@@ -89,7 +89,7 @@ class Orders:
             room_id = await self._stock.room_of(sale_id)
             if room_id is not None:
                 await self._rooms.tell(room_id, protocol.SoldOut(id=sale_id, v=v))
-        except RedisError as exc:
+        except REDIS_ERRORS as exc:
             # The order is made: its buyer gets it. Viewers see the stock at the next update.
             log.warning("sale %s: announcing order %s failed (%r)", sale_id, order.id, exc)
 

@@ -20,7 +20,6 @@ import time
 from typing import Any, cast
 
 import msgspec
-from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 from sqlalchemy import Table, select, update
 from sqlalchemy.dialects import postgresql, sqlite
@@ -28,6 +27,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from server import clock
 from server.backends.loops import repeat
+from server.backends.redis_client import RedisClient
 from server.inventory import keys, ledger
 from server.inventory.records import EndReason, OrderRecord
 from server.inventory.stock import Stock, decode_order
@@ -80,7 +80,7 @@ def _ms(value: int | None) -> Any:
 
 
 class Persister:
-    def __init__(self, redis: Redis, stock: Stock, db: async_sessionmaker[AsyncSession], *,
+    def __init__(self, redis: RedisClient, stock: Stock, db: async_sessionmaker[AsyncSession], *,
                  consumer: str | None = None, claim_idle_ms: int = CLAIM_IDLE_MS,
                  watch: SaleWatch | None = None) -> None:
         self.redis = redis
@@ -231,7 +231,7 @@ class Persister:
         if books.captures_owed:
             return False  # also when the sale's hash is gone: the late captures still need the sale open
         state = books.state
-        if state is None:
+        if state is None or state.archived_at:  # never created, or archived but still indexed
             return True
         if state.ended_at == 0 or state.reserved != 0:
             return False

@@ -6,16 +6,14 @@ import contextlib
 import secrets
 from typing import AsyncIterator
 
-from redis.asyncio import Redis
-
 from server.backends.lua import load_script
-from server.backends.redis_client import text
+from server.backends.redis_client import RedisClient, text
 from server.errors import Conflict
 from server.inventory import keys
 
 
 class RoomSales:
-    def __init__(self, redis: Redis) -> None:
+    def __init__(self, redis: RedisClient) -> None:
         self._redis = redis
         self._unlock = load_script(redis, "server.inventory", "launch_unlock.lua")
 

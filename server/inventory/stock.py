@@ -14,12 +14,12 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 import msgspec
-from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
 from server.backends.autopipeline import AutoPipeline
 from server.backends.lua import NOW_MS, load_script
-from server.backends.redis_client import text
+from server.backends.redis_client import RedisClient, text
+from server.errors import Unavailable
 from server.ids import random_b32
 from server.inventory import keys
 from server.inventory.records import (
@@ -70,10 +70,11 @@ def _order_or_none(raw: bytes) -> OrderRecord | None:
 
 
 def parse_state(raw: Mapping[bytes | str, bytes | str]) -> SaleState | None:
-    """The sale hash, typed; None if there is no such sale."""
-    if not raw:
-        return None
+    """The sale hash, typed; None if there is no such sale (no hash, or the mark archive_sale.lua
+    leaves for a sale that was never created)."""
     fields: dict[str, Any] = {text(k): text(v) for k, v in raw.items()}
+    if "room_id" not in fields:
+        return None
     fields["info"] = _info.decode(fields["info"])
     return msgspec.convert(fields, SaleState, strict=False)  # the numbers come as text
 
@@ -86,7 +87,7 @@ WAKES_KEPT = 10_000  # entries of the wake stream; a jobs process further behind
 
 
 class Stock:
-    def __init__(self, redis: Redis, deployment: str) -> None:
+    def __init__(self, redis: RedisClient, deployment: str) -> None:
         self.redis = redis
         # One deployment = one SQL database. Its open-sales set and its persister group are its
         # own, so deployments sharing a Redis never take each other's orders.
@@ -98,6 +99,8 @@ class Stock:
         self._release = load_script(redis, "server.inventory", "release.lua", NOW_MS)
         self._end = load_script(redis, "server.inventory", "end_sale.lua", NOW_MS)
         self._mark_started = load_script(redis, "server.inventory", "mark_started.lua")
+        self._create = load_script(redis, "server.inventory", "create_sale.lua")
+        self._archive = load_script(redis, "server.inventory", "archive_sale.lua")
         self._batched = AutoPipeline(redis)
         self._rooms: dict[str, str] = {}  # sale -> room: never changes
         # How long a paying request has to capture before the late captures do it in its place.
@@ -108,18 +111,22 @@ class Stock:
         self._batched.close()
 
     async def create(self, t: Terms) -> None:
-        sale_key = keys.sale(t.sale_id)
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.hset(sale_key, mapping={
-                "room_id": t.room_id, "stock": t.stock, "remaining": t.stock, "reserved": 0, "paid": 0,
-                "limit": t.per_user_limit, "price": t.price_cents, "starts_at": t.starts_at_ms,
-                "ends_at": t.ends_at_ms, "ended_at": 0, "timeout_ms": t.payment_timeout_ms, "v": 1,
-                "info": msgspec.json.encode(t.info),
-                # mark_started.lua announces once, by HSETNX: the field is written only when set.
-                **({"started_announced": 1} if t.started else {}),
-            })
-            pipe.sadd(self.open_key, t.sale_id)
-            await pipe.execute()
+        """Index the sale, then create it: two slots, so two steps, in the order that is safe if
+        the process dies between them. An indexed sale that never gets created is archived by the
+        jobs (archive_sale.lua), which also keeps it from being created late; a sale created but
+        never indexed would sell with nobody persisting its orders."""
+        await self.redis.sadd(self.open_key, t.sale_id)
+        fields: dict[str, Any] = {
+            "room_id": t.room_id, "stock": t.stock, "remaining": t.stock, "reserved": 0, "paid": 0,
+            "limit": t.per_user_limit, "price": t.price_cents, "starts_at": t.starts_at_ms,
+            "ends_at": t.ends_at_ms, "ended_at": 0, "timeout_ms": t.payment_timeout_ms, "v": 1,
+            "info": msgspec.json.encode(t.info),
+            # mark_started.lua announces once, by HSETNX: the field is written only when set.
+            **({"started_announced": 1} if t.started else {}),
+        }
+        created = await self._create(keys=[keys.sale(t.sale_id)], args=[x for kv in fields.items() for x in kv])
+        if not created:  # the jobs archived it in the moment between the two steps: launch again
+            raise Unavailable("the sale could not be created, try again")
         await self.ensure_group(t.sale_id)
         await self.wake([t.sale_id])
 
@@ -271,16 +278,11 @@ class Stock:
         return sorted(text(s) for s in await self.redis.smembers(self.open_key))
 
     async def archive(self, sale_id: str) -> None:
-        """A sale whose every change is settled and persisted: stop watching it and free what
-        only served its selling (buyers, keys, orders, due times, stream); SQL has its orders.
-        The sale's hash stays (its figures, small) and says since when it is archived."""
-        exists = await self.redis.exists(keys.sale(sale_id))  # a missing hash never comes back
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.srem(self.open_key, sale_id)
-            pipe.delete(*(k for k in keys.all_keys(sale_id) if k != keys.sale(sale_id)))
-            if exists:
-                pipe.hset(keys.sale(sale_id), "archived_at", int(time.time() * 1000))
-            await pipe.execute()
+        """A sale whose every change is settled and persisted: free what only served its selling
+        (archive_sale.lua), then stop watching it. Two slots, two steps: if the process dies
+        between them the sale stays watched, is found settled again and archived again."""
+        await self._archive(keys=keys.all_keys(sale_id), args=[int(time.time() * 1000)])
+        await self.redis.srem(self.open_key, sale_id)
 
     async def mark_started(self, sale_id: str) -> int:
         """For the one caller (of all processes) that gets to announce the start, the sale's new

@@ -6,6 +6,7 @@ from typing import AsyncIterator, Iterator
 import httpx
 import pytest
 
+from load.cluster import ValkeyCluster
 from tests.postgres import Postgres, running_postgres
 from tests.support import DB_POSTGRES, Actor, ServerProcess, api_client, guest, redis_db_url, register, valkey
 
@@ -15,6 +16,22 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """One real Valkey for the session, on a loopback TCP port."""
     with valkey(tmp_path_factory.mktemp("valkey")) as url:
         yield url
+
+
+@pytest.fixture(scope="session")
+def cluster_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real Valkey Cluster of 3 masters for the session, on loopback ports (its
+    redis+cluster:// URL), started only if a test asks for it."""
+    with ValkeyCluster(tmp_path_factory.mktemp("cluster"), masters=3) as cluster:
+        yield cluster.url
+
+
+@pytest.fixture(scope="session")
+def cluster_server(tmp_path_factory: pytest.TempPathFactory, cluster_url: str) -> Iterator[ServerProcess]:
+    """A real `livesale serve` on the session's cluster (and SQLite): modules that declare
+    `server = on_every_backend()` run their tests on it too."""
+    with ServerProcess(tmp_path_factory.mktemp("cluster-server"), redis_url=cluster_url) as proc:
+        yield proc
 
 
 @pytest.fixture(scope="session")

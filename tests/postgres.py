@@ -168,6 +168,18 @@ def running_postgres() -> Iterator[Postgres]:
         pg.stop()
 
 
+def on_every_backend() -> object:
+    """`on_both_databases`, and then on a Redis Cluster: the module's tests that use a server
+    run on SQLite, on PostgreSQL and on the session's 3-master Valkey Cluster (with SQLite)."""
+    names = {"sqlite": "sqlite_server", "postgresql": "pg_server", "cluster": "cluster_server"}
+
+    @pytest.fixture(scope="module", params=list(names))
+    def server(request: pytest.FixtureRequest) -> ServerProcess:
+        chosen: ServerProcess = request.getfixturevalue(names[request.param])
+        return chosen
+    return server
+
+
 def on_both_databases() -> object:
     """A module's `server` fixture that is the session's shared server (SQLite), then the one on
     PostgreSQL: `server = on_both_databases()` runs the module's tests that use a server on both.

@@ -23,12 +23,11 @@ from typing import Any
 
 import httpx
 from itsdangerous import TimestampSigner, URLSafeTimedSerializer
-from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from load.servers import Livesale, free_port
 from server.backends.embedded_valkey import EmbeddedValkey
-from server.backends.redis_client import make_redis
+from server.backends.redis_client import RedisClient, close, make_redis
 from server.backends.sql import make_engine, make_sessionmaker
 from server.inventory.stock import Stock
 
@@ -219,7 +218,7 @@ def valkey(data_dir: Path) -> Iterator[str]:
 
 
 @asynccontextmanager
-async def open_redis(url: str, connections: int = 8) -> AsyncIterator[Redis]:
+async def open_redis(url: str, connections: int = 8) -> AsyncIterator[RedisClient]:
     """A client of a Redis that closes its pool's connections on exit (a client made with an explicit
     pool, as make_redis does, leaves them to the garbage collector otherwise, which
     filterwarnings=error turns into a ResourceWarning failure of whatever test is running then)."""
@@ -227,7 +226,7 @@ async def open_redis(url: str, connections: int = 8) -> AsyncIterator[Redis]:
     try:
         yield redis
     finally:
-        await redis.aclose(close_connection_pool=True)
+        await close(redis)
 
 
 @asynccontextmanager

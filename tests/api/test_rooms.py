@@ -10,11 +10,11 @@ import httpx
 import pytest
 
 from server.ids import new_id
-from tests.postgres import on_both_databases
+from tests.postgres import on_every_backend
 from tests.support import Actor, assert_error, create_product, create_room, register
 
 # Every test here that uses a server runs on SQLite, then on PostgreSQL.
-server = on_both_databases()
+server = on_every_backend()
 
 RANK = {"live": 0, "scheduled": 1, "ended": 2}
 

@@ -36,7 +36,7 @@ from tests.inventory.support import (
     sale_body,
     settle_tracked,
 )
-from tests.postgres import on_both_databases
+from tests.postgres import on_every_backend
 from tests.rooms.support import of_type, open_viewer
 from tests.support import (
     Actor,
@@ -54,7 +54,7 @@ from tests.support import (
 )
 
 # Every test here that uses a server runs on SQLite, then on PostgreSQL.
-server = on_both_databases()
+server = on_every_backend()
 
 
 @pytest.fixture

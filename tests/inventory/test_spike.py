@@ -194,6 +194,15 @@ async def test_spike_on_postgresql(pg_server: ServerProcess) -> None:
         await settle_tracked(pg_server.url)
 
 
+async def test_spike_on_a_cluster(cluster_server: ServerProcess) -> None:
+    """The same on a 3-master Valkey Cluster (250 buyers): the sale's scripts go, batched, to its
+    slot's master; the open-sales index and the wake stream live on other slots."""
+    try:
+        await run_spike(cluster_server, 250)
+    finally:
+        await settle_tracked(cluster_server.url)
+
+
 async def test_spike_two_workers(workers2: ServerProcess) -> None:
     """The same on two worker processes sharing Redis and the SQLite file (smaller: 250 buyers)."""
     await run_spike(workers2, 250)

@@ -18,7 +18,8 @@ from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
 
 from server.auth import REVOKED_KEY, Principal, Sessions
-from server.backends.redis_client import make_listener, make_redis
+from server.backends.redis_client import make_redis
+from server.backends.redis_nodes import Nodes
 from server.ids import new_id
 from server.ratelimit import CHAT, Limit
 from server.rooms import broker as broker_module
@@ -86,10 +87,10 @@ async def no_sale(room_id: str) -> object | None:
 
 @pytest.fixture
 async def layer(engine_url: str) -> AsyncIterator[Layer]:
-    redis, listen = make_redis(engine_url, 8), make_listener(engine_url)
+    redis = make_redis(engine_url, 8)
     sessions = Sessions("broker-test-secret-" + "b" * 32, 3600, redis)
     publisher = await Publisher.detect(redis)
-    broker = Broker(listen, sessions, sharded=publisher.sharded)
+    broker = Broker(Nodes(redis), sessions, sharded=publisher.sharded)
     store = RoomStore(redis, publisher)
     the: Layer
 
@@ -106,7 +107,6 @@ async def layer(engine_url: str) -> AsyncIterator[Layer]:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
         await redis.aclose(close_connection_pool=True)
-        await listen.aclose(close_connection_pool=True)
 
 
 async def cut_pubsub(redis: Redis) -> None:

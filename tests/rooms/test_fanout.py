@@ -158,9 +158,12 @@ async def test_a_slow_viewer_is_dropped_and_the_others_get_everything(slow_run: 
 SHOP = "https://shop.example"
 
 
-@pytest.fixture(scope="module")
-def pair(tmp_path_factory: pytest.TempPathFactory, redis_url: str) -> Iterator[tuple[ServerProcess, ServerProcess]]:
-    """Two processes on one data dir (one SQLite file) and the session's Redis. A also allows SHOP as an origin."""
+@pytest.fixture(scope="module", params=["redis", "cluster"])
+def pair(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Iterator[tuple[ServerProcess, ServerProcess]]:
+    """Two processes on one data dir (one SQLite file) and the session's Redis, then its Redis
+    Cluster (where a room's channel and the sessions channel may live on different nodes). A
+    also allows SHOP as an origin."""
+    redis_url: str = request.getfixturevalue("redis_url" if request.param == "redis" else "cluster_url")
     data_dir = tmp_path_factory.mktemp("shared")
     a = ServerProcess(data_dir, redis_url=redis_url, env={"LIVESALE_ALLOWED_ORIGINS": SHOP})
     b = ServerProcess(data_dir, redis_url=redis_url)

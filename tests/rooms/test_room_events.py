@@ -13,7 +13,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from server.ids import new_id
-from tests.postgres import on_both_databases
+from tests.postgres import on_every_backend
 from tests.rooms.support import chat_text, chats_in, errors_in, open_viewer, open_viewers, pin, stats, sync_point
 from tests.support import (
     Actor,
@@ -29,7 +29,7 @@ from tests.support import (
 )
 
 # Every test here that uses a server runs on SQLite, then on PostgreSQL.
-server = on_both_databases()
+server = on_every_backend()
 
 ROOM_KEYS = {"id", "title", "stream_url", "status", "host", "url", "created_at", "started_at", "ended_at"}
 WELCOME_KEYS = {"type", "room", "you", "pinned_product", "sale", "likes", "viewers", "history", "server_time"}

@@ -183,14 +183,13 @@ async def test_a_logout_whose_message_was_lost_is_seen_at_the_next_resync(
         redis: Redis, redis_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """The broker reloads the revoked sessions every SESSIONS_RESYNC_S while subscribed: a logout
     recorded in Redis whose pub/sub message never came (its publish failed) is refused after that."""
-    from server.backends import redis_client
+    from server.backends.redis_nodes import Nodes
     from server.rooms import broker as broker_module
     from server.rooms.publisher import Publisher
 
     monkeypatch.setattr(broker_module, "SESSIONS_RESYNC_S", 0.3)
     mine, other = process(redis), process(redis)
-    listener = redis_client.make_listener(redis_db_url(redis_url, DB_REVOCATION))
-    broker = broker_module.Broker(listener, mine, sharded=(await Publisher.detect(redis)).sharded)
+    broker = broker_module.Broker(Nodes(redis), mine, sharded=(await Publisher.detect(redis)).sharded)
     task = asyncio.create_task(broker.run(NoRooms()))
     try:
         async def synced() -> bool:
@@ -212,4 +211,3 @@ async def test_a_logout_whose_message_was_lost_is_seen_at_the_next_resync(
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
-        await listener.aclose(close_connection_pool=True)

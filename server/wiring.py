@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import os
+import socket
 from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import Any
@@ -24,7 +26,7 @@ from server import heartbeat
 from server.auth import Sessions
 from server.backends import redis_client
 from server.backends.embedded_valkey import EmbeddedValkey
-from server.backends.redis_client import RedisClient, make_redis
+from server.backends.redis_client import REDIS_ERRORS, RedisClient, make_redis
 from server.backends.redis_nodes import Nodes
 from server.backends.sql import create_schema, make_engine, make_sessionmaker
 from server.catalog import find_room
@@ -118,7 +120,7 @@ async def _core(settings: Settings, url: str) -> _Core:
     store = RoomStore(redis, publisher)
     banned = BannedWords(store)
     rooms = RoomService(store, publisher, banned)
-    stock = Stock(redis, settings.deployment)
+    stock = Stock(redis, settings.deployment, replica_acks=settings.redis_replica_acks)
     notifier = SaleNotifier(stock, rooms)
     return _Core(redis=redis, db_engine=engine, db=db, publisher=publisher, store=store, banned=banned, rooms=rooms,
                  stock=stock, notifier=notifier, sales=Sales(settings, stock, RoomSales(redis), db, rooms),
@@ -170,22 +172,26 @@ class Jobs:
     sweeper: Sweeper
     captures: LateCaptures
     watch: SaleWatch
-    deployment: str
+    members: heartbeat.Members
     _core: _Core
 
     def loops(self) -> dict[str, Loop]:
         return {"persister": self.persister.run(), "sweeper": self.sweeper.run(), "captures": self.captures.run(),
-                "notifier": self._core.notifier.run(), "wakes": self.watch.listen(),
-                "heartbeat": heartbeat.beat(self._core.redis, self.deployment)}
+                "notifier": self._core.notifier.run(), "wakes": self.watch.listen(), "heartbeat": self.members.run()}
 
     async def close(self) -> None:
+        try:
+            await self.members.leave()
+        except REDIS_ERRORS:  # Redis away: the others take over this share after MEMBER_STALE_S
+            pass
         await self._core.close()
 
 
 async def build_jobs(settings: Settings, url: str) -> Jobs:
     core = await _core(settings, url)
-    watch = SaleWatch(core.stock)  # the three loops visit the sales it says, when it says
-    return Jobs(persister=Persister(core.redis, core.stock, core.db, watch=watch),
+    me = f"{socket.gethostname()}-{os.getpid()}"  # this jobs process, among the deployment's
+    members = heartbeat.Members(core.redis, settings.deployment, me)
+    watch = SaleWatch(core.stock, members)  # the three loops visit the sales it says, when it says
+    return Jobs(persister=Persister(core.redis, core.stock, core.db, consumer=me, watch=watch),
                 sweeper=Sweeper(core.stock, core.rooms, core.notifier, watch),
-                captures=LateCaptures(core.stock, core.orders, watch), watch=watch, deployment=settings.deployment,
-                _core=core)
+                captures=LateCaptures(core.stock, core.orders, watch), watch=watch, members=members, _core=core)

@@ -60,6 +60,8 @@ class _Link(asyncio.Protocol):
         self._waiting: deque[tuple[int, list[Any], asyncio.Future[list[Any]]]] = deque()
         self._transport: asyncio.Transport | None = None
         self.error: Exception | None = None  # why the link is closed, once it is
+        self.wait = b""  # the WAIT that ends each batch on this link (none: b"")
+        self.acks = 0    # ... for this many replicas
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
@@ -101,6 +103,11 @@ class _Link(asyncio.Protocol):
                 done.set_exception(self.error)
 
 
+class NotReplicated(RedisTimeoutError):
+    """The script ran on the master, but its replicas did not confirm its writes in time: the
+    caller hears 503, and a retry (the same Idempotency-Key) finds what the script did."""
+
+
 class _Call:
     """One script call on its way: where it goes (its first key's node), and how often it was
     sent again."""
@@ -116,6 +123,7 @@ class _Call:
 # redirections: a slot that keeps moving or stays half-migrated fails the call (503), never hangs it.
 MAX_FAILURES = 2
 MAX_REDIRECTS = 6
+REPLICA_WAIT_MS = 1000  # how long a batch waits for its replicas (replica_acks), then fails (503)
 _backoff = ExponentialWithJitterBackoff(base=0.05, cap=0.5)
 _ASKING = hiredis.pack_command(("ASKING",))
 
@@ -129,8 +137,14 @@ class AutoPipeline:
 
     # A batch runs in Redis as one block of work (a reserve is ~40 µs of engine time), during
     # which its other clients wait: 64 keeps that under ~3 ms.
-    def __init__(self, redis: RedisClient, max_batch: int = 64) -> None:
+    def __init__(self, redis: RedisClient, max_batch: int = 64, *, replica_acks: int = 0) -> None:
         self._redis = redis
+        # With replica_acks, each batch ends with WAIT: its calls are answered once that many
+        # replicas (at most those the node has, as it said when the link opened) have their
+        # writes, or fail (the writes stand; a retry finds them) if that takes longer than
+        # REPLICA_WAIT_MS. One WAIT per batch, not per call. A master left with fewer replicas
+        # (its replica was promoted elsewhere, or died) is waited for less from its next link on.
+        self._replica_acks = replica_acks
         self._nodes = Nodes(redis)
         self._max_batch = max_batch
         self._pending: dict[str, list[_Call]] = {}  # node -> calls of this turn
@@ -193,8 +207,11 @@ class AutoPipeline:
         """Send a batch to a node and settle each call with its answer; what must go again (a
         lost batch, a redirection, an unknown script) goes again, up to its limits."""
         packed = b"".join(_ASKING + c.packed for c in batch) if asking else b"".join(c.packed for c in batch)
+        n = len(batch) * (2 if asking else 1)
         try:
-            replies = await self._round_trip(node, packed, len(batch) * (2 if asking else 1))
+            link = await self._connect(node)
+            wait, acks_wanted = link.wait, link.acks
+            replies = await self._round_trip(link, packed + wait, n + 1 if wait else n)
         except (RedisConnectionError, RedisTimeoutError) as exc:
             await self._lost(batch, exc)
             return
@@ -203,6 +220,13 @@ class AutoPipeline:
             if not isinstance(exc, Exception):
                 raise
             return
+        unreplicated: Exception | None = None
+        if wait:
+            acks, replies = replies[-1], replies[:-1]
+            if not isinstance(acks, int) or acks < acks_wanted:
+                unreplicated = NotReplicated(f"{node}: {acks!r} of {acks_wanted} replicas had the writes "
+                                             f"after {REPLICA_WAIT_MS} ms")
+                link.close(unreplicated)  # the next link asks the node again how many it has
         again: list[_Call] = []
         unknown: list[_Call] = []
         moved = False
@@ -210,7 +234,10 @@ class AutoPipeline:
             if call.fut.done():  # the caller was cancelled; the script ran all the same
                 continue
             if not isinstance(result, Exception):
-                call.fut.set_result(result)
+                if unreplicated is None:
+                    call.fut.set_result(result)
+                else:
+                    call.fut.set_exception(unreplicated)
             elif call.redirects >= MAX_REDIRECTS or not isinstance(result, _REDIRECTIONS):
                 call.fut.set_exception(result)
             elif isinstance(result, NoScriptError):
@@ -270,8 +297,7 @@ class AutoPipeline:
             if not call.fut.done():
                 self._queue(call)
 
-    async def _round_trip(self, node: str, packed: bytes, n: int) -> list[Any]:
-        link = await self._connect(node)
+    async def _round_trip(self, link: _Link, packed: bytes, n: int) -> list[Any]:
         answer = link.round_trip(packed, n)
         try:
             async with asyncio.timeout(SOCKET_TIMEOUT_S):
@@ -319,12 +345,27 @@ class AutoPipeline:
             # Named, so that CLIENT LIST tells this connection from the pool's.
             async with asyncio.timeout(SOCKET_TIMEOUT_S):
                 await link.round_trip(_SETNAME, 1)
+                if self._replica_acks:
+                    info = (await link.round_trip(_REPLICATION, 1))[0]
+                    link.acks = min(self._replica_acks, _connected_replicas(info))
+                    if link.acks:
+                        link.wait = hiredis.pack_command(("WAIT", link.acks, REPLICA_WAIT_MS))  # type: ignore[arg-type]
             if self._closed:  # closed while this connected
                 raise RedisConnectionError("the auto-pipeline is closed")
         except BaseException as exc:
             link.close(RedisConnectionError(f"connection setup failed: {exc!r}"))
             raise
         return link
+
+
+_REPLICATION = hiredis.pack_command(("INFO", "replication"))  # type: ignore[arg-type]
+
+
+def _connected_replicas(info: bytes | str) -> int:
+    for line in (info.decode() if isinstance(info, bytes) else info).splitlines():
+        if line.startswith("connected_slaves:"):
+            return int(line.partition(":")[2])
+    return 0
 
 
 # Replies that mean "not run here, send it again" (MovedError is an AskError).

@@ -87,7 +87,7 @@ WAKES_KEPT = 10_000  # entries of the wake stream; a jobs process further behind
 
 
 class Stock:
-    def __init__(self, redis: RedisClient, deployment: str) -> None:
+    def __init__(self, redis: RedisClient, deployment: str, *, replica_acks: int = 0) -> None:
         self.redis = redis
         # One deployment = one SQL database. Its open-sales set and its persister group are its
         # own, so deployments sharing a Redis never take each other's orders.
@@ -101,7 +101,7 @@ class Stock:
         self._mark_started = load_script(redis, "server.inventory", "mark_started.lua")
         self._create = load_script(redis, "server.inventory", "create_sale.lua")
         self._archive = load_script(redis, "server.inventory", "archive_sale.lua")
-        self._batched = AutoPipeline(redis)
+        self._batched = AutoPipeline(redis, replica_acks=replica_acks)  # every state change goes through it
         self._rooms: dict[str, str] = {}  # sale -> room: never changes
         # How long a paying request has to capture before the late captures do it in its place.
         self.capture_after_ms = CAPTURE_AFTER_MS
@@ -124,7 +124,7 @@ class Stock:
             # mark_started.lua announces once, by HSETNX: the field is written only when set.
             **({"started_announced": 1} if t.started else {}),
         }
-        created = await self._create(keys=[keys.sale(t.sale_id)], args=[x for kv in fields.items() for x in kv])
+        created = await self._batched.script(self._create, [keys.sale(t.sale_id)], [x for kv in fields.items() for x in kv])
         if not created:  # the jobs archived it in the moment between the two steps: launch again
             raise Unavailable("the sale could not be created, try again")
         await self.ensure_group(t.sale_id)
@@ -215,7 +215,7 @@ class Stock:
         return Change(cast(ReleaseStatus, text(status)), _order_or_none(order), int(remaining))
 
     async def end(self, sale_id: str, reason: str) -> bool:
-        ended = bool(await self._end(keys=[keys.sale(sale_id), keys.log(sale_id)], args=[reason]))
+        ended = bool(await self._batched.script(self._end, [keys.sale(sale_id), keys.log(sale_id)], [reason]))
         if ended:
             await self.wake([sale_id])
         return ended

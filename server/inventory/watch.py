@@ -3,7 +3,10 @@ wake: its id in the deployment's wake stream, written by whoever changed it) or 
 next deadline comes (its start, its end, an order's pay-by time, a capture owed), and at least
 every IDLE_S. An open sale that nothing happens to costs a few commands a minute, not a poll
 of every sale several times a second (2,000 idle week-long sales had the jobs process at 73%
-of a core, and orders of an unrelated sale reached SQL 8x slower)."""
+of a core, and orders of an unrelated sale reached SQL 8x slower).
+
+With several jobs processes, each watches only its share of the open sales (heartbeat.Members):
+the wakes and the open-sales set are read by all, and each keeps the sales that are its own."""
 
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ from typing import cast
 
 from server.backends.loops import repeat
 from server.backends.redis_client import text
+from server.heartbeat import Members
 from server.inventory.stock import Stock
 
 log = logging.getLogger("livesale.inventory.watch")
@@ -28,27 +32,35 @@ class SaleWatch:
     """Shared by the jobs' loops of one process: the open sales it knows, and per loop those
     woken since it last looked and when each is next due."""
 
-    def __init__(self, stock: Stock) -> None:
+    def __init__(self, stock: Stock, members: Members | None = None) -> None:
         self.stock = stock
-        self.known: set[str] = set()
+        self.members = members  # None: every open sale is this process's
+        self._members_version = 0
+        self.known: set[str] = set()  # the open sales this process looks after
         self._woken: dict[str, set[str]] = {name: set() for name in LOOPS}
         self._due: dict[str, dict[str, float]] = {name: {} for name in LOOPS}
         self._refreshed = float("-inf")
         self._last_id: str | None = None  # the wake stream's last entry read
         self._resync = False
 
+    def mine(self, sale_id: str) -> bool:
+        return self.members is None or self.members.mine(sale_id)
+
     def wake(self, sale_ids: Iterable[str]) -> None:
-        ids = set(sale_ids)
+        ids = {s for s in sale_ids if self.mine(s)}
         self.known |= ids
         for woken in self._woken.values():
             woken |= ids
 
     async def refresh(self) -> None:
-        """Read the open sales again if REFRESH_S passed: new ones are visited at once, archived
-        ones forgotten."""
-        if time.monotonic() - self._refreshed < REFRESH_S:
+        """Read the open sales again if REFRESH_S passed or the jobs processes changed: new ones
+        (and those this process just took over) are visited at once, archived ones (and those
+        handed to another) forgotten."""
+        members_version = self.members.version if self.members is not None else 0
+        if time.monotonic() - self._refreshed < REFRESH_S and members_version == self._members_version:
             return
-        open_now = set(await self.stock.open_sales())
+        self._members_version = members_version
+        open_now = {s for s in await self.stock.open_sales() if self.mine(s)}
         self._refreshed = time.monotonic()
         new = open_now - self.known
         self.known = open_now

@@ -17,7 +17,7 @@ import asyncio
 import contextlib
 import logging
 import random
-from typing import Collection, Protocol
+from typing import Any, Collection, Protocol
 
 from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
@@ -130,7 +130,7 @@ class Broker:
                 await self._ready()
                 self._connected.set()
                 if not first:
-                    log.warning("pub/sub reconnected; resubscribed to %d rooms", len(self._active))
+                    log.warning("pub/sub reconnected; resubscribing to %d rooms", len(self._wanted))
                     await listener.resync()
                 first = False
                 backoff = 0.1
@@ -163,6 +163,8 @@ class Broker:
                 self._connected.clear()
                 self._sessions.lost()  # however the links ended
                 await self._close_links()
+                if self._failed.done():
+                    self._failed.exception()  # seen (else asyncio logs it as never retrieved)
 
     def _place(self, listener: Listener) -> None:
         """Start a link for every node that owns a wanted channel (each link keeps its own
@@ -176,15 +178,16 @@ class Broker:
 
     async def _ready(self) -> None:
         """Until every link has subscribed once (or one failed)."""
-        ready = [asyncio.ensure_future(link.ready.wait()) for link in self._links.values()]
         assert self._failed is not None
+        waits: set[asyncio.Future[Any]] = {asyncio.ensure_future(link.ready.wait()) for link in self._links.values()}
         try:
-            done = asyncio.ensure_future(asyncio.gather(*ready))
-            await asyncio.wait((done, self._failed), return_when=asyncio.FIRST_COMPLETED)
-            if self._failed.done():
-                self._failed.result()
+            while waits:
+                _, waits = await asyncio.wait({*waits, self._failed}, return_when=asyncio.FIRST_COMPLETED)
+                if self._failed.done():
+                    self._failed.result()
+                waits.discard(self._failed)
         finally:
-            for fut in ready:
+            for fut in waits:
                 fut.cancel()
 
     def _fail(self, exc: BaseException) -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import random
 import secrets
+from collections import Counter, defaultdict
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -267,18 +268,22 @@ BUSY_RETRIES = 40  # so is a 503 (`busy`: the server sheds load; `unavailable`),
 
 
 async def fire(pool: ClientPool, sale_id: str, attempts: list[Attempt], *, crash: bool = False,
-               on_answer: Callable[[Attempt], None] | None = None) -> None:
+               on_answer: Callable[[Attempt], None] | None = None, spread_s: float = 0.0) -> None:
     """Send every attempt at once (all wait on one gate). A 503 (the server sheds load past a
     number of purchases in flight) is retried after its Retry-After, with a little jitter, and
     a transport failure (a dropped keep-alive connection under load) at once, both with the same
     key, as the API asks clients to; with `crash`, a transport failure ends the attempt (the
-    server is gone). Bounded either way."""
+    server is gone). Bounded either way. With `spread_s`, each attempt starts at a random moment
+    of that many seconds after the gate: a sustained load rather than one burst."""
     gate = asyncio.Event()
     rng = random.Random(len(attempts))
 
     async def one(i: int, a: Attempt) -> None:
         client = pool[i]
+        delay = rng.uniform(0, spread_s) if spread_s else 0.0
         await gate.wait()
+        if delay:
+            await asyncio.sleep(delay)
         for _ in range(BUSY_RETRIES):
             try:
                 r = await client.post(f"/api/sales/{sale_id}/purchase", json={"quantity": a.quantity},
@@ -302,6 +307,68 @@ async def fire(pool: ClientPool, sale_id: str, attempts: list[Attempt], *, crash
     await asyncio.sleep(0)
     gate.set()
     await asyncio.gather(*tasks)
+
+
+ATTEMPTS_PER_BUYER = 4  # distinct keys, fired together
+RETRY_EVERY = 5  # every 5th buyer also re-sends its first key at the same moment (a client's retry)
+
+
+def plan(buyers: list[Any]) -> list[Attempt]:
+    attempts: list[Attempt] = []
+    for i, buyer in enumerate(buyers):
+        mine = [Attempt(buyer, idem_key(f"b{i}a{j}")) for j in range(ATTEMPTS_PER_BUYER)]
+        attempts += mine
+        if i % RETRY_EVERY == 0:
+            attempts.append(Attempt(buyer, mine[0].key))  # the same key, at the same moment
+    return attempts
+
+
+def check_answers(attempts: list[Attempt], stock: int, limit: int) -> dict[str, str]:
+    """Every answer is an order or an expected refusal; one order per (buyer, key); nothing oversold.
+    Returns order id -> buyer id."""
+    finals: Counter[Any] = Counter()
+    retried = 0  # tries that got a 503 or no answer at all, then were sent again with the same key
+    for a in attempts:
+        assert a.final is not None, (a.key, a.errors)
+        for r in a.answers[:-1]:
+            assert r.status_code == 503 and error_of(r) in ("busy", "unavailable"), r.text
+        retried += len(a.answers) - 1 + len(a.errors)
+        r = a.final
+        code = error_of(r) if r.status_code >= 400 else ""
+        finals[(r.status_code, code)] += 1
+        if r.status_code in (200, 201):
+            body = r.json()
+            assert body["status"] == "reserved" and body["quantity"] == a.quantity, r.text
+        elif r.status_code == 409:
+            assert code in ("sold_out", "limit_exceeded"), r.text
+        else:
+            assert r.status_code == 429 and code == "rate_limited", r.text
+
+    # One order per (buyer, key), whatever the number of times it was sent.
+    by_key: dict[tuple[str, str], set[str]] = defaultdict(set)
+    created: Counter[str] = Counter()
+    owner: dict[str, str] = {}
+    for a in attempts:
+        for r in a.answers:
+            if r.status_code in (200, 201):
+                order_id = r.json()["order_id"]
+                by_key[(a.buyer.user_id, a.key)].add(order_id)
+                assert owner.setdefault(order_id, a.buyer.user_id) == a.buyer.user_id, "an order for two buyers"
+                if r.status_code == 201:
+                    created[order_id] += 1
+    for key, ids in by_key.items():
+        assert len(ids) == 1, f"key {key} made orders {ids}"
+    assert all(n == 1 for n in created.values()), "an order was created (201) twice"
+    orders = set(owner)
+    assert len(orders) == len(by_key)
+    # Exactly the stock went out, in units of 1. Without retries every order was answered 201 once;
+    # a reservation whose answer was lost (503 or dropped connection) is answered 200 on the retry.
+    assert len(orders) == stock, dict(finals)
+    if retried == 0:
+        assert sum(created.values()) == stock, dict(finals)
+    per_buyer = Counter(owner.values())
+    assert max(per_buyer.values()) <= limit, per_buyer.most_common(3)
+    return owner
 
 
 # --- what a sale left in Redis and SQL -----------------------------------------------------------

@@ -16,13 +16,14 @@ import pytest
 
 from server.inventory import keys
 from tests.inventory.support import (
+    ATTEMPTS_PER_BUYER,
     PERSIST_TIMEOUT_S,
     RECOVERY_TIMEOUT_S,
     Attempt,
     ClientPool,
     assert_balanced,
     bought,
-    error_of,
+    check_answers,
     fire,
     get_order,
     get_sale,
@@ -30,6 +31,7 @@ from tests.inventory.support import (
     launch,
     new_shop,
     pending,
+    plan,
     settle_tracked,
     sql_orders,
     stream_records,
@@ -49,8 +51,6 @@ from tests.support import (
 
 STOCK = 100
 LIMIT = 2
-ATTEMPTS_PER_BUYER = 4  # distinct keys, fired together
-RETRY_EVERY = 5  # every 5th buyer also re-sends its first key at the same moment (a client's retry)
 
 
 @pytest.fixture(scope="module")
@@ -69,64 +69,6 @@ def workers2(tmp_path_factory: pytest.TempPathFactory, redis_url: str) -> Iterat
 async def _settle(server: ServerProcess) -> AsyncIterator[None]:
     yield
     await settle_tracked(server.url)
-
-
-def plan(buyers: list[Any]) -> list[Attempt]:
-    attempts: list[Attempt] = []
-    for i, buyer in enumerate(buyers):
-        mine = [Attempt(buyer, idem_key(f"b{i}a{j}")) for j in range(ATTEMPTS_PER_BUYER)]
-        attempts += mine
-        if i % RETRY_EVERY == 0:
-            attempts.append(Attempt(buyer, mine[0].key))  # the same key, at the same moment
-    return attempts
-
-
-def check_answers(attempts: list[Attempt], stock: int, limit: int) -> dict[str, str]:
-    """Every answer is an order or an expected refusal; one order per (buyer, key); nothing oversold.
-    Returns order id -> buyer id."""
-    finals: Counter[Any] = Counter()
-    retried = 0  # tries that got a 503 or no answer at all, then were sent again with the same key
-    for a in attempts:
-        assert a.final is not None, (a.key, a.errors)
-        for r in a.answers[:-1]:
-            assert r.status_code == 503 and error_of(r) in ("busy", "unavailable"), r.text
-        retried += len(a.answers) - 1 + len(a.errors)
-        r = a.final
-        code = error_of(r) if r.status_code >= 400 else ""
-        finals[(r.status_code, code)] += 1
-        if r.status_code in (200, 201):
-            body = r.json()
-            assert body["status"] == "reserved" and body["quantity"] == a.quantity, r.text
-        elif r.status_code == 409:
-            assert code in ("sold_out", "limit_exceeded"), r.text
-        else:
-            assert r.status_code == 429 and code == "rate_limited", r.text
-
-    # One order per (buyer, key), whatever the number of times it was sent.
-    by_key: dict[tuple[str, str], set[str]] = defaultdict(set)
-    created: Counter[str] = Counter()
-    owner: dict[str, str] = {}
-    for a in attempts:
-        for r in a.answers:
-            if r.status_code in (200, 201):
-                order_id = r.json()["order_id"]
-                by_key[(a.buyer.user_id, a.key)].add(order_id)
-                assert owner.setdefault(order_id, a.buyer.user_id) == a.buyer.user_id, "an order for two buyers"
-                if r.status_code == 201:
-                    created[order_id] += 1
-    for key, ids in by_key.items():
-        assert len(ids) == 1, f"key {key} made orders {ids}"
-    assert all(n == 1 for n in created.values()), "an order was created (201) twice"
-    orders = set(owner)
-    assert len(orders) == len(by_key)
-    # Exactly the stock went out, in units of 1. Without retries every order was answered 201 once;
-    # a reservation whose answer was lost (503 or dropped connection) is answered 200 on the retry.
-    assert len(orders) == stock, dict(finals)
-    if retried == 0:
-        assert sum(created.values()) == stock, dict(finals)
-    per_buyer = Counter(owner.values())
-    assert max(per_buyer.values()) <= limit, per_buyer.most_common(3)
-    return owner
 
 
 async def run_spike(srv: ServerProcess, buyers_n: int) -> None:

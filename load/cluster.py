@@ -13,7 +13,7 @@ import subprocess
 import time
 from pathlib import Path
 from types import TracebackType
-from typing import Self
+from typing import Any, Self
 
 import redis
 
@@ -23,6 +23,10 @@ from server.backends.embedded_valkey import EmbeddedValkey, default_binary
 READY_TIMEOUT_S = 60.0
 # A master silent this long is failed over to its replica (Valkey's default is 15 s).
 NODE_TIMEOUT_MS = 2000
+
+
+def command(client: redis.Redis, *args: Any) -> Any:
+    return client.execute_command(*args)  # type: ignore[no-untyped-call]
 
 
 class ValkeyCluster:
@@ -151,10 +155,10 @@ class ValkeyCluster:
         moved = 0
         try:
             src_id, dst_id = self.node_id(from_port), self.node_id(to_port)
-            dst.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", src_id)
-            src.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", dst_id)
-            while keys := src.execute_command("CLUSTER", "GETKEYSINSLOT", slot, batch):
-                src.execute_command("MIGRATE", "127.0.0.1", to_port, "", 0, 5000, "KEYS", *keys)
+            command(dst, "CLUSTER", "SETSLOT", slot, "IMPORTING", src_id)
+            command(src, "CLUSTER", "SETSLOT", slot, "MIGRATING", dst_id)
+            while keys := command(src, "CLUSTER", "GETKEYSINSLOT", slot, batch):
+                command(src, "MIGRATE", "127.0.0.1", to_port, "", 0, 5000, "KEYS", *keys)
                 moved += len(keys)
                 if pause_s:
                     time.sleep(pause_s)

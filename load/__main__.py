@@ -20,7 +20,9 @@ def _spike_args(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
                                    "server must exempt this address from per-IP limits: start it with "
                                    "LIVESALE_RATE_LIMIT_EXEMPT_IPS=127.0.0.1. Exit status: 0 pass, 1 the "
                                    "correctness verdict failed, 2 the run could not be done.")
-    p.add_argument("--url", default="http://127.0.0.1:8000", help="the server")
+    p.add_argument("--url", action="append", default=None,
+                   help="a server (default http://127.0.0.1:8000); give several to spread viewers and buyers "
+                        "over them, as a load balancer would")
     p.add_argument("--viewers", type=int, default=1000, help="WebSocket viewers in the room")
     p.add_argument("--buyers", type=int, default=5000, help="buyers firing at the sale's start")
     p.add_argument("--stock", type=int, default=1000, help="units on sale")
@@ -28,8 +30,10 @@ def _spike_args(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     p.add_argument("--procs", type=int, default=1, help="worker processes sharing the viewers and buyers")
     p.add_argument("--logged-in", type=float, default=0.1,
                    help="share of viewers with a guest account (they chat and like; the rest only watch)")
-    p.add_argument("--chat-rate", type=float, default=20.0, help="danmaku per second, whole room")
-    p.add_argument("--like-rate", type=float, default=20.0, help="like frames per second, whole room")
+    p.add_argument("--chat-rate", type=float, default=None,
+                   help="danmaku per second, whole room (default: 0.2 per logged-in viewer, 20/s for 1,000 viewers)")
+    p.add_argument("--like-rate", type=float, default=None,
+                   help="like frames per second, whole room (default: 0.2 per logged-in viewer)")
     p.add_argument("--lead-s", type=int, default=3, help="the sale starts this long after its launch")
     p.add_argument("--linger-s", type=float, default=2.0, help="keep watching after the last buyer")
     p.add_argument("--timeout", type=float, default=300.0,
@@ -67,7 +71,7 @@ def _bench_args(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     p.add_argument("--redis-ops", type=int, default=200_000, help="script calls per Redis run")
     p.add_argument("--viewers", type=int, nargs="+", default=[1000, 5000], help="broadcast audience sizes")
     p.add_argument("--chat-rate", type=float, default=20.0, help="danmaku per second during the broadcast runs")
-    p.add_argument("--only", nargs="+", choices=["http", "redis", "broadcast", "workers"],
+    p.add_argument("--only", nargs="+", choices=["http", "redis", "cluster", "broadcast", "workers"],
                    help="run only these parts")
     p.add_argument("--out", type=Path, default=Path("."), help="where bench.json goes")
 
@@ -85,7 +89,8 @@ def main(argv: list[str] | None = None) -> int:
         mix = BuyerMix(greedy=args.greedy, hammer=args.hammer, double_click=args.double_click, bulk=args.bulk,
                        early=args.early, pay=args.pay, spread_s=args.spread_s, retries=args.retries,
                        timeout_s=args.request_timeout)
-        cfg = SpikeConfig(url=args.url.rstrip("/"), viewers=args.viewers, buyers=args.buyers, stock=args.stock,
+        urls = tuple(u.rstrip("/") for u in args.url or ["http://127.0.0.1:8000"])
+        cfg = SpikeConfig(urls=urls, viewers=args.viewers, buyers=args.buyers, stock=args.stock,
                           limit=args.limit, procs=args.procs, logged_in=args.logged_in, chat_rate=args.chat_rate,
                           like_rate=args.like_rate, lead_s=args.lead_s, linger_s=args.linger_s,
                           timeout_s=args.timeout, persist_wait_s=args.persist_wait, out=args.out, mix=mix,

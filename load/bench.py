@@ -25,7 +25,7 @@ from load.broadcast import broadcast_run
 from load.fleet import RunError
 from load.http import Pool
 from load.machine import describe
-from load.redisbench import engine_bench
+from load.redisbench import SALES, cluster_bench, engine_bench
 from load.servers import Served, baseline, livesale
 from load.setup import SetupError, create_guests, create_scene, launch_sale
 from load.throughput import RequestMaker, measure
@@ -213,6 +213,12 @@ def table(res: dict[str, Any]) -> str:
         r = res["redis"]
         rows.append(("reserve.lua on the engine: ops/s", _fmt(r["reserve"]["ops_per_s"]),
                      f"INCR {_fmt(r['incr']['ops_per_s'])}", _fmt(r["ratio_reserve_vs_incr"], ".3f"), ""))
+    if "cluster" in res:
+        c = res["cluster"]
+        for layout, label in (("one_sale", "one hot sale"), ("many_sales", f"{c['sales']} sales")):
+            three, one = c[f"{layout}_3_masters"], c[f"{layout}_1_masters"]
+            rows.append((f"reserve, {label}: 3 masters vs 1", _fmt(three["ops_per_s"]), f"1 master {_fmt(one['ops_per_s'])}",
+                         _fmt(c[f"ratio_{layout}_3_vs_1"], ".2f"), ""))
     for b in res.get("broadcast", []):
         n = b["viewers"]
         offered = b["messages_sent"] / b["seconds"] if b["seconds"] else 0.0
@@ -261,6 +267,10 @@ async def bench(cfg: BenchConfig) -> int:
         if cfg.wants("redis"):
             _say(f"bench: reserve.lua vs INCR on the engine, {cfg.redis_ops} calls each")
             res["redis"] = await engine_bench(workdir, cfg.redis_ops)
+        if cfg.wants("cluster"):
+            _say(f"bench: reserve.lua on a 1-master and a 3-master cluster, one hot sale and {SALES} sales, "
+                 f"{cfg.redis_ops} calls each")
+            res["cluster"] = await cluster_bench(workdir, cfg.redis_ops)
         if cfg.wants("broadcast"):
             res["broadcast"] = await broadcast_part(cfg, workdir)
     except (RunError, SetupError, RuntimeError) as exc:

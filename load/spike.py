@@ -47,17 +47,25 @@ LIKE_FRAMES_MAX = 20.0    # per connection, before a policy close
 POLL_EVERY_S = 0.1
 
 
+# Without --chat-rate / --like-rate, each logged-in viewer chats and likes this often: 20/s
+# each in the default room of 1,000 viewers (100 logged in), and in proportion for other sizes.
+CHAT_PER_CHATTER = 0.2
+LIKES_PER_CHATTER = 0.2
+
+
 @dataclass(frozen=True)
 class SpikeConfig:
-    url: str = "http://127.0.0.1:8000"
+    # Several servers: the viewers and buyers are spread over them (one worker process or more
+    # each), as a load balancer would; the scene is set up through the first.
+    urls: tuple[str, ...] = ("http://127.0.0.1:8000",)
     viewers: int = 1000
     buyers: int = 5000
     stock: int = 1000
     limit: int = 2
     procs: int = 1
     logged_in: float = 0.1     # share of viewers with a guest account (they chat and like)
-    chat_rate: float = 20.0    # danmaku per second, whole room
-    like_rate: float = 20.0    # like frames per second, whole room
+    chat_rate: float | None = None  # danmaku per second, whole room (None: follows the audience)
+    like_rate: float | None = None  # like frames per second, whole room (None: follows the audience)
     lead_s: int = 3            # the sale starts this long after launch (viewers are already in)
     linger_s: float = 2.0      # keep watching after the last buyer
     timeout_s: float = 300.0   # the run up to the verdict (see --timeout)
@@ -67,7 +75,24 @@ class SpikeConfig:
     keep_room: bool = False
     chart: bool = True
 
+    @property
+    def url(self) -> str:
+        return self.urls[0]
+
+    @property
+    def workers(self) -> int:
+        """Worker processes: --procs, and at least one per server."""
+        return max(self.procs, len(self.urls))
+
+    def chat_per_s(self) -> float:
+        return self.chat_rate if self.chat_rate is not None else round(self.chatters() * CHAT_PER_CHATTER, 2)
+
+    def likes_per_s(self) -> float:
+        return self.like_rate if self.like_rate is not None else round(self.chatters() * LIKES_PER_CHATTER, 2)
+
     def check(self) -> None:
+        if not self.urls or len(set(self.urls)) != len(self.urls):
+            raise SetupError("give each server's --url once")
         if self.viewers < 0 or self.buyers < 0 or self.procs < 1 or self.stock < 1 or not 1 <= self.limit <= 100:
             raise SetupError("viewers/buyers must be >= 0, procs and stock >= 1, limit 1..100")
         m = self.mix
@@ -80,13 +105,13 @@ class SpikeConfig:
             raise SetupError("--timeout must be within 10..85000 seconds")
         if self.lead_s < 2:
             raise SetupError("--lead-s must be at least 2 (the server rounds the start to whole seconds)")
-        chatters = self.chatters()
-        if self.chat_rate > 0 and (chatters == 0 or self.chat_rate / chatters > CHAT_PER_USER_MAX):
-            raise SetupError(f"--chat-rate {self.chat_rate}/s needs at least {math.ceil(self.chat_rate / 2)} "
+        chatters, chat, likes = self.chatters(), self.chat_per_s(), self.likes_per_s()
+        if chat > 0 and (chatters == 0 or chat / chatters > CHAT_PER_USER_MAX):
+            raise SetupError(f"--chat-rate {chat}/s needs at least {math.ceil(chat / 2)} "
                              f"logged-in viewers (the server allows {CHAT_PER_USER_MAX:.0f} messages/s per user); "
                              f"raise --logged-in or --viewers")
-        if self.like_rate > 0 and (chatters == 0 or self.like_rate / chatters > LIKE_FRAMES_MAX / 2):
-            raise SetupError(f"--like-rate {self.like_rate}/s is too much for {chatters} logged-in viewers")
+        if likes > 0 and (chatters == 0 or likes / chatters > LIKE_FRAMES_MAX / 2):
+            raise SetupError(f"--like-rate {likes}/s is too much for {chatters} logged-in viewers")
 
         if self.chart:
             try:
@@ -111,15 +136,19 @@ class Spike:
 
     def _plans(self, scene: Scene, run_id: str) -> list[WorkerPlan]:
         cfg = self.cfg
-        viewers, buyers = split(cfg.viewers, cfg.procs), split(cfg.buyers, cfg.procs)
-        chatters = split(cfg.chatters(), cfg.procs)
+        n = cfg.workers
+        viewers, buyers = split(cfg.viewers, n), split(cfg.buyers, n)
+        chatters = split(cfg.chatters(), n)
         per_chatter = max(1, cfg.chatters())
-        chat_interval = per_chatter / cfg.chat_rate if cfg.chat_rate > 0 else 0.0
-        like_interval = per_chatter / cfg.like_rate if cfg.like_rate > 0 else 0.0
-        return [WorkerPlan(index=i, url=cfg.url, room_id=scene.room_id, run_id=run_id, viewers=viewers[i],
-                           chatters=chatters[i], chat_interval_s=chat_interval, like_interval_s=like_interval,
-                           buyers=buyers[i], mix=cfg.mix, deadline_s=cfg.timeout_s, observer=(i == 0))
-                for i in range(cfg.procs)]
+        chat, likes = cfg.chat_per_s(), cfg.likes_per_s()
+        chat_interval = per_chatter / chat if chat > 0 else 0.0
+        like_interval = per_chatter / likes if likes > 0 else 0.0
+        # Worker i talks to server i mod len(urls): each server gets an even share of both.
+        return [WorkerPlan(index=i, url=cfg.urls[i % len(cfg.urls)], room_id=scene.room_id, run_id=run_id,
+                           viewers=viewers[i], chatters=chatters[i], chat_interval_s=chat_interval,
+                           like_interval_s=like_interval, buyers=buyers[i], mix=cfg.mix, deadline_s=cfg.timeout_s,
+                           observer=(i == 0))
+                for i in range(n)]
 
     # --- side tasks ------------------------------------------------------------------------
     async def _show_progress(self) -> None:
@@ -134,7 +163,7 @@ class Spike:
             remaining = self.polls[-1][1] if self.polls else "-"
             line = (f"[{now - self.started:6.1f}s {self.fleet.phase:<8}] viewers {sum(p.viewers_open for p in ps)}/"
                     f"{self.cfg.viewers}  buyers done {sum(p.buyers_done for p in ps)}/{self.cfg.buyers}  "
-                    f"attempts {attempts} ({rate:.0f}/s)  reserved {sum(p.reserved for p in ps)}  "
+                    f"attempts {attempts} ({rate:.0f}/s)  orders {sum(p.reserved for p in ps)}  "
                     f"429 {sum(p.rate_limited for p in ps)}  errors {sum(p.errors for p in ps)}  "
                     f"remaining {remaining}  chats {sum(p.chats_sent for p in ps)}  "
                     f"events {sum(p.events for p in ps)}")
@@ -167,14 +196,8 @@ class Spike:
                 cfg.out.mkdir(parents=True, exist_ok=True)
             except OSError as exc:
                 raise RunError(f"cannot write to --out {cfg.out}: {exc}") from None
-            try:
-                r = await self.pool.request("GET", "/healthz", timeout=5, attempts=1)
-            except HttpError as exc:
-                raise RunError(f"no server answering at {cfg.url} ({exc})",
-                               "start one with `LIVESALE_RATE_LIMIT_EXEMPT_IPS=127.0.0.1 livesale serve` "
-                               "or point --url at it") from None
-            if r.status != 200:
-                raise RunError(f"{cfg.url}/healthz answered {r.status}: {r.body[:200]!r}")
+            for url in cfg.urls:
+                await _check_health(url)
             scene = await create_scene(self.pool)
             run_id = secrets.token_hex(3)
             self.fleet.spawn(self._plans(scene, run_id))
@@ -258,6 +281,20 @@ class Spike:
     def _stop_line(self) -> None:
         if self.tty:
             print(flush=True)
+
+
+async def _check_health(url: str) -> None:
+    pool = Pool(url, size=1)
+    try:
+        r = await pool.request("GET", "/healthz", timeout=5, attempts=1)
+    except HttpError as exc:
+        raise RunError(f"no server answering at {url} ({exc})",
+                       "start one with `LIVESALE_RATE_LIMIT_EXEMPT_IPS=127.0.0.1 livesale serve` "
+                       "or point --url at it") from None
+    finally:
+        await pool.close()
+    if r.status != 200:
+        raise RunError(f"{url}/healthz answered {r.status}: {r.body[:200]!r}")
 
 
 def _merge(results: dict[int, WorkerResult]) -> tuple[list[BuyerRecord], list[Attempt]]:

@@ -128,7 +128,7 @@ async def verdict(pool: Pool, sale: dict[str, Any], records: list[BuyerRecord], 
     checks.append(Check("no_oversell", sold <= stock and remaining >= 0 and remaining + reserved + paid == stock
                         and acked_units <= stock and lowest >= 0,
                         f"stock {stock}, sold {sold} (reserved {reserved} + paid {paid}), remaining {remaining}, "
-                        f"units answered 201/200 {acked_units}, lowest remaining seen on the way {lowest}"))
+                        f"units in the orders buyers were told of {acked_units}, lowest remaining seen on the way {lowest}"))
     # Nothing is released during a run (orders are held for longer than it lasts), so the stock only
     # goes down and each buyer's holdings only up: a refusal must still hold at the end, and no
     # reservation sent after it came back may contradict it. The sale is on until the buyers are done.
@@ -197,7 +197,7 @@ async def verdict(pool: Pool, sale: dict[str, Any], records: list[BuyerRecord], 
 
     # Unanswered keys may have reserved (the answer was lost): sold may exceed what was answered by that much.
     checks.append(Check("answers_match_sold", acked_units <= sold <= acked_units + unknown_units,
-                        f"units answered {acked_units}, sold {sold}, unanswered keys {unknown_keys} "
+                        f"units in the orders buyers were told of {acked_units}, sold {sold}, purchases never answered {unknown_keys} "
                         f"({unknown_units} units)"))
     told_paid = sum(v.orders.get(o, 0) for v in views for o in set(v.record.paid))
     maybe_paid = sum(v.orders.get(o, 0) for v in views for o in set(v.record.unknown_pays))

@@ -22,85 +22,20 @@ rate limits).
 from __future__ import annotations
 
 import asyncio
-from collections import deque
 from collections.abc import Sequence
-from typing import Any, cast
+from typing import Any
 
 import hiredis
-from redis._parsers import BaseParser
 from redis.asyncio.cluster import RedisCluster
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.commands.core import AsyncScript
-from redis.exceptions import AskError, ClusterDownError, InvalidResponse, MovedError, NoScriptError, TryAgainError
+from redis.exceptions import AskError, ClusterDownError, MovedError, NoScriptError, TryAgainError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from server.backends.redis_client import SOCKET_TIMEOUT_S, RedisClient
+from server.backends.redis_link import REPLICA_WAIT_MS, Link, open_link
 from server.backends.redis_nodes import Nodes
-
-# redis-py's internals this module relies on, checked against each new major before the range in
-# pyproject.toml admits it (tests/backends/test_redis_version.py): a pool's make_connection(), a
-# connection's connect(), retry, encoder and its asyncio streams `_reader` and `_writer`, which
-# this module takes over; BaseParser.parse_error, which makes an error reply redis-py's exception.
-REDIS_MAJOR = 8
-
-CLIENT_NAME = "livesale-autopipeline"
-_SETNAME = hiredis.pack_command(("CLIENT", "SETNAME", CLIENT_NAME))  # type: ignore[arg-type]  # the stub's tuple type is too narrow
-
-
-class _Link(asyncio.Protocol):
-    """One connection carrying batches in order: each batch's future gets its n replies."""
-
-    def __init__(self, writer: asyncio.StreamWriter, decode: str | None) -> None:
-        self._writer = writer  # kept: the stream that opened the socket must not be collected
-        options: dict[str, Any] = {"protocolError": InvalidResponse, "replyError": BaseParser.parse_error}
-        if decode:
-            options["encoding"] = decode
-        self._reader = hiredis.Reader(**options)
-        self._waiting: deque[tuple[int, list[Any], asyncio.Future[list[Any]]]] = deque()
-        self._transport: asyncio.Transport | None = None
-        self.error: Exception | None = None  # why the link is closed, once it is
-        self.wait = b""  # the WAIT that ends each batch on this link (none: b"")
-        self.acks = 0    # ... for this many replicas
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self._transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
-
-    def data_received(self, data: bytes) -> None:
-        try:
-            self._reader.feed(data)
-            while (reply := self._reader.gets()) is not False:
-                n, replies, done = self._waiting[0]
-                replies.append(reply)
-                if len(replies) == n:
-                    self._waiting.popleft()
-                    if not done.done():  # its caller timed out
-                        done.set_result(replies)
-        except (InvalidResponse, IndexError) as exc:  # garbage, or a reply nobody asked for
-            self.close(RedisConnectionError(f"unreadable reply from Redis: {exc!r}"))
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.close(RedisConnectionError(f"connection to Redis lost: {exc or 'closed by the server'}"))
-
-    def round_trip(self, packed: bytes, n: int) -> asyncio.Future[list[Any]]:
-        done: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
-        if self.error is not None or self._transport is None:
-            done.set_exception(self.error or RedisConnectionError("not connected"))
-            return done
-        self._waiting.append((n, [], done))
-        self._transport.write(packed)
-        return done
-
-    def close(self, error: Exception) -> None:
-        """Close the link; every batch still waiting fails with `error` (and is sent again)."""
-        if self.error is None:
-            self.error = error
-        if self._transport is not None:
-            self._transport.abort()
-        while self._waiting:
-            _, _, done = self._waiting.popleft()
-            if not done.done():
-                done.set_exception(self.error)
 
 
 class NotReplicated(RedisTimeoutError):
@@ -123,7 +58,6 @@ class _Call:
 # redirections: a slot that keeps moving or stays half-migrated fails the call (503), never hangs it.
 MAX_FAILURES = 2
 MAX_REDIRECTS = 6
-REPLICA_WAIT_MS = 1000  # how long a batch waits for its replicas (replica_acks), then fails (503)
 _backoff = ExponentialWithJitterBackoff(base=0.05, cap=0.5)
 _ASKING = hiredis.pack_command(("ASKING",))
 
@@ -150,13 +84,15 @@ class AutoPipeline:
         self._pending: dict[str, list[_Call]] = {}  # node -> calls of this turn
         self._flush_due = False
         self._sending: set[asyncio.Task[None]] = set()  # strong references until done
-        self._links: dict[str, _Link] = {}
-        self._connecting: dict[str, asyncio.Future[_Link]] = {}  # one attempt per node, shared by its batches
+        self._links: dict[str, Link] = {}
+        self._connecting: dict[str, asyncio.Future[Link]] = {}  # one attempt per node, shared by its batches
         self._closed = False
 
     async def script(self, script: AsyncScript, keys: Sequence[Any], args: Sequence[Any]) -> Any:
         """Run a registered script (by SHA; loaded again if Redis forgot it, after a restart)."""
         packed = hiredis.pack_command(("EVALSHA", script.sha, len(keys), *keys, *args))  # bad args fail here
+        if not self._nodes.known:
+            await self._nodes.learn()
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._queue(_Call(script, packed, fut, keys[0] if keys else None))
         return await fut
@@ -297,7 +233,7 @@ class AutoPipeline:
             if not call.fut.done():
                 self._queue(call)
 
-    async def _round_trip(self, link: _Link, packed: bytes, n: int) -> list[Any]:
+    async def _round_trip(self, link: Link, packed: bytes, n: int) -> list[Any]:
         answer = link.round_trip(packed, n)
         try:
             async with asyncio.timeout(SOCKET_TIMEOUT_S):
@@ -308,7 +244,7 @@ class AutoPipeline:
             link.close(error)
             raise error from None
 
-    async def _connect(self, node: str) -> _Link:
+    async def _connect(self, node: str) -> Link:
         """The node's link, connecting if needed. Batches that find a connection attempt under way
         wait for that one (and share its failure): a dead node costs one attempt, not one per batch."""
         if self._closed:
@@ -322,50 +258,17 @@ class AutoPipeline:
             attempt.add_done_callback(lambda done: self._connected(node, done))
         return await asyncio.shield(attempt)  # a cancelled batch leaves it to the others
 
-    def _connected(self, node: str, attempt: asyncio.Future[_Link]) -> None:
+    def _connected(self, node: str, attempt: asyncio.Future[Link]) -> None:
         self._connecting.pop(node, None)
         if not attempt.cancelled() and attempt.exception() is None:
             self._links[node] = attempt.result()
 
-    async def _open(self, node: str) -> _Link:
-        """A new connection, set up by redis-py (address, TLS, AUTH, SELECT, as for the pool's
-        connections), then handed to a link: its replies are read by the link only."""
-        conn = self._nodes.connection(node)  # one try: the batches' own retry policy is the only one
-        await conn.connect()  # type: ignore[no-untyped-call]
-        writer: asyncio.StreamWriter | None = getattr(conn, "_writer", None)
-        if writer is None:
-            raise RedisConnectionError("redis-py connected without a stream writer")
-        # From here the socket is the link's: redis-py's object lets go of its streams.
-        conn._reader = conn._writer = None
-        link = _Link(writer, conn.encoder.encoding if conn.encoder.decode_responses else None)
-        transport = writer.transport
-        link.connection_made(transport)
-        transport.set_protocol(link)
-        try:
-            # Named, so that CLIENT LIST tells this connection from the pool's.
-            async with asyncio.timeout(SOCKET_TIMEOUT_S):
-                await link.round_trip(_SETNAME, 1)
-                if self._replica_acks:
-                    info = (await link.round_trip(_REPLICATION, 1))[0]
-                    link.acks = min(self._replica_acks, _connected_replicas(info))
-                    if link.acks:
-                        link.wait = hiredis.pack_command(("WAIT", link.acks, REPLICA_WAIT_MS))  # type: ignore[arg-type]
-            if self._closed:  # closed while this connected
-                raise RedisConnectionError("the auto-pipeline is closed")
-        except BaseException as exc:
-            link.close(RedisConnectionError(f"connection setup failed: {exc!r}"))
-            raise
+    async def _open(self, node: str) -> Link:
+        link = await open_link(self._nodes.connection(node), replica_acks=self._replica_acks)
+        if self._closed:  # closed while this connected
+            link.close(RedisConnectionError("the auto-pipeline is closed"))
+            raise link.error or RedisConnectionError("closed")
         return link
-
-
-_REPLICATION = hiredis.pack_command(("INFO", "replication"))  # type: ignore[arg-type]
-
-
-def _connected_replicas(info: bytes | str) -> int:
-    for line in (info.decode() if isinstance(info, bytes) else info).splitlines():
-        if line.startswith("connected_slaves:"):
-            return int(line.partition(":")[2])
-    return 0
 
 
 # Replies that mean "not run here, send it again" (MovedError is an AskError).

@@ -26,6 +26,13 @@ class Nodes:
     def __init__(self, client: RedisClient) -> None:
         self.client = client
         self.cluster = isinstance(client, RedisCluster)
+        self.known = not self.cluster  # whether the slots were read (a cluster client reads them lazily)
+
+    async def learn(self) -> None:
+        """Read the cluster's slots, if the shared client has not yet."""
+        if isinstance(self.client, RedisCluster):
+            await self.client.initialize()
+        self.known = True
 
     def of(self, key: bytes | str) -> str:
         """The name (host:port) of the master serving `key`'s slot, as this process last learned.

@@ -17,61 +17,22 @@ import asyncio
 import contextlib
 import logging
 import random
-from typing import Any, Collection, Protocol
+from typing import Any
 
-from redis.asyncio import Redis
-from redis.asyncio.client import PubSub
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from server.backends import redis_client
 from server.backends.loops import running
 from server.backends.redis_nodes import Nodes
 from server.rooms import keys
+from server.rooms.node_link import Listener, NodeLink, SessionFeed, TopologyChanged
 
 log = logging.getLogger("livesale.rooms.broker")
 
-# The revoked sessions are read again this often while subscribed: a logout whose message was
-# lost (its publish failed, or a half-open link) is then seen within this long anyway.
-SESSIONS_RESYNC_S = 10.0
 # The longest wait between reconnects: every room in this process is silent until the link is
 # back, and a refused connect costs next to nothing.
 RECONNECT_MAX_S = 1.0
 
-
-
-class Listener(Protocol):
-    """Who the broker hands what it receives (server.rooms.hub.Hub)."""
-
-    def on_message(self, room_id: str, data: bytes) -> None:
-        """A message published on a subscribed room's channel."""
-        ...
-
-    async def resync(self) -> None:
-        """The link was lost and is back: events published meanwhile were lost."""
-        ...
-
-    def end_sessions(self, session_ids: Collection[str]) -> None:
-        """These sessions logged out: close their sockets."""
-        ...
-
-
-class SessionFeed(Protocol):
-    """Who follows the sessions channel (server.auth.Sessions): told when the channel is
-    subscribed (so nothing published from then on is missed), of each logout, and when the
-    link is lost."""
-
-    async def sync(self) -> Collection[str]:
-        """Load every revocation; return the sessions it did not know of (their messages were missed)."""
-        ...
-    def revoked(self, session_id: str) -> None: ...
-    def lost(self) -> None: ...
-
-
-class TopologyChanged(Exception):
-    """A node stopped serving a channel this process listens on (its slot moved, or a failover
-    made another node its master): reconnect to the channels' current owners."""
 
 
 class Broker:
@@ -89,7 +50,7 @@ class Broker:
         self._waiters: dict[str, list[asyncio.Future[None]]] = {}
         self._changed = asyncio.Event()
         self._connected = asyncio.Event()
-        self._links: dict[str, _NodeLink] = {}
+        self._links: dict[str, NodeLink] = {}
         self._failed: asyncio.Future[None] | None = None  # the current links' first failure
 
     def is_connected(self) -> bool:
@@ -171,7 +132,8 @@ class Broker:
         subscriptions to what it owns), and tell the running ones to sync."""
         owners = {self._nodes.of(keys.SESSIONS_CHANNEL)} | {self._nodes.of(keys.channel(r)) for r in self._wanted}
         for node in owners - self._links.keys():
-            link = self._links[node] = _NodeLink(self, node, self._nodes.listener(node))
+            link = self._links[node] = NodeLink(self, node, self._nodes.listener(node), self._sessions,
+                                                carries_sessions=node == self._nodes.of(keys.SESSIONS_CHANNEL))
             link.start(listener)
         for link in self._links.values():
             link.changed.set()
@@ -190,7 +152,7 @@ class Broker:
             for fut in waits:
                 fut.cancel()
 
-    def _fail(self, exc: BaseException) -> None:
+    def failed(self, exc: BaseException) -> None:
         if self._failed is not None and not self._failed.done():
             self._failed.set_exception(exc)
 
@@ -200,8 +162,18 @@ class Broker:
             await link.stop()
         self._active.clear()
 
-    def _owned(self, node: str) -> set[str]:
+    def owned(self, node: str) -> set[str]:
         return {r for r in self._wanted if self._nodes.of(keys.channel(r)) == node}
+
+    def wants(self, room_id: str) -> bool:
+        return room_id in self._wanted
+
+    def subscribed(self, room_id: str) -> None:
+        self._active.add(room_id)
+        self._release_waiters(room_id)
+
+    def unsubscribed(self, room_ids: set[str]) -> None:
+        self._active -= room_ids
 
     def _release_waiters(self, room_id: str | None = None) -> None:
         for rid in [room_id] if room_id is not None else list(self._waiters):
@@ -209,113 +181,3 @@ class Broker:
                 for fut in self._waiters.pop(rid, []):
                     if not fut.done():
                         fut.set_result(None)
-
-
-class _NodeLink:
-    """One node's pub/sub connection, used by its task alone (subscription changes included)."""
-
-    def __init__(self, broker: Broker, node: str, client: Redis) -> None:
-        self._broker = broker
-        self.node = node
-        self._client = client
-        self._sessions = broker._sessions
-        self.carries_sessions = broker._nodes.of(keys.SESSIONS_CHANNEL) == node
-        self._sessions_due: float | None = None  # when to (re)load the revoked sessions
-        self._active: set[str] = set()
-        self.changed = asyncio.Event()
-        self.ready = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
-
-    def start(self, listener: Listener) -> None:
-        self._task = asyncio.create_task(self._run(listener), name=f"pubsub-{self.node}")
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-        with contextlib.suppress(Exception):  # the connection may be broken already
-            await redis_client.close(self._client)
-
-    async def _run(self, listener: Listener) -> None:
-        pubsub = self._client.pubsub()
-        try:
-            if self.carries_sessions:
-                await self._subscribe(pubsub, keys.SESSIONS_CHANNEL)
-            await self._sync(pubsub)
-            self.ready.set()
-            await self._listen(pubsub, listener)
-        except asyncio.CancelledError:
-            raise
-        except BaseException as exc:
-            self._broker._fail(exc)
-        finally:
-            if self.carries_sessions:
-                self._sessions.lost()
-            with contextlib.suppress(Exception):
-                await pubsub.aclose()
-
-    async def _subscribe(self, pubsub: PubSub, *channels: str) -> None:
-        await (pubsub.ssubscribe(*channels) if self._broker.sharded else pubsub.subscribe(*channels))
-
-    async def _sync(self, pubsub: PubSub) -> None:
-        self.changed.clear()
-        wanted = self._broker._owned(self.node)  # a change made during the awaits below sets `changed`: the next sync's
-        added, dropped = wanted - self._active, self._active - wanted
-        if added:
-            await self._subscribe(pubsub, *(keys.channel(r) for r in added))
-        if dropped:
-            drop = [keys.channel(r) for r in dropped]
-            await (pubsub.sunsubscribe(*drop) if self._broker.sharded else pubsub.unsubscribe(*drop))
-            self._broker._active -= dropped
-        self._active = wanted
-        # Rooms subscribed before are ready now; the added ones once Redis confirms each.
-        for room_id in wanted - added:
-            self._broker._active.add(room_id)
-            self._broker._release_waiters(room_id)
-
-    async def _sync_sessions(self, listener: Listener) -> None:
-        loop = asyncio.get_running_loop()
-        try:
-            missed = await self._sessions.sync()
-            self._sessions_due = loop.time() + SESSIONS_RESYNC_S
-            if missed:  # logouts whose message never came: close their sockets now
-                listener.end_sessions(missed)
-        except (RedisConnectionError, RedisTimeoutError, ResponseError, OSError) as exc:
-            # Not the pub/sub link's fault (the read uses the shared pool): keep the link, let
-            # requests ask Redis meanwhile, and try again soon.
-            self._sessions.lost()
-            self._sessions_due = loop.time() + 1.0
-            log.warning("could not load the revoked sessions (%r); asking Redis per request meanwhile", exc)
-
-    async def _listen(self, pubsub: PubSub, listener: Listener) -> None:
-        self._sessions_due = None  # until the sessions channel is confirmed on this link
-        while running():
-            if self.changed.is_set():
-                await self._sync(pubsub)
-            if self._sessions_due is not None and asyncio.get_running_loop().time() >= self._sessions_due:
-                await self._sync_sessions(listener)
-            msg = await pubsub.get_message(timeout=0.05)
-            if msg is None:
-                continue
-            kind = msg["type"]
-            channel = msg["channel"].decode() if isinstance(msg["channel"], bytes) else str(msg["channel"])
-            if channel == keys.SESSIONS_CHANNEL:
-                if kind in ("message", "smessage"):
-                    session_id = msg["data"].decode()
-                    self._sessions.revoked(session_id)
-                    listener.end_sessions((session_id,))
-                elif kind in ("subscribe", "ssubscribe"):
-                    await self._sync_sessions(listener)
-                elif kind == "sunsubscribe":
-                    raise TopologyChanged(f"{self.node} no longer serves the sessions channel")
-                continue
-            room_id = keys.room_id_of(channel)
-            if kind in ("message", "smessage"):
-                listener.on_message(room_id, msg["data"])
-            elif kind in ("subscribe", "ssubscribe"):
-                if room_id in self._active:
-                    self._broker._active.add(room_id)
-                    self._broker._release_waiters(room_id)
-            elif kind == "sunsubscribe" and room_id in self._active and room_id in self._broker._wanted:
-                # Not asked for: the node gave the channel's slot away (a reshard, a failover).
-                raise TopologyChanged(f"{self.node} no longer serves {channel}")

@@ -19,8 +19,9 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 
 from load.servers import free_port
-from server.backends.autopipeline import CLIENT_NAME, AutoPipeline
+from server.backends.autopipeline import AutoPipeline
 from server.backends.redis_client import make_redis
+from server.backends.redis_link import CLIENT_NAME
 from tests.support import valkey
 
 # Counts one call (INCR of KEYS[1]) and answers with its own tag and the count it saw.

@@ -11,7 +11,7 @@ from redis._parsers import BaseParser
 from redis.asyncio import BlockingConnectionPool
 from redis.asyncio.connection import AbstractConnection
 
-from server.backends.autopipeline import REDIS_MAJOR
+from server.backends.redis_link import REDIS_MAJOR
 
 
 def test_redis_py_is_the_major_the_auto_pipeline_was_checked_against() -> None:

@@ -65,6 +65,24 @@ def test_small_spike_passes_and_writes_its_report(tmp_path: Path, redis_url: str
     assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 10_000
 
 
+def test_a_spike_spread_over_two_servers_on_a_cluster_passes(tmp_path: Path, cluster_url: str) -> None:
+    """`--url A --url B`: the viewers and buyers split over two servers (one deployment: one data
+    dir, one SQLite file) on the session's Redis Cluster, as a load balancer would. 50 viewers
+    with no --chat-rate: the chat rate follows the audience (5 logged in, 1 message a second)."""
+    a = ServerProcess(tmp_path / "shared", redis_url=cluster_url)
+    b = ServerProcess(tmp_path / "shared", redis_url=cluster_url)
+    with a, b:
+        done = run_load("spike", "--url", a.url, "--url", b.url, "--viewers", "50", "--buyers", "300",
+                        "--stock", "30", "--timeout", str(SPIKE_TIMEOUT_S), "--no-chart", "--out", str(tmp_path / "r"))
+        logs = a.log() + b.log()
+    assert done.returncode == 0, f"{done.stdout[-4000:]}\n{done.stderr[-4000:]}\n{logs[-4000:]}"
+    assert "verdict: PASS" in done.stdout and f"spike against {a.url}, {b.url}" in done.stdout
+    report = json.loads((tmp_path / "r" / "report.json").read_text())
+    assert report["config"]["urls"] == [a.url, b.url]
+    assert report["verdict"]["facts"]["sql_units"] == 30
+    assert "Traceback" not in logs
+
+
 def test_a_rate_limited_server_gets_a_clear_hint(tmp_path: Path) -> None:
     # Its own engine: draining the per-address sign-up bucket in the shared one would bother other tests.
     with ServerProcess(tmp_path / "server", redis_url=None, env={"LIVESALE_RATE_LIMIT_EXEMPT_IPS": ""}) as srv:

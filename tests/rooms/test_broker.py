@@ -22,8 +22,7 @@ from server.backends.redis_client import make_redis
 from server.backends.redis_nodes import Nodes
 from server.ids import new_id
 from server.ratelimit import CHAT, Limit
-from server.rooms import broker as broker_module
-from server.rooms import keys, protocol
+from server.rooms import keys, node_link, protocol
 from server.rooms.broker import Broker
 from server.rooms.connection import Close, Connection
 from server.rooms.hub import Hub
@@ -191,7 +190,7 @@ async def test_the_listener_outlives_a_failing_resync_and_events_flow_again(laye
 
 async def test_a_logout_whose_message_was_lost_closes_its_sockets_at_the_next_sessions_sync(
         layer: Layer, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(broker_module, "SESSIONS_RESYNC_S", 0.2)
+    monkeypatch.setattr(node_link, "SESSIONS_RESYNC_S", 0.2)
     await cut_pubsub(layer.redis)  # the next link reads the sessions at the patched interval
     await eventually(lambda: asyncio.sleep(0, layer.reconnects >= 1), timeout=10, what="a reconnect")
     token = layer.sessions.issue("usr_lost", "viewer", "lost")

@@ -185,9 +185,10 @@ async def test_a_logout_whose_message_was_lost_is_seen_at_the_next_resync(
     recorded in Redis whose pub/sub message never came (its publish failed) is refused after that."""
     from server.backends.redis_nodes import Nodes
     from server.rooms import broker as broker_module
+    from server.rooms import node_link
     from server.rooms.publisher import Publisher
 
-    monkeypatch.setattr(broker_module, "SESSIONS_RESYNC_S", 0.3)
+    monkeypatch.setattr(node_link, "SESSIONS_RESYNC_S", 0.3)
     mine, other = process(redis), process(redis)
     broker = broker_module.Broker(Nodes(redis), mine, sharded=(await Publisher.detect(redis)).sharded)
     task = asyncio.create_task(broker.run(NoRooms()))

@@ -84,7 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     raise_fd_limit()
     if args.command == "spike":
-        from load.spike import SpikeConfig, spike
+        from load.spike import spike
+        from load.spike_config import SpikeConfig
 
         mix = BuyerMix(greedy=args.greedy, hammer=args.hammer, double_click=args.double_click, bulk=args.bulk,
                        early=args.early, pay=args.pay, spread_s=args.spread_s, retries=args.retries,

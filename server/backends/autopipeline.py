@@ -186,7 +186,7 @@ class AutoPipeline:
                 again.append(call)
         if unknown:
             await self._load(node, unknown)
-            again += unknown
+            await self._requeue(unknown, refresh=False, pause=False)
         if again:
             await self._requeue(again, refresh=moved, pause=not moved)
 
@@ -216,11 +216,12 @@ class AutoPipeline:
         live = [c for c in live if not c.fut.done()]
         if live:
             await asyncio.sleep(_backoff.compute(max(c.failures for c in live)))
-            await self._requeue(live, refresh=self._nodes.cluster, pause=False)
+            await self._requeue(live, refresh=self._nodes.cluster, pause=False, redirected=False)
 
-    async def _requeue(self, calls: list[_Call], *, refresh: bool, pause: bool) -> None:
-        for call in calls:
-            call.redirects += 1
+    async def _requeue(self, calls: list[_Call], *, refresh: bool, pause: bool, redirected: bool = True) -> None:
+        if redirected:
+            for call in calls:
+                call.redirects += 1
         if pause:  # a half-migrated slot, a cluster electing a master: give it a moment
             await asyncio.sleep(_backoff.compute(max(c.redirects for c in calls)))
         if refresh:

@@ -25,7 +25,7 @@ from urllib.parse import unquote, urlsplit
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
-from redis.backoff import ExponentialWithJitterBackoff, NoBackoff
+from redis.backoff import ExponentialWithJitterBackoff
 from redis.exceptions import ClusterDownError, RedisClusterException, RedisError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -89,14 +89,6 @@ def parse_cluster_url(url: str) -> ClusterUrl | None:
         seeds.append((parts.hostname, port))
     return ClusterUrl(tuple(seeds), CLUSTER_SCHEMES[scheme.lower()], unquote(username) or None,
                       unquote(password) or None)
-
-
-def make_listener(url: str) -> Redis:
-    """For pub/sub on one server (of a cluster: the node given): no retries (the broker handles
-    reconnects itself), no socket timeout (it waits for messages), keepalive health checks to
-    notice a dead link."""
-    return Redis.from_url(url, socket_connect_timeout=CONNECT_TIMEOUT_S, socket_timeout=None,
-                          retry=Retry(NoBackoff(), 0), health_check_interval=15)
 
 
 def make_redis(url: str, max_connections: int) -> RedisClient:

@@ -194,19 +194,21 @@ class Persister:
 
     # --- the loop ----------------------------------------------------------------------
     async def drain(self, sale_id: str) -> int:
-        # After a failed write (SQL away), retry our own unacknowledged entries first.
+        # After a pass that failed (SQL away; or Redis gone mid-read, when the entries it delivered
+        # to this consumer never reached it), read our own unacknowledged entries first, until none
+        # is left: waiting for the claims of another consumer's would take CLAIM_IDLE_MS.
         retry = sale_id in self._failed
+        self._failed.add(sale_id)  # until a pass ends with nothing of ours unacknowledged
         entries = await self.read(sale_id, mine=retry)
         if retry and not entries:
-            self._failed.discard(sale_id)
+            retry = False
             entries = await self.read(sale_id)
         if entries:
-            self._failed.add(sale_id)
             if not await self.apply(sale_id, entries):
                 return 0
             await self.ack(sale_id, entries)
-            if not retry:
-                self._failed.discard(sale_id)
+        if not retry:
+            self._failed.discard(sale_id)
         return len(entries)
 
     async def recover(self, sale_id: str) -> int:

@@ -19,10 +19,8 @@ import logging
 import random
 from typing import Any
 
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
-
 from server.backends.loops import running
+from server.backends.redis_client import REDIS_ERRORS
 from server.backends.redis_nodes import Nodes
 from server.rooms import keys
 from server.rooms.node_link import Listener, NodeLink, SessionFeed, TopologyChanged
@@ -110,7 +108,7 @@ class Broker:
             except Exception as exc:  # whatever ended the links, the listener must go on
                 self._connected.clear()
                 self._sessions.lost()  # now, not after the backoff
-                if isinstance(exc, (RedisConnectionError, RedisTimeoutError, OSError, TopologyChanged)):
+                if isinstance(exc, (*REDIS_ERRORS, OSError, TopologyChanged)):  # a node away or moving
                     log.warning("pub/sub connection lost (%r); retrying in %.1fs", exc, backoff)
                 else:
                     log.exception("pub/sub listener failed; reconnecting in %.1fs", backoff)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections import Counter
 from typing import Collection, Protocol
 
 from redis.asyncio import Redis
@@ -90,6 +91,7 @@ class NodeLink:
         self.carries_sessions = carries_sessions
         self._sessions_due: float | None = None  # when to (re)load the revoked sessions
         self._active: set[str] = set()
+        self._unsubscribing: Counter[str] = Counter()  # rooms whose unsubscribe Redis has yet to confirm
         self.changed = asyncio.Event()
         self.ready = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -134,6 +136,7 @@ class NodeLink:
         if dropped:
             drop = [keys.channel(r) for r in dropped]
             await (pubsub.sunsubscribe(*drop) if self._broker.sharded else pubsub.unsubscribe(*drop))
+            self._unsubscribing.update(dropped)  # confirmations to come: these were asked for
             self._broker.unsubscribed(dropped)
         self._active = wanted
         # Rooms subscribed before are ready now; the added ones once Redis confirms each.
@@ -182,6 +185,11 @@ class NodeLink:
             elif kind in ("subscribe", "ssubscribe"):
                 if room_id in self._active:
                     self._broker.subscribed(room_id)
-            elif kind == "sunsubscribe" and room_id in self._active and self._broker.wants(room_id):
-                # Not asked for: the node gave the channel's slot away (a reshard, a failover).
-                raise TopologyChanged(f"{self.node} no longer serves {channel}")
+            elif kind == "sunsubscribe":
+                if self._unsubscribing[room_id] > 0:
+                    self._unsubscribing[room_id] -= 1
+                    if not self._unsubscribing[room_id]:
+                        del self._unsubscribing[room_id]
+                elif room_id in self._active:
+                    # Not asked for: the node gave the channel's slot away (a reshard, a failover).
+                    raise TopologyChanged(f"{self.node} no longer serves {channel}")

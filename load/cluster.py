@@ -145,11 +145,10 @@ class ValkeyCluster:
 
     def owner(self, slot: int) -> int:
         """The port of the master serving a slot."""
-        with self.client(self.alive_ports()[0]) as c:
-            for start, end, master, *_ in c.execute_command("CLUSTER", "SLOTS"):
-                if start <= slot <= end:
-                    return int(master[1])
-        raise LookupError(f"slot {slot} is not served")
+        port = self.owners()[slot]
+        if not port:
+            raise LookupError(f"slot {slot} is not served")
+        return port
 
     def node_id(self, port: int) -> str:
         with self.client(port) as c:
@@ -183,8 +182,8 @@ class ValkeyCluster:
         return moved
 
     def masters_ports(self) -> list[int]:
-        with self.client(self.alive_ports()[0]) as c:
-            return sorted({int(master[1]) for _, _, master, *_ in c.execute_command("CLUSTER", "SLOTS")})
+        """The masters serving slots."""
+        return sorted(set(self.owners()) - {0})
 
     def kill(self, port: int) -> None:
         """SIGKILL one node, as a crash would."""

@@ -26,6 +26,11 @@ SALE_FIELDS: dict[str, str | int] = {
     "info": "{}"}
 
 
+def sale_fields() -> list[str | int]:
+    """SALE_FIELDS as HSET's field, value, ... arguments."""
+    return [x for kv in SALE_FIELDS.items() for x in kv]
+
+
 def resp(*parts: str | bytes | int) -> bytes:
     out = [b"*%d\r\n" % len(parts)]
     for p in parts:
@@ -162,10 +167,7 @@ async def engine_bench(workdir: Path, ops: int, connections: int = 8, depth: int
         setup = await RawRedis.open("127.0.0.1", engine.port)
         sha = (await setup.call("SCRIPT", "LOAD", reserve_source())).decode()
         for s in range(SALES):
-            flat: list[str | int] = []
-            for k, v in SALE_FIELDS.items():
-                flat += [k, v]
-            await setup.call("HSET", f"sale:{s}", *flat)
+            await setup.call("HSET", f"sale:{s}", *sale_fields())
         await setup.close()
 
         def reserve_cmd(i: int) -> bytes:
@@ -228,10 +230,7 @@ async def cluster_bench(workdir: Path, ops: int, connections: int = 8, depth: in
                 tags = [f"{{sale:{layout}{s}}}" for s in range(sales)]
                 for tag in tags:
                     conn = await RawRedis.open("127.0.0.1", port_of(tag))
-                    flat: list[str | int] = []
-                    for k, v in SALE_FIELDS.items():
-                        flat += [k, v]
-                    await conn.call("HSET", tag, *flat)
+                    await conn.call("HSET", tag, *sale_fields())
                     await conn.close()
                 by_port: dict[int, list[bytes]] = {}
                 for i in range(ops):

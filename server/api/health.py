@@ -30,10 +30,10 @@ async def _check(coro: object) -> str:
 
 @router.endpoint("GET", "/healthz", response=Health, also_ok=(503,))
 async def healthz(call: Call[None]) -> Response:
-    """Readiness: both backends answer (Redis: a server's PING, a cluster's every slot served), this process's pub/sub link is up (without it, viewers
-    who join wait for it and the room's events do not reach them), and some jobs process of the
-    deployment beat within heartbeat.STALE_S (without one, unpaid orders never expire and
-    orders never reach SQL)."""
+    """Readiness: both backends answer (Redis: a server's PING, a cluster's every slot served),
+    this process's pub/sub link is up (without it, viewers who join wait for it and the room's
+    events do not reach them), and some jobs process of the deployment beat within
+    heartbeat.STALE_S (without one, unpaid orders never expire and orders never reach SQL)."""
     services = call.services
     redis_state, db_state, jobs_up = await asyncio.gather(
         _check(redis_client.ping(services.redis)), _check(ping(services.db_engine)),

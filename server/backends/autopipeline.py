@@ -27,13 +27,12 @@ from typing import Any
 
 import hiredis
 from redis.asyncio.cluster import RedisCluster
-from redis.backoff import ExponentialWithJitterBackoff
 from redis.commands.core import AsyncScript
 from redis.exceptions import AskError, ClusterDownError, MovedError, NoScriptError, TryAgainError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from server.backends.redis_client import SOCKET_TIMEOUT_S, RedisClient
+from server.backends.redis_client import RETRIES, SOCKET_TIMEOUT_S, RedisClient, backoff
 from server.backends.redis_link import REPLICA_WAIT_MS, Link, open_link
 from server.backends.redis_nodes import Nodes
 
@@ -54,11 +53,11 @@ class _Call:
         self.redirects = 0  # MOVED, ASK, TRYAGAIN, CLUSTERDOWN, NOSCRIPT: it ran nowhere
 
 
-# Sent again after that many lost batches (as the shared client's retry policy does), or that many
+# Sent again after that many lost batches (the shared client's retry policy), or that many
 # redirections: a slot that keeps moving or stays half-migrated fails the call (503), never hangs it.
-MAX_FAILURES = 2
+MAX_FAILURES = RETRIES
 MAX_REDIRECTS = 6
-_backoff = ExponentialWithJitterBackoff(base=0.05, cap=0.5)
+_backoff = backoff()
 _ASKING = hiredis.pack_command(("ASKING",))
 
 

@@ -6,7 +6,7 @@ One server gets a *blocking* pool
 A *blocking* pool: under a purchase spike, redis-py's default pool raises as
 soon as its connections run out; this one makes callers wait (up to a
 deadline) for a free connection instead. A cluster's client keeps a pool per
-node that raises when full (MaxConnectionsError, answered 503 `busy`); its hot
+node that raises when full (MaxConnectionsError, answered 503); its hot
 path, the scripts, goes through the auto-pipeline's own connection per node. Retries after a dropped connection
 or a timeout are kept short and few, so a dead Redis fails a request fast
 (503) rather than hanging it; every script we run is safe to run twice (those
@@ -47,9 +47,15 @@ def text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
+RETRIES = 2  # after a dropped connection or a timeout, this many more tries, spaced by backoff()
+
+
+def backoff() -> ExponentialWithJitterBackoff:
+    return ExponentialWithJitterBackoff(base=0.05, cap=0.5)
+
+
 def make_retry() -> Retry:
-    return Retry(ExponentialWithJitterBackoff(base=0.05, cap=0.5), retries=2,
-                 supported_errors=(RedisConnectionError, RedisTimeoutError))
+    return Retry(backoff(), retries=RETRIES, supported_errors=(RedisConnectionError, RedisTimeoutError))
 
 
 CLUSTER_SCHEMES = {"redis+cluster": False, "rediss+cluster": True}  # scheme -> TLS
@@ -69,7 +75,7 @@ def parse_cluster_url(url: str) -> ClusterUrl | None:
     be given: a database index other than 0, a seed without a port."""
     scheme, sep, rest = url.partition("://")
     if not sep or scheme.lower() not in CLUSTER_SCHEMES:
-        if "," in url.partition("://")[2].partition("/")[0]:
+        if "," in rest.partition("/")[0]:
             raise ConfigError(f"REDIS_URL lists several hosts: for a Redis Cluster write redis+cluster://{rest}")
         return None
     netloc, _, path = rest.partition("/")

@@ -23,7 +23,7 @@ from server.rooms.service import RoomService
 log = logging.getLogger("livesale.inventory.sweeper")
 
 EVERY_S = 0.25  # the clock's resolution: a deadline is acted on within this
-DUE_BATCH = 500  # orders released per visit (Stock.due's limit)
+DUE_BATCH = 500  # orders released per visit at most
 
 
 class Sweeper:
@@ -50,7 +50,7 @@ class Sweeper:
             state = await self.stock.state(sale_id) or msgspec.structs.replace(state, v=v)
             await self._rooms.tell(room_id, protocol.Sale(sale=sale_out(sale_id, state, now_ms)))
         released = 0
-        due = await self.stock.due(sale_id, now_ms)
+        due = await self.stock.due(sale_id, now_ms, DUE_BATCH)
         for order_id in due:
             outcome = await self.stock.release(sale_id, order_id, "expired")
             if outcome.status == "released":

@@ -34,7 +34,7 @@ from tests.inventory.support import (
     sql_orders,
     wait_persisted,
 )
-from tests.rooms.support import chat_text, open_viewer
+from tests.rooms.support import chat_until_heard, open_viewer
 from tests.support import ServerProcess, api_client, backends, eventually, guest, guests
 
 pytestmark = pytest.mark.reliability
@@ -89,15 +89,7 @@ async def spike_while(srv: ServerProcess, change: Callable[[str, str], None]) ->
             owner = check_answers(attempts, STOCK, 1)  # no 500, nothing oversold, one order per key
 
             # The room's events still reach its viewers, through the channel's node of now.
-            async def heard() -> bool:
-                text = idem_key("after")
-                await viewer.chat(text)
-                try:
-                    await viewer.expect(chat_text(text), timeout=2)
-                    return True
-                except AssertionError:
-                    return False
-            await eventually(heard, timeout=30, what="a chat message after the change")
+            await chat_until_heard(viewer, viewer, timeout=30, what="a chat message after the change")
 
         final = await get_sale(client, sale_id)
         assert_balanced(final)

@@ -26,7 +26,7 @@ from tests.inventory.support import (
     paid,
 )
 from tests.reliability.support import Engine, LogWindow, wait_health, wait_reconciled
-from tests.rooms.support import Viewer, chat_text, of_type, open_viewer, pin, tag
+from tests.rooms.support import Viewer, chat_text, chat_until_heard, of_type, open_viewer, pin, tag
 from tests.support import Actor, ServerProcess, api_client, backends, eventually, guest, open_redis
 
 pytestmark = pytest.mark.reliability
@@ -184,17 +184,7 @@ async def test_redis_restart_loses_nothing_and_service_resumes(srv: ServerProces
             # Purchases and chat work again.
             again = await purchase_when_back(api, b1, sale_id)
             assert again["status"] == "reserved" and again["remaining"] == 14, again
-            text = tag("after")
-
-            async def chat_arrives() -> bool:
-                await t.chat(text)
-                try:
-                    await v.expect(chat_text(text), timeout=3)
-                    return True
-                except AssertionError:
-                    return False
-
-            await eventually(chat_arrives, timeout=20, interval=0.2, what="chat after the restart")
+            await chat_until_heard(t, v, timeout=20, wait=3, what="chat after the restart")
         finally:
             if reconnected is not None:
                 await reconnected.__aexit__(None, None, None)

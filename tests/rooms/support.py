@@ -22,7 +22,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 from websockets.frames import Close
 
-from tests.support import Actor
+from tests.support import Actor, eventually
 
 Event = dict[str, Any]
 Pred = Callable[[Event], bool]
@@ -193,6 +193,22 @@ async def sync_point(sender: Viewer, viewers: Iterable[Viewer], timeout: float =
     marker = tag("sync")
     await sender.chat(marker)
     return [await v.collect_until(chat_text(marker), timeout, what=f"marker {marker}") for v in viewers]
+
+
+async def chat_until_heard(sender: Viewer, receiver: Viewer, *, timeout: float, wait: float = 2.0,
+                           what: str = "a chat message") -> None:
+    """`sender` chats one marker, again every `wait` seconds, until `receiver` gets it: for a room
+    whose events come back once an outage or a topology change is over."""
+    marker = tag("heard")
+
+    async def heard() -> bool:
+        await sender.chat(marker)
+        try:
+            await receiver.expect(chat_text(marker), timeout=wait)
+            return True
+        except AssertionError:
+            return False
+    await eventually(heard, timeout=timeout, what=what)
 
 
 async def pin(api: httpx.AsyncClient, room_id: str, product_id: str, who: Actor) -> httpx.Response:

@@ -125,7 +125,20 @@ class NodeLink:
                 await pubsub.aclose()
 
     async def _subscribe(self, pubsub: PubSub, *channels: str) -> None:
-        await (pubsub.ssubscribe(*channels) if self._broker.sharded else pubsub.subscribe(*channels))
+        if not self._broker.sharded:
+            await pubsub.subscribe(*channels)
+            return
+        # One SSUBSCRIBE per channel: a cluster refuses one naming channels of several slots
+        # (CROSSSLOT), and the rooms' channels are each in a slot of their own.
+        for channel in channels:
+            await pubsub.ssubscribe(channel)
+
+    async def _unsubscribe(self, pubsub: PubSub, *channels: str) -> None:
+        if not self._broker.sharded:
+            await pubsub.unsubscribe(*channels)
+            return
+        for channel in channels:
+            await pubsub.sunsubscribe(channel)
 
     async def _sync(self, pubsub: PubSub) -> None:
         self.changed.clear()
@@ -134,8 +147,7 @@ class NodeLink:
         if added:
             await self._subscribe(pubsub, *(keys.channel(r) for r in added))
         if dropped:
-            drop = [keys.channel(r) for r in dropped]
-            await (pubsub.sunsubscribe(*drop) if self._broker.sharded else pubsub.unsubscribe(*drop))
+            await self._unsubscribe(pubsub, *(keys.channel(r) for r in dropped))
             self._unsubscribing.update(dropped)  # confirmations to come: these were asked for
             self._broker.unsubscribed(dropped)
         self._active = wanted

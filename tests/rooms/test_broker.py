@@ -31,7 +31,7 @@ from server.rooms.service import BannedWords
 from server.rooms.store import Counts, RoomStore
 from server.rooms.welcome import Welcomes
 from server.schemas import HostOut, RoomOut
-from tests.support import eventually, valkey
+from tests.support import eventually, open_redis, valkey
 
 
 @pytest.fixture(scope="module")
@@ -444,3 +444,48 @@ async def test_the_chat_rate_limit_holds_per_room(layer: Layer) -> None:
         return status
 
     assert [await post(first), await post(first), await post(second)] == ["posted", "rate_limited", "posted"]
+
+
+class Heard:
+    """A broker listener that keeps what it receives and counts resyncs (each one a reconnect)."""
+
+    def __init__(self) -> None:
+        self.messages: dict[str, list[bytes]] = {}
+        self.resyncs = 0
+
+    def on_message(self, room_id: str, data: bytes) -> None:
+        self.messages.setdefault(room_id, []).append(data)
+
+    async def resync(self) -> None:
+        self.resyncs += 1
+
+    def end_sessions(self, session_ids: Collection[str]) -> None:
+        pass
+
+
+async def test_on_a_cluster_many_rooms_joined_at_once_are_subscribed_on_their_nodes(cluster_url: str) -> None:
+    """40 rooms joined in one turn: their channels are in 40 slots over 3 masters, so each link
+    subscribes to channels of many slots at once (a cluster refuses an SSUBSCRIBE naming
+    several: CROSSSLOT). Every room is subscribed, a message to each arrives, and the links
+    never had to reconnect."""
+    async with open_redis(cluster_url, 8) as redis:
+        publisher = await Publisher.detect(redis)
+        broker = Broker(Nodes(redis), Sessions("broker-test-secret-" + "c" * 32, 3600, redis), sharded=True)
+        heard = Heard()
+        task = asyncio.create_task(broker.run(heard))
+        try:
+            rooms = [new_id("room") for _ in range(40)]
+            nodes = Nodes(redis)
+            await nodes.learn()
+            assert len({nodes.of(keys.channel(r)) for r in rooms}) == 3
+            await asyncio.wait_for(asyncio.gather(*(broker.subscribe(r) for r in rooms)), 10)
+            for r in rooms:
+                await publisher.publish(r, protocol.EVERYONE + b'{"type":"ping"}')
+
+            async def all_heard() -> bool:
+                return all(heard.messages.get(r) for r in rooms)
+            await eventually(all_heard, timeout=10, what="a message in every room")
+            assert heard.resyncs == 0 and broker.is_connected()
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
